@@ -1,0 +1,1 @@
+"""Data: the synthetic chest-CT phantom, question rewriting and RadLex normalisation, JSONL records."""

@@ -1,0 +1,527 @@
+"""Prompt-oriented rewriting of VQA samples into the paper's JSONL records (paper §3.3).
+
+A sample ``(volume, mask, question, answer)`` becomes a visual-prompt sample: the system prompt describes the
+coloured outline, the question is prefixed so that it refers to the outlined area, colloquial anatomy terms are
+normalised to RadLex, closed answers keep their label index and open answers get a prefix too. The no-prompt variant
+(``RewriteConfig(prompt=False)``, the paper's "No Prompt" baseline) keeps the normalisation and the labels but has no
+prefixes and a system prompt without the outline.
+
+One JSONL line holds the paper's message list ``[system, user, vision, assistant]`` plus structured fields, see
+:func:`build_record`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from med3dqwen.data.radlex import RadLexNormalizer
+from med3dqwen.processing.ct_io import atomic_output
+
+
+__all__ = [
+    "RECORD_FIELDS",
+    "WH_WORDS",
+    "YES_NO_LABELS",
+    "RewriteConfig",
+    "RewrittenQA",
+    "build_record",
+    "closed_label",
+    "parse_vision_content",
+    "read_jsonl",
+    "rewrite_answer",
+    "rewrite_qa",
+    "rewrite_question",
+    "system_prompt",
+    "vision_content",
+    "write_jsonl",
+]
+
+WH_WORDS = ("what", "which", "where", "when", "who", "whom", "whose", "why", "how")
+"""Questions starting with one of these get the "Within the …-outlined area of the CT volume," prefix."""
+
+YES_NO_LABELS = ("No.", "Yes.")
+"""Label set of Yes/No closed questions; the label index is the position in this tuple."""
+
+RECORD_FIELDS = (
+    "volume_path",
+    "mask_path",
+    "mask_source",
+    "roi",
+    "question_type",
+    "answer_type",
+    "closed_label",
+    "split",
+    "patient_id",
+    "volume_id",
+    "roi_empty",
+)
+"""Structured fields of a JSONL record, next to ``messages``."""
+
+_SYSTEM_PROMPT = (
+    "You are a vision-language model that receives (1) a 3-D CT volume in NIfTI format and (2) {article} {color}, "
+    "one-pixel-wide boundary that tightly encloses the ROI. Always restrict your visual reasoning to voxels inside "
+    "this {color} outline; ignore other regions. When multiple structures appear inside the outline, describe only "
+    'those explicitly requested. If no relevant finding exists in the {color} area, answer "No finding" (closed) or '
+    '"No, the requested abnormality is absent." (open). Provide concise, radiologically precise answers.'
+)
+_SYSTEM_PROMPT_NO_OUTLINE = (
+    "You are a vision-language model that receives a 3-D CT volume in NIfTI format. When multiple structures appear "
+    'in the volume, describe only those explicitly requested. If no relevant finding exists, answer "No finding" '
+    '(closed) or "No, the requested abnormality is absent." (open). Provide concise, radiologically precise answers.'
+)
+
+_WH_PREFIX = "Within the {color}-outlined area of the CT volume, "
+_OTHER_PREFIX = "Inside the {color} boundary, "
+_ANSWER_PREFIX = "Within the {color} boundary, "
+# Any of the three prefixes above, whatever the colour (one or two words), so that rewriting is idempotent.
+_ANY_PREFIX = re.compile(
+    r"^(?:within the [\w#]+(?: [\w#]+)?-outlined area of the ct volume|(?:inside|within) the [\w#]+(?: [\w#]+)? "
+    r"boundary),?\s*",
+    re.IGNORECASE,
+)
+_LEADING_WORD = re.compile(r"[A-Za-z0-9]+")
+_CHOICE_LETTER = re.compile(r"^\(?([A-Za-z])\)?(?:[.:)]\s*(.*))?$", re.DOTALL)
+_VISION_SEPARATOR = "; prompt_png:["
+_PNG_SEPARATOR = ", "
+
+
+def system_prompt(color: str = "red", prompt: bool = True) -> str:
+    """The paper's system prompt (§3.3), verbatim except for "vision-language" typed with a plain hyphen.
+
+    With ``prompt=True`` the colour word follows ``color`` (three places: "a red, one-pixel-wide boundary", "this red
+    outline", "the red area"), with "an" before a colour starting with a vowel ("an orange, …").
+
+    With ``prompt=False`` (no-prompt baseline) the same instruction is given without the outline: item (2) of the
+    input list ("a red, one-pixel-wide boundary that tightly encloses the ROI") and the sentence "Always restrict
+    your visual reasoning to voxels inside this red outline; ignore other regions." are removed, "inside the
+    outline" becomes "in the volume" and "in the red area" is dropped. The answer-format sentences are unchanged::
+
+        You are a vision-language model that receives a 3-D CT volume in NIfTI format. When multiple structures
+        appear in the volume, describe only those explicitly requested. If no relevant finding exists, answer
+        "No finding" (closed) or "No, the requested abnormality is absent." (open). Provide concise, radiologically
+        precise answers.
+
+    Args:
+        color: colour word of the contour, e.g. ``"red"`` or ``"blue"``; ignored when ``prompt`` is false.
+        prompt: whether the samples carry a boundary prompt.
+
+    Returns:
+        The system prompt.
+
+    Raises:
+        ValueError: if ``color`` is empty.
+    """
+    if not prompt:
+        return _SYSTEM_PROMPT_NO_OUTLINE
+    color = _check_color(color)
+    article = "an" if color[0].lower() in "aeiou" else "a"
+    return _SYSTEM_PROMPT.format(article=article, color=color)
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    """How to rewrite samples.
+
+    Args:
+        color: colour word of the contour used in the prefixes and the system prompt.
+        prompt: ``False`` gives the no-prompt variant: no prefixes, system prompt without the outline.
+        normalize_anatomy: normalise anatomy terms in questions and open answers to RadLex preferred names.
+    """
+
+    color: str = "red"
+    prompt: bool = True
+    normalize_anatomy: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "color", _check_color(self.color))
+
+
+@dataclass
+class RewrittenQA:
+    """A rewritten sample.
+
+    Args:
+        question: rewritten question (user message).
+        answer: rewritten answer (assistant message).
+        answer_type: ``"closed"`` or ``"open"``.
+        closed_label: index of the answer in the closed label set, -1 for open answers.
+        system: system prompt for this sample.
+    """
+
+    question: str
+    answer: str
+    answer_type: Literal["closed", "open"]
+    closed_label: int
+    system: str
+
+
+def rewrite_question(
+    question: str, config: RewriteConfig | None = None, normalizer: RadLexNormalizer | None = None
+) -> str:
+    """Rewrite a question: normalise anatomy terms, then add the boundary prefix.
+
+    Questions starting with a word of :data:`WH_WORDS` get "Within the {color}-outlined area of the CT volume, ",
+    the others "Inside the {color} boundary, "; the question's first letter is lower-cased unless its first word is
+    an acronym (two or more characters, none lower case: "CT", "T7"). Surrounding whitespace is stripped. A prefix
+    already present (any colour) is replaced, never doubled; in the no-prompt variant it is removed and the first
+    letter upper-cased. Prefixes contain no anatomy terms, so normalising before or after prefixing is the same.
+
+    Args:
+        question: the original question.
+        config: rewriting options (default :class:`RewriteConfig`).
+        normalizer: RadLex normaliser, pass one to collect its counts over a dataset (default: a new one).
+
+    Returns:
+        The rewritten question.
+
+    Raises:
+        ValueError: if the question is empty or holds only a prefix.
+    """
+    config = config or RewriteConfig()
+    body, had_prefix = _strip_prefix(_check_text(question, "question"))
+    body = _check_text(body, "question without its prefix")
+    if config.normalize_anatomy:
+        body = (normalizer or RadLexNormalizer()).normalize_text(body)
+    if not config.prompt:
+        return _upper_first(body) if had_prefix else body
+    leading = _LEADING_WORD.match(body)
+    is_wh = leading is not None and leading.group(0).lower() in WH_WORDS
+    prefix = _WH_PREFIX if is_wh else _OTHER_PREFIX
+    return prefix.format(color=config.color) + _lower_first(body)
+
+
+def closed_label(answer: str, choices: Sequence[str] | None = None) -> int:
+    """Index of a closed answer in its label set.
+
+    Without ``choices`` the label set is :data:`YES_NO_LABELS`. Matching ignores case, surrounding whitespace, runs
+    of inner whitespace and one trailing period (``"yes"``, ``"Yes."``, ``" YES "`` → 1). With ``choices``
+    (multiple choice or ordinal labels, in label order) the answer matches a choice by its text (``"mild"``,
+    ``"A. left lung"``), by its letter (``"A"``, ``"a."``, ``"(B)"``: A is index 0) or by letter and text
+    (``"B. right lung"``, whose text must then agree with choice B). Choices may carry their own letters
+    (``"A. left lung"``) or not (``"left lung"``).
+
+    Args:
+        answer: the closed answer.
+        choices: the label set, or ``None`` for Yes/No.
+
+    Returns:
+        The label index.
+
+    Raises:
+        ValueError: if the answer is not in the label set; the message names the answer and the label set.
+    """
+    labels = tuple(YES_NO_LABELS if choices is None else choices)
+    wanted = _label_key(answer)
+    texts = [_label_key(label) for label in labels]
+    if wanted in texts:
+        return texts.index(wanted)
+    bare_texts = [_label_key(_split_choice_letter(label)[1]) for label in labels]
+    if wanted in bare_texts:
+        return bare_texts.index(wanted)
+    letter, text = _split_choice_letter(answer)
+    if choices is not None and letter is not None:
+        index = ord(letter.upper()) - ord("A")
+        if index < len(labels) and (not text or _label_key(text) == bare_texts[index]):
+            return index
+    raise ValueError(f"closed answer {answer!r} is not in the label set {labels!r}")
+
+
+def rewrite_answer(
+    answer: str,
+    answer_type: Literal["closed", "open"],
+    config: RewriteConfig | None = None,
+    normalizer: RadLexNormalizer | None = None,
+) -> str:
+    """Rewrite an answer.
+
+    Closed answers are returned unchanged apart from surrounding whitespace, so that their label text stays the one
+    of the label set. Open answers are normalised like questions and, with a prompt, prefixed with "Within the
+    {color} boundary, " (first letter lower-cased unless the first word is an acronym; an existing prefix of any
+    colour is replaced, or removed in the no-prompt variant).
+
+    Args:
+        answer: the original answer.
+        answer_type: ``"closed"`` or ``"open"``.
+        config: rewriting options (default :class:`RewriteConfig`).
+        normalizer: RadLex normaliser (default: a new one).
+
+    Returns:
+        The rewritten answer.
+
+    Raises:
+        ValueError: if ``answer_type`` is neither ``"closed"`` nor ``"open"``, or the answer is empty.
+    """
+    _check_answer_type(answer_type)
+    config = config or RewriteConfig()
+    answer = _check_text(answer, "answer")
+    if answer_type == "closed":
+        return answer
+    body, had_prefix = _strip_prefix(answer)
+    body = _check_text(body, "answer without its prefix")
+    if config.normalize_anatomy:
+        body = (normalizer or RadLexNormalizer()).normalize_text(body)
+    if not config.prompt:
+        return _upper_first(body) if had_prefix else body
+    return _ANSWER_PREFIX.format(color=config.color) + _lower_first(body)
+
+
+def rewrite_qa(
+    question: str,
+    answer: str,
+    *,
+    answer_type: Literal["closed", "open"],
+    choices: Sequence[str] | None = None,
+    config: RewriteConfig | None = None,
+    normalizer: RadLexNormalizer | None = None,
+) -> RewrittenQA:
+    """Rewrite a question-answer pair (see :func:`rewrite_question`, :func:`rewrite_answer`, :func:`closed_label`).
+
+    Args:
+        question: the original question.
+        answer: the original answer.
+        answer_type: ``"closed"`` (Yes/No, ordinal, multiple choice) or ``"open"``.
+        choices: label set of a closed multiple-choice or ordinal question; ``None`` means Yes/No. Ignored for open
+            answers.
+        config: rewriting options (default :class:`RewriteConfig`).
+        normalizer: RadLex normaliser shared by question and answer (default: a new one).
+
+    Returns:
+        The rewritten sample; ``closed_label`` is -1 for open answers.
+
+    Raises:
+        ValueError: on an unknown ``answer_type``, an empty question or answer, or a closed answer that is not in its
+            label set.
+    """
+    _check_answer_type(answer_type)
+    config = config or RewriteConfig()
+    normalizer = normalizer or RadLexNormalizer()
+    new_question = rewrite_question(question, config, normalizer)
+    new_answer = rewrite_answer(answer, answer_type, config, normalizer)
+    label = closed_label(new_answer, choices) if answer_type == "closed" else -1
+    return RewrittenQA(
+        question=new_question,
+        answer=new_answer,
+        answer_type=answer_type,
+        closed_label=label,
+        system=system_prompt(config.color, config.prompt),
+    )
+
+
+def vision_content(volume_path: str | os.PathLike, prompt_pngs: Sequence[str | os.PathLike] = ()) -> str:
+    """Content of the ``vision`` message: ``"nifti:<volume>; prompt_png:[<png 1>, <png 2>, ...]"``.
+
+    The PNG paths are joined with ``", "`` and the list is ``[]`` when there are no PNGs (no-prompt variant). Paths are
+    written as given (no quoting), so to keep the string parseable by :func:`parse_vision_content` the volume path
+    must not contain ``"; prompt_png:["`` and a PNG path must not contain ``", "``, ``"["`` or ``"]"``; no path may
+    contain a line break.
+
+    Args:
+        volume_path: path of the NIfTI volume.
+        prompt_pngs: paths of the prompt PNG stack, in slice order.
+
+    Returns:
+        The content string.
+
+    Raises:
+        ValueError: if the volume path is empty or a path contains a forbidden substring.
+    """
+    volume = os.fspath(volume_path)
+    pngs = [os.fspath(png) for png in prompt_pngs]
+    if not volume or _VISION_SEPARATOR in volume or "\n" in volume:
+        raise ValueError(f"volume path {volume!r} is empty or contains {_VISION_SEPARATOR!r} or a line break")
+    for png in pngs:
+        if not png or any(bad in png for bad in (_PNG_SEPARATOR, "[", "]", "\n")):
+            raise ValueError(f"prompt PNG path {png!r} is empty or contains ', ', '[', ']' or a line break")
+    return f"nifti:{volume}{_VISION_SEPARATOR}{_PNG_SEPARATOR.join(pngs)}]"
+
+
+def parse_vision_content(content: str) -> tuple[str, list[str]]:
+    """Inverse of :func:`vision_content`.
+
+    Args:
+        content: a ``vision`` message content.
+
+    Returns:
+        ``(volume_path, prompt_pngs)``.
+
+    Raises:
+        ValueError: if ``content`` does not have the ``"nifti:...; prompt_png:[...]"`` form.
+    """
+    volume, separator, pngs = content.partition(_VISION_SEPARATOR)
+    if not volume.startswith("nifti:") or not separator or not pngs.endswith("]"):
+        raise ValueError(f"not a vision content of the form 'nifti:...; prompt_png:[...]': {content!r}")
+    pngs = pngs[:-1]
+    return volume.removeprefix("nifti:"), pngs.split(_PNG_SEPARATOR) if pngs else []
+
+
+def build_record(
+    qa: RewrittenQA,
+    *,
+    volume_path: str | os.PathLike,
+    mask_path: str | os.PathLike | None,
+    mask_source: str | None,
+    roi: str | None,
+    question_type: str,
+    split: str,
+    patient_id: str,
+    volume_id: str,
+    prompt_pngs: Sequence[str | os.PathLike] = (),
+    roi_empty: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One JSONL record: the message list plus the structured fields of :data:`RECORD_FIELDS`.
+
+    ``messages`` is ``[system, user, vision, assistant]``, each ``{"role": ..., "content": str}``. A question about
+    the whole volume has no mask: pass ``None`` for ``mask_path``, ``mask_source`` and ``roi``; they are stored as
+    JSON ``null`` (never ``""``). Paths are stored as strings, as given.
+
+    Args:
+        qa: the rewritten sample.
+        volume_path: path of the NIfTI volume.
+        mask_path: path of the ROI mask, or ``None``.
+        mask_source: where the mask comes from (e.g. ``"dataset"``, ``"totalsegmentator"``, ``"vista3d"``), or
+            ``None``.
+        roi: name of the region (e.g. a normalised RadGenome anatomy path), or ``None``.
+        question_type: e.g. ``"presence"``, ``"abnormality"``, ``"location"``, ``"size"``.
+        split: ``"train"``, ``"validation"`` or ``"test"``.
+        patient_id: patient id (PMC-VQA: the article id); the unit of the split.
+        volume_id: id of the volume.
+        prompt_pngs: paths of the prompt PNG stack (empty for the no-prompt variant).
+        roi_empty: the mask is empty, so no contour was drawn.
+        extra: more fields to store; they must not reuse a name of ``messages`` or :data:`RECORD_FIELDS`.
+
+    Returns:
+        The record, JSON-serialisable.
+
+    Raises:
+        ValueError: if ``extra`` reuses a record field name.
+    """
+    record: dict[str, Any] = {
+        "messages": [
+            {"role": "system", "content": qa.system},
+            {"role": "user", "content": qa.question},
+            {"role": "vision", "content": vision_content(volume_path, prompt_pngs)},
+            {"role": "assistant", "content": qa.answer},
+        ],
+        "volume_path": os.fspath(volume_path),
+        "mask_path": None if mask_path is None else os.fspath(mask_path),
+        "mask_source": mask_source,
+        "roi": roi,
+        "question_type": question_type,
+        "answer_type": qa.answer_type,
+        "closed_label": qa.closed_label,
+        "split": split,
+        "patient_id": patient_id,
+        "volume_id": volume_id,
+        "roi_empty": roi_empty,
+    }
+    clashes = sorted(set(extra or {}) & set(record))
+    if clashes:
+        raise ValueError(f"extra fields {clashes} clash with the record's own fields")
+    record.update(extra or {})
+    return record
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
+    """Write records as JSON lines (UTF-8), atomically.
+
+    The lines go to a temporary file in the destination's folder, which replaces ``path`` only once every record is
+    written: if ``records`` raises, the previous file (if any) is left as it was and the temporary file is removed.
+
+    Args:
+        path: destination ``.jsonl`` file; parent folders are created.
+        records: JSON-serialisable dicts, e.g. from :func:`build_record`; may be a generator.
+
+    Returns:
+        The number of records written.
+    """
+    count = 0
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a JSON-lines file written by :func:`write_jsonl`; blank lines are skipped.
+
+    Args:
+        path: the ``.jsonl`` file.
+
+    Returns:
+        The records, in file order.
+
+    Raises:
+        ValueError: if a line is not a JSON object; the message names the file and the 1-based line number.
+    """
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{Path(path)}, line {number}: malformed JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{Path(path)}, line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def _check_color(color: str) -> str:
+    color = color.strip() if isinstance(color, str) else ""
+    if not color:
+        raise ValueError("the contour colour must be a non-empty colour word such as 'red' or 'blue'")
+    return color
+
+
+def _check_answer_type(answer_type: str) -> None:
+    if answer_type not in ("closed", "open"):
+        raise ValueError(f"answer_type must be 'closed' or 'open', got {answer_type!r}")
+
+
+def _check_text(text: str, what: str) -> str:
+    text = text.strip() if isinstance(text, str) else ""
+    if not text:
+        raise ValueError(f"the {what} is empty")
+    return text
+
+
+def _strip_prefix(text: str) -> tuple[str, bool]:
+    """``text`` without a leading rewriting prefix of any colour, and whether there was one."""
+    match = _ANY_PREFIX.match(text)
+    return (text[match.end() :], True) if match else (text, False)
+
+
+def _is_acronym(text: str) -> bool:
+    leading = _LEADING_WORD.match(text)
+    return leading is not None and len(leading.group(0)) > 1 and not any(c.islower() for c in leading.group(0))
+
+
+def _lower_first(text: str) -> str:
+    return text if _is_acronym(text) else text[:1].lower() + text[1:]
+
+
+def _upper_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _label_key(label: str) -> str:
+    """Matching form of a label: case-folded, single-spaced, without surrounding whitespace or a final period."""
+    return " ".join(label.split()).casefold().removesuffix(".").rstrip()
+
+
+def _split_choice_letter(label: str) -> tuple[str | None, str]:
+    """``("B", "right lung")`` for ``"B. right lung"``, ``("A", "")`` for ``"A"``; ``(None, label)`` without letter."""
+    match = _CHOICE_LETTER.match(label.strip())
+    if match is None:
+        return None, label
+    return match.group(1), match.group(2) or ""

@@ -1,0 +1,1 @@
+"""Volume I/O and CT transforms: load, window, resize, draw boundary prompts."""

@@ -1,0 +1,529 @@
+"""CT volume and mask I/O: NIfTI, DICOM and ``.npy`` into one canonical (D, H, W) array in HU.
+
+Every loader returns arrays in the same orientation, so masks, contours and the model see the same voxels
+whatever the file's own orientation was:
+
+- axis 0 (D): axial slices, inferior → superior,
+- axis 1 (H): image rows, anterior → posterior,
+- axis 2 (W): image columns, patient right → patient left.
+
+This is the radiological view of an axial slice (patient's right on the image's left, anterior at the top),
+the layout DICOM axial series are stored in and the one the Med3DVLM / M3D training images were shown in.
+The ``affine`` maps a (d, h, w) index to RAS+ world millimetres (the NIfTI world convention).
+
+This file imports only third-party packages so that it can be copied next to a saved processor
+(``trust_remote_code``) and work without the ``med3dqwen`` package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import tempfile
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+__all__ = [
+    "CTInputError",
+    "CTVolume",
+    "CorruptFileError",
+    "InvalidVolumeError",
+    "MaskMismatchError",
+    "UnknownLabelError",
+    "TOTALSEGMENTATOR_V2_LABELS",
+    "atomic_output",
+    "load_mask",
+    "load_volume",
+    "save_nifti",
+    "standard_affine",
+]
+
+# Orientation of the (D, H, W) axes, as the world direction each index increases towards.
+AXCODES_DHW = ("S", "P", "L")
+# The same orientation expressed on NIfTI data axes (i, j, k) = (W, H, D).
+_AXCODES_WHD = ("L", "P", "S")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CTInputError(ValueError):
+    """Bad CT input; the message names the file (or array) and the problem."""
+
+    def __init__(self, source: str | os.PathLike | None, problem: str):
+        self.source = None if source is None else str(source)
+        self.problem = problem
+        super().__init__(f"{self.source}: {problem}" if self.source else problem)
+
+
+class CorruptFileError(CTInputError):
+    """The file is missing, unreadable, truncated or not the format its name says."""
+
+
+class InvalidVolumeError(CTInputError):
+    """The array is readable but unusable: wrong number of dimensions, NaN/inf voxels, empty."""
+
+
+class MaskMismatchError(CTInputError):
+    """A mask does not lie on its volume's voxel grid (shape or affine differ)."""
+
+
+class UnknownLabelError(CTInputError, KeyError):
+    """A label id or name that the multilabel file does not hold."""
+
+    __str__ = ValueError.__str__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Geometry helpers and writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def standard_affine(
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+) -> np.ndarray:
+    """Affine of a (D, H, W) array in this module's orientation.
+
+    Args:
+        spacing: voxel size in mm along (D, H, W).
+        origin: RAS+ world position in mm of voxel (0, 0, 0).
+
+    Returns:
+        (4, 4) float64 matrix mapping (d, h, w, 1) to RAS+ mm: D goes superior, H posterior, W left.
+    """
+    sd, sh, sw = (float(s) for s in spacing)
+    affine = np.zeros((4, 4))
+    affine[2, 0] = sd  # d -> +S
+    affine[1, 1] = -sh  # h -> +P = -A
+    affine[0, 2] = -sw  # w -> +L = -R
+    affine[:3, 3] = origin
+    affine[3, 3] = 1.0
+    return affine
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Readers never see a half-written file and a crash leaves the previous file (if any) in place.
+
+    Args:
+        path: final destination. Parent folders are created.
+        suffix: suffix of the temporary file (default: the destination's full suffix, so that writers that infer
+            the format from the name, like nibabel and PIL, still work).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_nifti(
+    path: str | os.PathLike, array: np.ndarray, affine: np.ndarray | None = None, dtype: np.dtype | str | None = None
+) -> Path:
+    """Write a (D, H, W) array as NIfTI so that :func:`load_volume` / :func:`load_mask` give it back unchanged.
+
+    Args:
+        path: destination ``.nii`` or ``.nii.gz``; written atomically.
+        array: (D, H, W) array in this module's orientation.
+        affine: (4, 4) index → RAS+ mm affine of ``array`` (default: :func:`standard_affine` with 1 mm voxels).
+        dtype: on-disk dtype (default: the array's; bool is stored as uint8).
+
+    Returns:
+        The written path.
+    """
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise InvalidVolumeError(path, f"expected a 3D (D, H, W) array, got shape {array.shape}")
+    if dtype is None:
+        dtype = np.uint8 if array.dtype == bool else array.dtype
+    affine = standard_affine() if affine is None else np.asarray(affine, dtype=np.float64)
+    # NIfTI data axes are (i, j, k) = (W, H, D); permute the affine's columns the same way.
+    image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)).astype(dtype), affine[:, [2, 1, 0, 3]])
+    image.header.set_xyzt_units("mm")
+    image.set_qform(image.affine, code=1)
+    image.set_sform(image.affine, code=1)
+    with atomic_output(path) as tmp:
+        nib.save(image, tmp)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The volume object
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CTVolume:
+    """A CT volume in the canonical (D, H, W) orientation of this module.
+
+    Attributes:
+        array: (D, H, W) float32 Hounsfield units (rescale slope/intercept applied).
+        affine: (4, 4) float64 map from a (d, h, w, 1) index to RAS+ world mm.
+        path: the file or folder it was read from (``None`` for in-memory arrays).
+        meta: reader-specific extras (e.g. DICOM series UID, source orientation).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along (D, H, W)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @classmethod
+    def from_array(
+        cls,
+        array: np.ndarray,
+        spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        affine: np.ndarray | None = None,
+        name: str | None = None,
+    ) -> CTVolume:
+        """Wrap an HU array that is already in (D, H, W) canonical orientation (validated like a file)."""
+        array = _validate_volume(np.asarray(array), name or "<array>")
+        affine = standard_affine(spacing) if affine is None else np.asarray(affine, dtype=np.float64)
+        return cls(array=array, affine=affine, path=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Orientation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient a 3D array with its index→RAS affine to the (D, H, W) = (S, P, L) layout (flips and swaps only)."""
+    source = nib.orientations.io_orientation(affine)
+    transform = nib.orientations.ornt_transform(source, nib.orientations.axcodes2ornt(_AXCODES_WHD))
+    whd = nib.orientations.apply_orientation(data, transform)
+    whd_affine = affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
+    # (W, H, D) -> (D, H, W); permute the affine's columns to match.
+    return np.ascontiguousarray(whd.transpose(2, 1, 0)), whd_affine[:, [2, 1, 0, 3]]
+
+
+def _validate_volume(array: np.ndarray, source: str | os.PathLike) -> np.ndarray:
+    """Squeeze trailing singleton dims, then require a finite, non-empty 3D array; returns float32."""
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise InvalidVolumeError(source, f"expected a 3D volume, got a {array.ndim}D array of shape {array.shape}")
+    if 0 in array.shape:
+        raise InvalidVolumeError(source, f"the volume is empty (shape {array.shape})")
+    array = array.astype(np.float32, copy=False)
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        raise InvalidVolumeError(source, f"{bad} voxel(s) are NaN or infinite")
+    return array
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------------------------
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Errors that a damaged or mislabelled file raises somewhere inside nibabel / gzip / numpy / pydicom.
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError)
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(_NIFTI_SUFFIXES)
+
+
+def _read_nifti(path: Path, dtype: type | None) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
+    """Read NIfTI data (scaled by slope/intercept; raw dtype when ``dtype`` is None) and its affine."""
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj) if dtype is None else np.asarray(image.dataobj, dtype=dtype)
+    except _READ_ERRORS as err:
+        raise CorruptFileError(path, f"cannot read NIfTI ({type(err).__name__}: {err})") from err
+    return data, image.affine.astype(np.float64), image
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except _READ_ERRORS as err:
+        raise CorruptFileError(path, f"cannot read .npy ({type(err).__name__}: {err})") from err
+
+
+def _dicom_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR")
+
+
+def _read_dicom(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read a DICOM series (folder) or single file into a (slice, row, col) HU array and its RAS affine."""
+    import pydicom  # noqa: PLC0415 - optional reader dependency, imported where it is used
+    from pydicom.errors import InvalidDicomError  # noqa: PLC0415
+
+    headers, skipped = [], []
+    for file in _dicom_files(path):
+        try:
+            headers.append((file, pydicom.dcmread(file, stop_before_pixels=True)))
+        except InvalidDicomError:
+            skipped.append(file.name)  # not a DICOM file (README, thumbnails, ...)
+        except _READ_ERRORS as err:
+            raise CorruptFileError(file, f"cannot read DICOM header ({type(err).__name__}: {err})") from err
+    headers = [(f, ds) for f, ds in headers if "PixelData" in ds or hasattr(ds, "ImagePositionPatient")]
+    if not headers:
+        note = f" (skipped non-DICOM files: {skipped[:5]})" if skipped else ""
+        raise CorruptFileError(path, f"no DICOM image found{note}")
+
+    series = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers})
+    if series_uid is not None:
+        headers = [(f, ds) for f, ds in headers if str(getattr(ds, "SeriesInstanceUID", "")) == series_uid]
+        if not headers:
+            raise CorruptFileError(path, f"series {series_uid!r} not found; the folder holds {series}")
+    elif len(series) > 1:
+        raise CorruptFileError(path, f"the folder holds {len(series)} DICOM series {series}; pass series_uid=...")
+    if int(getattr(headers[0][1], "NumberOfFrames", 1) or 1) > 1:
+        raise CorruptFileError(headers[0][0], "multi-frame (enhanced) DICOM is not supported; convert it to NIfTI")
+
+    try:
+        orientation = np.array(headers[0][1].ImageOrientationPatient, dtype=np.float64)
+        row_spacing, col_spacing = (float(v) for v in headers[0][1].PixelSpacing)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise CorruptFileError(headers[0][0], f"missing or bad geometry tags ({err})") from err
+    row_cos, col_cos = orientation[:3], orientation[3:]  # direction of increasing column / row index
+    normal = np.cross(row_cos, col_cos)
+    positions = np.array([np.array(ds.ImagePositionPatient, dtype=np.float64) for _, ds in headers])
+    order = np.argsort(positions @ normal, kind="stable")
+    headers = [headers[i] for i in order]
+    positions = positions[order]
+
+    if len(headers) > 1:
+        steps = np.diff(positions @ normal)
+        step = float(np.median(steps))
+        if np.any(np.abs(steps) < 1e-3):
+            raise InvalidVolumeError(path, "two slices share one position (duplicate or mixed series)")
+        if np.any(np.abs(steps - step) > 0.1 * abs(step)):
+            raise InvalidVolumeError(
+                path, f"uneven slice spacing (steps {np.unique(np.round(steps, 2)).tolist()} mm): missing slices?"
+            )
+        slice_vector = (positions[-1] - positions[0]) / (len(headers) - 1)
+    else:
+        ds = headers[0][1]
+        thickness = float(getattr(ds, "SpacingBetweenSlices", None) or getattr(ds, "SliceThickness", None) or 1.0)
+        slice_vector = normal * thickness
+
+    slices = []
+    for file, _ in headers:
+        try:
+            ds = pydicom.dcmread(file)
+            pixels = ds.pixel_array.astype(np.float32)
+        except _READ_ERRORS + (RuntimeError, AttributeError) as err:
+            raise CorruptFileError(file, f"cannot decode DICOM pixels ({type(err).__name__}: {err})") from err
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        slices.append(pixels * slope + intercept)
+    if len({s.shape for s in slices}) > 1:
+        raise InvalidVolumeError(path, f"slices have different sizes {sorted({s.shape for s in slices})}")
+    data = np.stack(slices)  # (slice, row, col)
+
+    lps = np.eye(4)
+    lps[:3, 0] = slice_vector
+    lps[:3, 1] = col_cos * row_spacing
+    lps[:3, 2] = row_cos * col_spacing
+    lps[:3, 3] = positions[0]
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM world is LPS+, NIfTI world is RAS+
+    meta = {"series_uid": series[0] if series_uid is None else series_uid, "num_skipped_files": len(skipped)}
+    return data, ras, meta
+
+
+def load_volume(
+    path: str | os.PathLike,
+    *,
+    spacing: tuple[float, float, float] | None = None,
+    series_uid: str | None = None,
+) -> CTVolume:
+    """Load a CT volume into the canonical (D, H, W) float32 HU layout.
+
+    Args:
+        path: a NIfTI file (``.nii``/``.nii.gz``; slope/intercept applied), a DICOM series folder or a single
+            DICOM file (sorted by position along the slice normal; rescale applied; JPEG 2000 needs Pillow >= 10),
+            or a ``.npy`` array that is already (D, H, W) in canonical orientation.
+        spacing: voxel size in mm along (D, H, W) for ``.npy`` input (default 1 mm); ignored for other formats.
+        series_uid: which series to read when a DICOM folder holds several.
+
+    Returns:
+        A :class:`CTVolume`.
+
+    Raises:
+        CorruptFileError: missing, unreadable, truncated or mislabelled file.
+        InvalidVolumeError: not 3D (2D, or 4D with more than one frame), empty, NaN/inf voxels, broken DICOM series.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CorruptFileError(path, "file not found")
+    meta: dict = {}
+    if path.suffix.lower() == ".npy":
+        array = _validate_volume(_read_npy(path), path)
+        affine = standard_affine(spacing or (1.0, 1.0, 1.0))
+        return CTVolume(array=array, affine=affine, path=str(path), meta={"source_axcodes": AXCODES_DHW})
+    if _is_nifti(path):
+        data, affine, _ = _read_nifti(path, np.float32)
+    elif path.is_dir() or path.suffix.lower() in ("", ".dcm", ".ima"):
+        data, affine, meta = _read_dicom(path, series_uid)
+    else:
+        raise CorruptFileError(path, "unknown format; expected .nii, .nii.gz, .npy, .dcm or a DICOM folder")
+    data = _validate_volume(data, path)
+    meta["source_axcodes"] = nib.aff2axcodes(affine)
+    array, affine = _to_canonical(data, affine)
+    return CTVolume(array=array, affine=affine, path=str(path), meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _totalsegmentator_v2_names() -> tuple[str, ...]:
+    """Class names of TotalSegmentator v2's ``total`` task, in label-id order (ids 1-117)."""
+    head = (
+        "spleen kidney_right kidney_left gallbladder liver stomach pancreas adrenal_gland_right adrenal_gland_left "
+        "lung_upper_lobe_left lung_lower_lobe_left lung_upper_lobe_right lung_middle_lobe_right lung_lower_lobe_right "
+        "esophagus trachea thyroid_gland small_bowel duodenum colon urinary_bladder prostate kidney_cyst_left "
+        "kidney_cyst_right sacrum"
+    ).split()
+    vertebrae = ["S1", *(f"L{i}" for i in range(5, 0, -1)), *(f"T{i}" for i in range(12, 0, -1))]
+    vertebrae += [f"C{i}" for i in range(7, 0, -1)]
+    middle = (
+        "heart aorta pulmonary_vein brachiocephalic_trunk subclavian_artery_right subclavian_artery_left "
+        "common_carotid_artery_right common_carotid_artery_left brachiocephalic_vein_left brachiocephalic_vein_right "
+        "atrial_appendage_left superior_vena_cava inferior_vena_cava portal_vein_and_splenic_vein iliac_artery_left "
+        "iliac_artery_right iliac_vena_left iliac_vena_right humerus_left humerus_right scapula_left scapula_right "
+        "clavicula_left clavicula_right femur_left femur_right hip_left hip_right spinal_cord gluteus_maximus_left "
+        "gluteus_maximus_right gluteus_medius_left gluteus_medius_right gluteus_minimus_left gluteus_minimus_right "
+        "autochthon_left autochthon_right iliopsoas_left iliopsoas_right brain skull"
+    ).split()
+    ribs = [f"rib_{side}_{i}" for side in ("left", "right") for i in range(1, 13)]
+    return (*head, *(f"vertebrae_{v}" for v in vertebrae), *middle, *ribs, "sternum", "costal_cartilages")
+
+
+TOTALSEGMENTATOR_V2_LABELS: dict[int, str] = dict(enumerate(_totalsegmentator_v2_names(), start=1))
+
+
+def _label_table_from_header(image: nib.Nifti1Image) -> dict[int, str]:
+    """Label names stored in a NIfTI header extension (the XML label table TotalSegmentator writes), if any."""
+    import re  # noqa: PLC0415
+
+    table: dict[int, str] = {}
+    for extension in image.header.extensions:
+        content = extension.get_content()
+        if isinstance(content, bytes) and b"<LabelTable>" in content:
+            text = content.decode("utf-8", errors="replace")
+            for key, name in re.findall(r'<Label Key="(\d+)"[^>]*><!\[CDATA\[(.*?)\]\]></Label>', text):
+                table[int(key)] = name
+    return table
+
+
+def load_mask(
+    path: str | os.PathLike,
+    like: CTVolume | None = None,
+    label: int | str | None = None,
+    *,
+    label_map: Mapping[int, str] | None = None,
+    atol: float = 1e-3,
+) -> np.ndarray:
+    """Load a segmentation as a (D, H, W) bool mask, reoriented exactly like :func:`load_volume`.
+
+    Args:
+        path: a NIfTI or ``.npy`` mask. Binary files need no ``label``; multilabel files need one.
+        like: the volume the mask belongs to; its voxel grid (shape and affine) must match, else
+            :class:`MaskMismatchError`. Omit it only when there is no volume to check against.
+        label: ``None`` for a binary file (any non-zero voxel), an integer label id, or a label name. Names are
+            looked up in ``label_map``, else in the table stored in the file's header (TotalSegmentator writes
+            one), else in TotalSegmentator v2's ``total`` class map.
+        label_map: id → name table for ``label`` names.
+        atol: tolerance in mm when comparing affines.
+
+    Returns:
+        (D, H, W) bool array. An empty mask is returned as is (not an error): callers report it.
+
+    Raises:
+        CorruptFileError: unreadable file. InvalidVolumeError: not 3D or non-integer labels.
+        MaskMismatchError: grid differs from ``like``. UnknownLabelError: a name not in the label table, or
+            ``label=None`` on a multilabel file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CorruptFileError(path, "file not found")
+    header_table: dict[int, str] = {}
+    if path.suffix.lower() == ".npy":
+        data = _read_npy(path)
+        affine = None
+    elif _is_nifti(path):
+        data, affine, image = _read_nifti(path, None)
+        header_table = _label_table_from_header(image)
+    else:
+        raise CorruptFileError(path, "unknown mask format; expected .nii, .nii.gz or .npy")
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InvalidVolumeError(path, f"expected a 3D mask, got shape {data.shape}")
+    if data.dtype.kind == "f":
+        if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
+            raise InvalidVolumeError(path, "mask holds non-integer values (is this an image, not a label map?)")
+    if affine is None:  # .npy masks are already canonical; borrow the volume's grid.
+        affine = like.affine if like is not None else standard_affine()
+        array = np.ascontiguousarray(data)
+    else:
+        array, affine = _to_canonical(data, affine)
+
+    if like is not None:
+        if array.shape != like.shape:
+            raise MaskMismatchError(
+                path, f"mask grid {array.shape} differs from volume grid {like.shape} ({like.path})"
+            )
+        if not np.allclose(affine, like.affine, rtol=0, atol=atol):
+            raise MaskMismatchError(
+                path,
+                f"mask affine differs from the volume's ({like.path}):\n"
+                f"mask:\n{np.round(affine, 4)}\nvolume:\n{np.round(like.affine, 4)}",
+            )
+
+    if label is None:
+        values = np.unique(array)
+        if values.size > 2 or (values.size == 2 and values[0] != 0):
+            shown = values[values != 0][:10].tolist()
+            raise UnknownLabelError(path, f"multilabel mask (labels {shown}...); pass label=<id or name>")
+        return array != 0
+    if isinstance(label, str):
+        table = label_map or header_table or TOTALSEGMENTATOR_V2_LABELS
+        ids = [k for k, v in table.items() if v == label]
+        if not ids:
+            import difflib  # noqa: PLC0415
+
+            close = difflib.get_close_matches(label, list(table.values()), n=3)
+            raise UnknownLabelError(
+                path,
+                f"label name {label!r} is not in the label table" + (f" (did you mean {close}?)" if close else ""),
+            )
+        label = ids[0]
+    return array == int(label)

@@ -1,0 +1,800 @@
+"""CT transforms: HU windowing, resizing, slice-wise boundary prompts (paper eq. 1) and their PNG rendering.
+
+Pure array functions and callable classes do the maths; ``*d`` classes are MONAI-style dictionary wrappers.
+Every function takes (D, H, W) arrays in the canonical orientation of :mod:`ct_io` (D = axial slices,
+inferior → superior) and accepts numpy arrays or torch tensors, returning the same kind.
+
+This file imports only third-party packages and its sibling ``ct_io`` so that it can be copied next to a saved
+processor (``trust_remote_code``) and work without the ``med3dqwen`` package.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+from .ct_io import InvalidVolumeError, atomic_output
+
+
+__all__ = [
+    "BoundaryMask",
+    "BoundaryMaskd",
+    "COLORS",
+    "PromptPNGs",
+    "PromptResult",
+    "RenderPrompt",
+    "RenderPromptd",
+    "ResizeVolume",
+    "ResizeVolumed",
+    "WINDOW_PRESETS",
+    "WindowHU",
+    "WindowHUd",
+    "boundary_mask",
+    "parse_color",
+    "prompt_png_stack",
+    "render_prompt",
+    "resize_mask",
+    "resize_volume",
+    "window_hu",
+]
+
+#: (low, high) HU of the common CT display windows. ``chest`` is DCFormer's CT-RATE input window.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "chest": (-1000.0, 200.0),
+    "lung": (-1350.0, 150.0),  # W 1500 / L -600
+    "mediastinum": (-135.0, 215.0),  # W 350 / L 40
+    "abdomen": (-160.0, 240.0),  # W 400 / L 40
+    "bone": (-500.0, 1300.0),  # W 1800 / L 400
+}
+
+#: Named contour colours as 8-bit RGB.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "blue": (0, 0, 255),
+    "green": (0, 255, 0),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "white": (255, 255, 255),
+}
+
+BoundaryMode = Literal["inner", "outer", "two_sided"]
+PromptEncoding = Literal["burn_in", "channel", "rgb"]
+_MODES = ("inner", "outer", "two_sided")
+_ENCODINGS = ("burn_in", "channel", "rgb")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# numpy / torch plumbing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _to_numpy(x) -> tuple[np.ndarray, object]:
+    """Return (numpy view, torch reference or None) so results can be sent back as the caller's type."""
+    if isinstance(x, np.ndarray):
+        return x, None
+    try:
+        import torch  # noqa: PLC0415 - torch is optional for the pure numpy path
+    except ImportError:  # pragma: no cover - torch is a hard dependency of the package
+        torch = None
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy(), x
+    return np.asarray(x), None
+
+
+def _like(array: np.ndarray, reference) -> object:
+    """Wrap ``array`` as the caller's type: a tensor on the reference tensor's device, or numpy."""
+    if reference is None:
+        return array
+    import torch  # noqa: PLC0415
+
+    return torch.from_numpy(np.ascontiguousarray(array)).to(reference.device)
+
+
+def _check_3d(array: np.ndarray, name: str) -> None:
+    if array.ndim != 3:
+        raise InvalidVolumeError(name, f"expected a (D, H, W) array, got shape {tuple(array.shape)}")
+
+
+def parse_color(color: str | Sequence[int]) -> tuple[int, int, int]:
+    """A colour name from :data:`COLORS`, ``"#rrggbb"`` or an (r, g, b) triple of 0-255 ints → (r, g, b)."""
+    if isinstance(color, str):
+        key = color.strip().lower()
+        if key in COLORS:
+            return COLORS[key]
+        if key.startswith("#") and len(key) == 7:
+            try:
+                return tuple(int(key[i : i + 2], 16) for i in (1, 3, 5))
+            except ValueError:
+                pass
+        raise ValueError(f"unknown colour {color!r}; use one of {sorted(COLORS)}, '#rrggbb' or an RGB triple")
+    rgb = tuple(int(c) for c in color)
+    if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+        raise ValueError(f"an RGB colour needs three values in 0..255, got {color!r}")
+    return rgb
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Intensity
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _window_range(window: str | tuple[float, float]) -> tuple[float, float]:
+    if isinstance(window, str):
+        if window not in WINDOW_PRESETS:
+            raise ValueError(f"unknown window preset {window!r}; choose from {sorted(WINDOW_PRESETS)}")
+        return WINDOW_PRESETS[window]
+    low, high = (float(v) for v in window)
+    if not high > low:
+        raise ValueError(f"window needs low < high, got {window!r}")
+    return low, high
+
+
+def window_hu(volume, window: str | tuple[float, float] = "chest", dtype=np.float32):
+    """Clip HU to a window and scale it linearly to [0, 1].
+
+    Args:
+        volume: array of Hounsfield units, any shape (numpy or torch).
+        window: a preset name from :data:`WINDOW_PRESETS` or ``(low, high)`` in HU.
+        dtype: numpy output dtype (float32 by default; torch inputs come back as float32 tensors).
+
+    Returns:
+        Array of the input's shape in [0, 1]: ``low`` → 0, ``high`` → 1.
+    """
+    low, high = _window_range(window)
+    array, reference = _to_numpy(volume)
+    out = np.clip(array, low, high, out=np.empty(array.shape, dtype=np.float32), dtype=np.float32)
+    out -= low
+    out *= np.float32(1.0 / (high - low))
+    return _like(out.astype(dtype, copy=False), reference)
+
+
+class WindowHU:
+    """Clip HU to a window and scale it to [0, 1] (see :func:`window_hu`)."""
+
+    def __init__(self, window: str | tuple[float, float] = "chest", dtype=np.float32) -> None:
+        self.window = _window_range(window)
+        self.dtype = dtype
+
+    def __call__(self, volume):
+        return window_hu(volume, self.window, self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Geometry
+# ---------------------------------------------------------------------------------------------------------------
+
+DEFAULT_SIZE = (128, 256, 256)  # Med3DVLM's input (D, H, W); the projector's token counts depend on it
+
+
+def _interpolate(array: np.ndarray, size: Sequence[int], mode: str) -> np.ndarray:
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: N812, PLC0415
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array))[None, None]
+    kwargs = {"align_corners": False} if mode == "trilinear" else {}
+    return F.interpolate(tensor, size=tuple(int(s) for s in size), mode=mode, **kwargs)[0, 0].numpy()
+
+
+def resize_volume(volume, size: Sequence[int] = DEFAULT_SIZE, dtype=np.float32):
+    """Trilinearly resize a (D, H, W) volume to ``size`` (voxel centres aligned, as ``align_corners=False``).
+
+    Args:
+        volume: (D, H, W) intensities, numpy or torch.
+        size: output (D, H, W).
+        dtype: output numpy dtype.
+
+    Returns:
+        (size) array of ``dtype``.
+    """
+    array, reference = _to_numpy(volume)
+    _check_3d(array, "volume")
+    if tuple(array.shape) == tuple(size):
+        out = array.astype(dtype, copy=True)
+    else:
+        out = _interpolate(array.astype(np.float32, copy=False), size, "trilinear").astype(dtype, copy=False)
+    return _like(out, reference)
+
+
+def resize_mask(mask, size: Sequence[int] = DEFAULT_SIZE):
+    """Resize a (D, H, W) mask with nearest-neighbour sampling on the same voxel-centre grid as :func:`resize_volume`.
+
+    Returns:
+        (size) bool array (numpy or torch like the input).
+    """
+    array, reference = _to_numpy(mask)
+    _check_3d(array, "mask")
+    if tuple(array.shape) == tuple(size):
+        out = array.astype(bool, copy=True)
+    else:
+        out = _interpolate(array.astype(np.uint8), size, "nearest-exact").astype(bool)
+    return _like(out, reference)
+
+
+def resized_affine(affine: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int]) -> np.ndarray:
+    """The affine of a volume resized from ``in_shape`` to ``out_shape`` with voxel centres aligned."""
+    scale = np.asarray(in_shape, dtype=np.float64) / np.asarray(out_shape, dtype=np.float64)
+    index_map = np.eye(4)
+    index_map[:3, :3] = np.diag(scale)
+    index_map[:3, 3] = 0.5 * (scale - 1.0)  # centre of output voxel 0 in input index space
+    return np.asarray(affine, dtype=np.float64) @ index_map
+
+
+class ResizeVolume:
+    """Resize a volume (trilinear) or a mask (nearest) to a fixed (D, H, W)."""
+
+    def __init__(self, size: Sequence[int] = DEFAULT_SIZE, is_mask: bool = False, dtype=np.float32) -> None:
+        if len(size) != 3 or any(int(s) < 1 for s in size):
+            raise ValueError(f"size must be three positive ints (D, H, W), got {size!r}")
+        self.size = tuple(int(s) for s in size)
+        self.is_mask = is_mask
+        self.dtype = dtype
+
+    def __call__(self, array):
+        return resize_mask(array, self.size) if self.is_mask else resize_volume(array, self.size, self.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Boundary prompt (paper eq. 1, DESIGN.md "Contour")
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Tight bounding box of the non-zero voxels of a (D, H, W) array, or None if there are none."""
+    slices_hit = np.flatnonzero(mask.any(axis=(1, 2)))
+    if slices_hit.size == 0:
+        return None
+    d = slice(int(slices_hit[0]), int(slices_hit[-1]) + 1)
+    plane = mask[d].any(axis=0)  # (H, W) footprint of the ROI slices
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return d, slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def _square(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
+    """In-plane erosion (AND) or dilation (OR) of a (D, H, W) bool array with a (2r+1)² square.
+
+    The square is separable: a 1-D window along H, then along W, each as ``2r`` in-place ``op`` calls on shifted
+    views (no temporaries: fresh large allocations cost page faults that dominate at these sizes). Results
+    within ``radius`` of the H/W array edges are False: exact for erosion when the array is padded with background,
+    and for dilation when the padding is at least ``2 * radius``.
+    """
+    if radius == 0:
+        return mask
+    op = np.logical_and if erode else np.logical_or
+    src = mask
+    for axis in (1, 2):
+        n = mask.shape[axis]
+        out = np.empty_like(mask)
+        lead = [slice(None)] * 3
+        for edge in (slice(0, radius), slice(n - radius, n)):
+            lead[axis] = edge
+            out[tuple(lead)] = False
+        lead[axis] = slice(radius, n - radius)
+        centre = out[tuple(lead)]
+        for k in range(2 * radius + 1):
+            lead[axis] = slice(k, n - 2 * radius + k)
+            if k == 0:
+                np.copyto(centre, src[tuple(lead)])
+            else:
+                op(centre, src[tuple(lead)], out=centre)
+        src = out
+    return src
+
+
+def _largest_component_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Keep, in every axial slice, only the largest 8-connected component (ties: the first in raster order).
+
+    ``mask`` is a (D, H, W) crop whose first and last rows of every slice are background (``_band`` pads it), so
+    the slices can be stacked into one (D*H, W) image and labelled in 2D without touching each other: one C
+    pass instead of a Python loop over slices, and 2D labelling is cheaper than a 3D one with an in-plane structure.
+    """
+    depth, height, width = mask.shape
+    flat = mask.reshape(depth * height, width)
+    eight = np.ones((3, 3), dtype=bool)
+    try:
+        labels, count = ndimage.label(flat, structure=eight, output=np.uint16)  # half the memory traffic of int32
+    except RuntimeError:  # more than 65535 components
+        labels, count = ndimage.label(flat, structure=eight)
+    if count <= 1:
+        return mask
+    labels = labels.reshape(depth, height, width)
+    # ndimage.label numbers components in raster order, so slice d holds the labels (last[d-1], last[d]].
+    last = np.maximum.accumulate(labels.reshape(depth, -1).max(axis=1)).astype(np.int64)
+    per_slice = np.diff(last, prepend=0)
+    multi = np.flatnonzero(per_slice > 1)
+    if multi.size == 0:
+        return mask
+    sub = labels[multi]  # only the slices that need a choice
+    sizes = np.bincount(sub.ravel(), minlength=count + 1)[1:]
+    candidates = np.concatenate([np.arange(last[d] - per_slice[d], last[d]) for d in multi])  # 0-based label ids
+    slice_of = np.repeat(multi, per_slice[multi])
+    order = np.lexsort((candidates, -sizes[candidates], slice_of))  # by slice, then size desc, then raster order
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = slice_of[order][1:] != slice_of[order][:-1]
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[candidates[order[first]] + 1] = True
+    kept = mask.copy()
+    kept[multi] = keep[sub]
+    return kept
+
+
+# Voxels per slab in ``_band``: small enough that a slab's temporaries stay in cache and below malloc's mmap
+# threshold (fresh large arrays cost page faults that dominated the run time), big enough to amortise Python.
+_SLAB_VOXELS = 1 << 18
+
+
+def _band_slab(crop: np.ndarray, thickness: int, mode: str, keep_largest: bool) -> np.ndarray:
+    """The band of a (d, h, w) slab padded in-plane with background as ``_band`` does."""
+    kept = _largest_component_per_slice(crop) if keep_largest else crop
+    if mode == "inner":  # kept & ~erode(kept)
+        out = _square(kept, thickness, erode=True)
+        np.logical_not(out, out=out)
+        out &= kept
+    elif mode == "outer":  # dilate(kept) & ~roi
+        out = _square(kept, thickness, erode=False)
+        out &= ~crop
+    else:  # eq. 1: dilate(kept) & ~erode(kept), then thickened
+        out = _square(kept, 1, erode=False)
+        out &= ~_square(kept, 1, erode=True)
+        out = _square(out, thickness - 1, erode=False)
+    return out
+
+
+def _band(
+    roi: np.ndarray, thickness: int, mode: str, keep_largest: bool
+) -> tuple[tuple[slice, slice, slice] | None, np.ndarray | None]:
+    """The band of :func:`boundary_mask`, computed and returned only on a region around the ROI.
+
+    Returns:
+        ``(region, band)``: ``region`` slices the image around the ROI (its bounding box widened in-plane by the
+        padding, clipped to the image) and ``band`` is the bool band on that region; ``(None, None)`` for an
+        empty ROI.
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if int(thickness) != thickness or thickness < 1:
+        raise ValueError(f"thickness must be a positive integer, got {thickness!r}")
+    thickness = int(thickness)
+    box = _bbox(roi)
+    if box is None:
+        return None, None
+    # The band lives on the ROI's bounding box widened in-plane by ``pad`` (clipped to the image). Slabs of slices
+    # are copied into buffers padded in-plane with background around their own, tighter bounding box, so every
+    # filter is exact where it matters and voxels beyond the image edge count as background.
+    # Erosion is exact with one background row/column around the ROI (beyond it everything is background);
+    # dilations reach ``thickness`` past the ROI and ``_square`` needs ``radius`` more.
+    pad = 1 if mode == "inner" else 2 * thickness + 2
+    d, h, w = box
+    h0, w0 = max(h.start - pad, 0), max(w.start - pad, 0)
+    h1, w1 = min(h.stop + pad, roi.shape[1]), min(w.stop + pad, roi.shape[2])
+    region = (d, slice(h0, h1), slice(w0, w1))
+    band = np.zeros((d.stop - d.start, h1 - h0, w1 - w0), dtype=bool)
+    depth = max(1, _SLAB_VOXELS // ((h.stop - h.start + 2 * pad) * (w.stop - w.start + 2 * pad)))
+    for start in range(0, band.shape[0], depth):  # each slab is processed as a whole array
+        slab = roi[d.start + start : min(d.start + start + depth, d.stop), h0:h1, w0:w1]
+        slab_box = _bbox(slab)
+        if slab_box is None:  # slices between separate parts of the ROI
+            continue
+        _, sh, sw = slab_box
+        crop = np.zeros((slab.shape[0], sh.stop - sh.start + 2 * pad, sw.stop - sw.start + 2 * pad), dtype=bool)
+        crop[:, pad:-pad, pad:-pad] = slab[:, sh, sw]
+        out = _band_slab(crop, thickness, mode, keep_largest)
+        r0, c0 = max(sh.start - pad, 0), max(sw.start - pad, 0)
+        r1, c1 = min(sh.stop + pad, band.shape[1]), min(sw.stop + pad, band.shape[2])
+        dr, dc = r0 - (sh.start - pad), c0 - (sw.start - pad)  # offset of the kept part inside the buffer
+        band[start : start + slab.shape[0], r0:r1, c0:c1] = out[:, dr : dr + r1 - r0, dc : dc + c1 - c0]
+    return region, band
+
+
+def boundary_mask(
+    mask,
+    thickness: int = 3,
+    mode: BoundaryMode = "inner",
+    keep_largest: bool = True,
+):
+    """Slice-wise boundary band of a 3D ROI mask (paper eq. 1 with DESIGN.md's semantics).
+
+    Per axial slice, with 8-neighbourhoods and Chebyshev (square) distances measured inside the slice only:
+
+    - ``keep_largest``: first keep the largest 8-connected component of the ROI in that slice;
+    - ``inner`` (default): ROI voxels within ``thickness`` px of a non-ROI voxel, i.e. ``S & ~erode(S)``
+      thickened inwards by 3x3 dilation; the band lies inside the ROI and the interior stays empty;
+    - ``outer``: non-ROI voxels within ``thickness`` px of the ROI; hides none of the ROI's own voxels;
+    - ``two_sided``: eq. 1 literally (voxels with a differing 8-neighbour, on both sides of the edge), then
+      dilated by ``thickness - 1`` px, so it is about ``2 * thickness`` px wide.
+
+    Voxels beyond the image edge count as background, so an ROI cut by the field of view is outlined along the
+    cut. Slices the ROI does not intersect stay empty; an empty ROI gives an all-false band.
+
+    Args:
+        mask: (D, H, W) ROI mask (bool or 0/1), numpy or torch.
+        thickness: band width in pixels (3 = the paper's line; 1 = the one-pixel variant).
+        mode: ``"inner"``, ``"outer"`` or ``"two_sided"``.
+        keep_largest: keep only the largest 8-connected component per slice before drawing.
+
+    Returns:
+        (D, H, W) bool band, numpy or torch like the input.
+    """
+    array, reference = _to_numpy(mask)
+    _check_3d(array, "mask")
+    roi = array.astype(bool, copy=False)
+    band = np.zeros(roi.shape, dtype=bool)
+    region, band_crop = _band(roi, thickness, mode, keep_largest)
+    if region is not None:
+        band[region] = band_crop
+    return _like(band, reference)
+
+
+class BoundaryMask:
+    """Callable form of :func:`boundary_mask` with fixed settings."""
+
+    def __init__(self, thickness: int = 3, mode: BoundaryMode = "inner", keep_largest: bool = True) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        self.thickness, self.mode, self.keep_largest = thickness, mode, keep_largest
+
+    def __call__(self, mask):
+        return boundary_mask(mask, self.thickness, self.mode, self.keep_largest)
+
+
+@dataclass
+class PromptResult:
+    """What :func:`render_prompt` returns.
+
+    Attributes:
+        pixel_values: (C, D, H, W) model input: C = 1 (``burn_in``), 2 (``channel``: image, contour) or 3 (``rgb``).
+        covered_fraction: fraction of ROI voxels under the band (burn-in hides them); 0 for an empty ROI.
+        roi_empty: the ROI mask had no voxel, so nothing was drawn.
+        slices: indices of the axial slices that carry a contour.
+        shape: (D, H, W) of the volume.
+        region: slices of the volume around the ROI that hold the whole band (``None`` for an empty ROI).
+        band: the bool band on ``region`` (``None`` for an empty ROI); :attr:`boundary` gives it full size.
+    """
+
+    pixel_values: object
+    covered_fraction: float
+    roi_empty: bool
+    slices: list[int]
+    shape: tuple[int, int, int]
+    region: tuple[slice, slice, slice] | None = field(default=None, repr=False)
+    band: np.ndarray | None = field(default=None, repr=False)
+    _reference: object = field(default=None, repr=False)
+
+    @property
+    def boundary(self):
+        """(D, H, W) bool band that was drawn (numpy or torch like the input volume), built on access."""
+        full = np.zeros(self.shape, dtype=bool)
+        if self.region is not None:
+            full[self.region] = self.band
+        return _like(full, self._reference)
+
+
+def render_prompt(
+    volume01,
+    mask,
+    color: str | Sequence[int] = "red",
+    encoding: PromptEncoding = "burn_in",
+    thickness: int = 3,
+    mode: BoundaryMode = "inner",
+    keep_largest: bool = True,
+    burn_value: float = 1.0,
+    inplace: bool = False,
+    dtype=np.float32,
+) -> PromptResult:
+    """Draw the boundary prompt of ``mask`` into a windowed volume, as the model will see it.
+
+    The DCFormer stem has one input channel, so a colour cannot reach it (DESIGN.md):
+
+    - ``burn_in`` (default, the paper's way): band voxels set to ``burn_value`` (the maximum normalised intensity);
+    - ``channel``: a second channel holding the band as 0/1 (the stem's kernel for it starts at zero);
+    - ``rgb``: three channels, grey image with the band painted in ``color`` (for 2D / RGB encoders).
+
+    Args:
+        volume01: (D, H, W) windowed volume in [0, 1], numpy or torch.
+        mask: (D, H, W) ROI mask on the same grid. ``None`` or an empty mask draws nothing.
+        color: contour colour (name, ``#rrggbb`` or RGB); used by ``rgb`` only (and by the PNGs).
+        encoding: ``"burn_in"``, ``"channel"`` or ``"rgb"``.
+        thickness, mode, keep_largest: passed to :func:`boundary_mask`.
+        burn_value: intensity written on the band for ``burn_in``.
+        inplace: for ``burn_in`` on a numpy float32 input, draw into ``volume01`` itself (no copy).
+        dtype: numpy output dtype.
+
+    Returns:
+        A :class:`PromptResult`; ``pixel_values`` and ``boundary`` are numpy or torch like ``volume01``.
+
+    Raises:
+        ValueError: unknown encoding. InvalidVolumeError: volume and mask shapes differ or are not 3D.
+    """
+    if encoding not in _ENCODINGS:
+        raise ValueError(f"encoding must be one of {_ENCODINGS}, got {encoding!r}")
+    image, reference = _to_numpy(volume01)
+    _check_3d(image, "volume")
+    if mask is None:
+        roi = np.zeros(image.shape, dtype=bool)
+    else:
+        roi, _ = _to_numpy(mask)
+        roi = roi.astype(bool, copy=False)
+    if roi.shape != image.shape:
+        raise InvalidVolumeError("mask", f"mask shape {tuple(roi.shape)} differs from volume shape {image.shape}")
+
+    region, band = _band(roi, thickness, mode, keep_largest)
+    if region is None:
+        roi_voxels, covered, slices = 0, 0.0, []
+    else:
+        # The ROI lies inside ``region``, so all counting stays on that crop.
+        roi_crop = roi[region]
+        roi_voxels = int(np.count_nonzero(roi_crop))
+        covered = float(np.count_nonzero(np.logical_and(band, roi_crop)) / roi_voxels)
+        slices = (region[0].start + np.flatnonzero(band.any(axis=(1, 2)))).tolist()
+
+    if encoding == "burn_in":
+        inplace = inplace and reference is None and image.dtype == dtype
+        out = image if inplace else image.astype(dtype, copy=True)
+        channels = [out]
+    elif encoding == "channel":
+        contour = np.zeros(image.shape, dtype=dtype)
+        channels = [image.astype(dtype, copy=False), contour]
+    else:
+        channels = [image.astype(dtype, copy=True) for _ in range(3)]
+    if region is not None:
+        if encoding == "burn_in":
+            np.copyto(out[region], burn_value, where=band, casting="unsafe")
+        elif encoding == "channel":
+            np.copyto(contour[region], 1, where=band, casting="unsafe")
+        else:
+            for channel, value in zip(channels, np.asarray(parse_color(color), dtype=np.float64) / 255.0, strict=True):
+                np.copyto(channel[region], value, where=band, casting="unsafe")
+    pixel_values = out[None] if encoding == "burn_in" else np.stack(channels)
+    return PromptResult(
+        pixel_values=_like(pixel_values, reference),
+        covered_fraction=covered,
+        roi_empty=roi_voxels == 0,
+        slices=slices,
+        shape=tuple(image.shape),
+        region=region,
+        band=band,
+        _reference=reference,
+    )
+
+
+class RenderPrompt:
+    """Callable form of :func:`render_prompt`; returns only ``pixel_values``."""
+
+    def __init__(
+        self,
+        color: str | Sequence[int] = "red",
+        encoding: PromptEncoding = "burn_in",
+        thickness: int = 3,
+        mode: BoundaryMode = "inner",
+        keep_largest: bool = True,
+        dtype=np.float32,
+    ) -> None:
+        if encoding not in _ENCODINGS:
+            raise ValueError(f"encoding must be one of {_ENCODINGS}, got {encoding!r}")
+        parse_color(color)
+        self.kwargs = dict(
+            color=color, encoding=encoding, thickness=thickness, mode=mode, keep_largest=keep_largest, dtype=dtype
+        )
+
+    def __call__(self, volume01, mask):
+        return render_prompt(volume01, mask, **self.kwargs).pixel_values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Human-visible PNGs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptPNGs:
+    """Files written by :func:`prompt_png_stack`: one PNG per ROI slice and a montage (paths, in slice order)."""
+
+    slices: list[Path]
+    montage: Path | None
+    slice_indices: list[int]
+    covered_fraction: float
+    roi_empty: bool
+
+
+def _overlay_rgb(volume_hu: np.ndarray, band: np.ndarray, window, color) -> np.ndarray:
+    """(D, H, W) HU + band → (D, H, W, 3) uint8: windowed grey with the band painted in ``color``."""
+    grey = np.rint(window_hu(volume_hu, window) * 255.0).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    rgb[band] = parse_color(color)
+    return rgb
+
+
+def _montage(tiles: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """(N, H, W, 3) tiles → one (rows*H, cols*W, 3) image, row-major, black padding."""
+    n, h, w, _ = tiles.shape
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = tiles[i]
+    return grid
+
+
+def _save_png(path: Path, rgb: np.ndarray) -> Path:
+    from PIL import Image  # noqa: PLC0415
+
+    with atomic_output(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+    return path
+
+
+def prompt_png_stack(
+    volume_hu,
+    mask,
+    out_dir: str | os.PathLike,
+    color: str | Sequence[int] = "red",
+    window: str | tuple[float, float] = "chest",
+    thickness: int = 3,
+    mode: BoundaryMode = "inner",
+    keep_largest: bool = True,
+    write_slices: bool = True,
+    montage: bool = True,
+    max_montage_tiles: int = 16,
+    prefix: str = "slice",
+) -> PromptPNGs:
+    """Write the human-visible prompt: HU-windowed grey slices with the coloured contour, and a montage.
+
+    One PNG per axial slice that carries a contour (``{prefix}_{d:04d}.png``) and ``{prefix}_montage.png`` with at
+    most ``max_montage_tiles`` evenly spaced contour slices (inferior first). Images keep the radiological view of
+    :mod:`ct_io` (patient's right on the image's left, anterior up). Files are written atomically.
+
+    Args:
+        volume_hu: (D, H, W) HU volume, numpy or torch.
+        mask: (D, H, W) ROI mask on the same grid.
+        out_dir: folder for the PNGs (created).
+        color: contour colour. window: display window (preset name or ``(low, high)`` HU).
+        thickness, mode, keep_largest: passed to :func:`boundary_mask`.
+        write_slices: write the per-slice PNGs. montage: write the montage.
+        max_montage_tiles: the montage's tile budget.
+        prefix: file name prefix.
+
+    Returns:
+        A :class:`PromptPNGs`. An empty ROI writes nothing and says so (``roi_empty=True``).
+    """
+    image, _ = _to_numpy(volume_hu)
+    roi, _ = _to_numpy(mask)
+    _check_3d(image, "volume")
+    if roi.shape != image.shape:
+        raise InvalidVolumeError("mask", f"mask shape {tuple(roi.shape)} differs from volume shape {image.shape}")
+    roi = roi.astype(bool, copy=False)
+    band = boundary_mask(roi, thickness, mode, keep_largest)
+    indices = np.flatnonzero(band.any(axis=(1, 2)))
+    roi_voxels = int(np.count_nonzero(roi))
+    covered = float(np.count_nonzero(band & roi) / roi_voxels) if roi_voxels else 0.0
+    if indices.size == 0:
+        return PromptPNGs(slices=[], montage=None, slice_indices=[], covered_fraction=0.0, roi_empty=True)
+
+    out_dir = Path(out_dir)
+    rgb = _overlay_rgb(image[indices], band[indices], window, color)  # (N, H, W, 3)
+    written = []
+    if write_slices:
+        written = [_save_png(out_dir / f"{prefix}_{d:04d}.png", tile) for d, tile in zip(indices, rgb, strict=True)]
+    montage_path = None
+    if montage:
+        count = min(max_montage_tiles, len(indices))
+        pick = np.unique(np.linspace(0, len(indices) - 1, num=count).round().astype(int))
+        montage_path = _save_png(out_dir / f"{prefix}_montage.png", _montage(rgb[pick]))
+    return PromptPNGs(
+        slices=written,
+        montage=montage_path,
+        slice_indices=indices.tolist(),
+        covered_fraction=covered,
+        roi_empty=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MONAI-style dictionary wrappers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _MapTransform:
+    """Apply a transform to selected keys of a dict (MONAI's ``MapTransform`` contract, without MONAI)."""
+
+    def __init__(self, keys: Hashable | Sequence[Hashable], allow_missing_keys: bool = False) -> None:
+        self.keys = tuple(keys) if isinstance(keys, (list, tuple)) else (keys,)
+        self.allow_missing_keys = allow_missing_keys
+
+    def key_iterator(self, data: Mapping) -> Iterator[Hashable]:
+        for key in self.keys:
+            if key in data:
+                yield key
+            elif not self.allow_missing_keys:
+                raise KeyError(f"key {key!r} is not in the data ({sorted(map(str, data))}); allow_missing_keys=False")
+
+
+class WindowHUd(_MapTransform):
+    """Dictionary wrapper of :class:`WindowHU`."""
+
+    def __init__(self, keys, window: str | tuple[float, float] = "chest", dtype=np.float32, allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = WindowHU(window, dtype)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
+class ResizeVolumed(_MapTransform):
+    """Dictionary wrapper of :class:`ResizeVolume`: images trilinear, ``mask_keys`` nearest-neighbour."""
+
+    def __init__(
+        self,
+        keys,
+        size: Sequence[int] = DEFAULT_SIZE,
+        mask_keys: Sequence[Hashable] = (),
+        dtype=np.float32,
+        allow_missing_keys=False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.image = ResizeVolume(size, is_mask=False, dtype=dtype)
+        self.mask = ResizeVolume(size, is_mask=True)
+        self.mask_keys = set(mask_keys)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = (self.mask if key in self.mask_keys else self.image)(d[key])
+        return d
+
+
+class BoundaryMaskd(_MapTransform):
+    """Dictionary wrapper of :class:`BoundaryMask`; writes the band to ``{key}{suffix}``."""
+
+    def __init__(
+        self,
+        keys,
+        thickness: int = 3,
+        mode: BoundaryMode = "inner",
+        keep_largest: bool = True,
+        suffix: str = "_boundary",
+        allow_missing_keys=False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = BoundaryMask(thickness, mode, keep_largest)
+        self.suffix = suffix
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[f"{key}{self.suffix}"] = self.transform(d[key])
+        return d
+
+
+class RenderPromptd(_MapTransform):
+    """Dictionary wrapper of :func:`render_prompt`: draws ``mask_key`` into each image key.
+
+    Also stores ``{key}_covered_fraction`` and ``{key}_roi_empty`` so a data pipeline can report occlusion and
+    empty ROIs. A missing ``mask_key`` (with ``allow_missing_keys``) draws nothing.
+    """
+
+    def __init__(self, keys, mask_key: Hashable = "mask", allow_missing_keys=False, **kwargs):
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.kwargs = kwargs
+        RenderPrompt(**kwargs)  # validate settings early
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        if self.mask_key not in d and not self.allow_missing_keys:
+            raise KeyError(f"mask key {self.mask_key!r} is not in the data")
+        for key in self.key_iterator(d):
+            result = render_prompt(d[key], d.get(self.mask_key), **self.kwargs)
+            d[key] = result.pixel_values
+            d[f"{key}_covered_fraction"] = result.covered_fraction
+            d[f"{key}_roi_empty"] = result.roi_empty
+        return d
