@@ -1,0 +1,469 @@
+"""Tests for med3dqwen.processing.ct_transforms: windows, resizing, the boundary band and its rendering."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from med3dqwen.processing import ct_transforms
+from med3dqwen.processing.ct_io import InvalidVolumeError, load_mask, load_volume
+from med3dqwen.processing.ct_transforms import (
+    BoundaryMaskd,
+    RenderPromptd,
+    ResizeVolumed,
+    WindowHUd,
+    boundary_mask,
+    parse_color,
+    prompt_png_stack,
+    render_prompt,
+    resize_mask,
+    resize_volume,
+    resized_affine,
+    window_hu,
+)
+
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "build" / "test_artifacts"
+EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def one_slice(plane: np.ndarray) -> np.ndarray:
+    return np.asarray(plane, dtype=bool)[None]
+
+
+def square(size: int, top: int, left: int, side: int) -> np.ndarray:
+    plane = np.zeros((size, size), dtype=bool)
+    plane[top : top + side, left : left + side] = True
+    return plane
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A direct, slow reference of DESIGN.md's contour semantics (scipy, slice by slice)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_band(mask: np.ndarray, thickness: int, mode: str, keep_largest: bool) -> np.ndarray:
+    band = np.zeros_like(mask, dtype=bool)
+    square_t = np.ones((2 * thickness + 1, 2 * thickness + 1), dtype=bool)
+    for z in range(mask.shape[0]):
+        roi = mask[z].astype(bool)
+        if not roi.any():
+            continue
+        kept = roi
+        if keep_largest:
+            labels, count = ndimage.label(roi, structure=EIGHT)
+            sizes = np.bincount(labels.ravel())[1:]
+            kept = labels == int(np.argmax(sizes)) + 1  # argmax: first label of the largest size
+        if mode == "inner":
+            band[z] = kept & ~ndimage.binary_erosion(kept, square_t, border_value=0)
+        elif mode == "outer":
+            band[z] = ndimage.binary_dilation(kept, square_t) & ~roi
+        else:  # eq. 1: a voxel whose 8-neighbourhood holds a different value, on either side
+            padded = np.pad(kept, 1)
+            edge = ndimage.binary_dilation(padded, EIGHT) & ~ndimage.binary_erosion(padded, EIGHT, border_value=0)
+            if thickness > 1:
+                edge = ndimage.binary_dilation(edge, EIGHT, iterations=thickness - 1)
+            band[z] = edge[1:-1, 1:-1]
+    return band
+
+
+def random_blobs(shape, seed: int, density: float = 0.5) -> np.ndarray:
+    """Blobby random masks with several components per slice, some touching the image edge."""
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=(0.5, 2.0, 2.0))
+    return noise > np.quantile(noise, 1 - density)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# boundary_mask on hand-made masks with known answers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TestBoundaryKnownShapes:
+    def test_square_inner_one_pixel_is_its_perimeter(self):
+        band = boundary_mask(one_slice(square(9, 2, 2, 5)), thickness=1)[0]
+        expected = square(9, 2, 2, 5) & ~square(9, 3, 3, 3)
+        np.testing.assert_array_equal(band, expected)
+        assert band.sum() == 16
+
+    @pytest.mark.parametrize(("thickness", "count"), [(1, 16), (2, 24), (3, 25)])
+    def test_square_thickness_grows_inwards_only(self, thickness, count):
+        roi = square(11, 3, 3, 5)
+        band = boundary_mask(one_slice(roi), thickness=thickness)[0]
+        assert band.sum() == count
+        assert not (band & ~roi).any()
+
+    def test_interior_stays_empty(self):
+        roi = square(32, 4, 4, 20)
+        band = boundary_mask(one_slice(roi), thickness=3)[0]
+        np.testing.assert_array_equal(band, roi & ~square(32, 7, 7, 14))
+
+    def test_ring_has_outer_and_hole_boundaries(self):
+        roi = square(11, 2, 2, 7) & ~square(11, 4, 4, 3)  # 7x7 with a 3x3 hole: every voxel touches background
+        band = boundary_mask(one_slice(roi), thickness=1)[0]
+        np.testing.assert_array_equal(band, roi)
+        wide = square(15, 1, 1, 13) & ~square(15, 6, 6, 3)  # thick ring: inner band of 1 leaves a middle ring empty
+        band = boundary_mask(one_slice(wide), thickness=1)[0]
+        expected = (square(15, 1, 1, 13) & ~square(15, 2, 2, 11)) | (square(15, 5, 5, 5) & ~square(15, 6, 6, 3))
+        np.testing.assert_array_equal(band, expected)
+
+    def test_two_components_keep_largest(self):
+        big, small = square(20, 2, 2, 8), square(20, 14, 14, 3)
+        roi = one_slice(big | small)
+        kept = boundary_mask(roi, thickness=1, keep_largest=True)[0]
+        both = boundary_mask(roi, thickness=1, keep_largest=False)[0]
+        np.testing.assert_array_equal(kept, big & ~square(20, 3, 3, 6))
+        np.testing.assert_array_equal(both, (big & ~square(20, 3, 3, 6)) | (small & ~square(20, 15, 15, 1)))
+
+    def test_diagonal_touch_is_one_component(self):
+        # 8-connectivity: two squares touching at a corner form one component, so both keep their contour.
+        roi = square(12, 1, 1, 4) | square(12, 5, 5, 4)
+        kept = boundary_mask(one_slice(roi), thickness=1, keep_largest=True)[0]
+        np.testing.assert_array_equal(kept, boundary_mask(one_slice(roi), thickness=1, keep_largest=False)[0])
+        assert kept[1, 1] and kept[8, 8]  # outer corners of both squares
+
+    def test_equal_components_keep_the_first_in_raster_order(self):
+        roi = square(16, 1, 9, 4) | square(16, 9, 1, 4)
+        band = boundary_mask(one_slice(roi), thickness=1)[0]
+        assert band[1:5, 9:13].any() and not band[9:13, 1:5].any()
+
+    def test_single_voxel(self):
+        plane = np.zeros((7, 7), dtype=bool)
+        plane[3, 3] = True
+        roi = one_slice(plane)
+        np.testing.assert_array_equal(boundary_mask(roi, thickness=3)[0], plane)
+        outer = boundary_mask(roi, thickness=1, mode="outer")[0]
+        np.testing.assert_array_equal(outer, square(7, 2, 2, 3) & ~plane)
+        np.testing.assert_array_equal(boundary_mask(roi, thickness=1, mode="two_sided")[0], square(7, 2, 2, 3))
+
+    def test_roi_touching_the_image_edge_is_outlined_along_the_edge(self):
+        roi = square(10, 0, 0, 4)  # corner square: outside the image counts as background
+        band = boundary_mask(one_slice(roi), thickness=1)[0]
+        np.testing.assert_array_equal(band, roi & ~square(10, 1, 1, 2))
+        full = np.ones((1, 6, 6), dtype=bool)
+        np.testing.assert_array_equal(boundary_mask(full, thickness=1)[0], ~square(6, 1, 1, 4))
+        outer = boundary_mask(one_slice(roi), thickness=2, mode="outer")[0]
+        np.testing.assert_array_equal(outer, square(10, 0, 0, 6) & ~roi)
+
+    def test_outer_band_never_covers_roi_voxels(self):
+        roi = random_blobs((4, 40, 40), seed=3)
+        outer = boundary_mask(roi, thickness=3, mode="outer", keep_largest=True)
+        assert not (outer & roi).any()
+
+    def test_only_intersected_slices_get_a_contour(self):
+        mask = np.zeros((9, 16, 16), dtype=bool)
+        mask[2, 4:9, 4:9] = True
+        mask[5:7, 3:12, 5:10] = True
+        band = boundary_mask(mask)
+        np.testing.assert_array_equal(np.flatnonzero(band.any(axis=(1, 2))), [2, 5, 6])
+
+    def test_empty_mask_gives_empty_band(self):
+        band = boundary_mask(np.zeros((3, 8, 8), dtype=bool))
+        assert band.shape == (3, 8, 8) and not band.any()
+
+    def test_dilation_stays_inside_the_slice(self):
+        mask = np.zeros((3, 12, 12), dtype=bool)
+        mask[1, 3:9, 3:9] = True
+        for mode in ("inner", "outer", "two_sided"):
+            band = boundary_mask(mask, thickness=3, mode=mode)
+            assert not band[0].any() and not band[2].any()
+
+    def test_bad_arguments(self):
+        mask = np.zeros((2, 4, 4), dtype=bool)
+        with pytest.raises(ValueError, match="mode"):
+            boundary_mask(mask, mode="thick")
+        with pytest.raises(ValueError, match="thickness"):
+            boundary_mask(mask, thickness=0)
+        with pytest.raises(InvalidVolumeError, match="shape"):
+            boundary_mask(np.zeros((4, 4), dtype=bool))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# boundary_mask against the slow reference on random masks (all modes, thicknesses, slab boundaries)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["inner", "outer", "two_sided"])
+@pytest.mark.parametrize("thickness", [1, 2, 3])
+@pytest.mark.parametrize("keep_largest", [True, False])
+@pytest.mark.parametrize("shape", [(1, 7, 9), (5, 33, 34), (3, 40, 21)])
+def test_matches_reference(mode, thickness, keep_largest, shape):
+    for seed in range(2):
+        mask = random_blobs(shape, seed=seed + 10 * thickness)
+        np.testing.assert_array_equal(
+            boundary_mask(mask, thickness, mode, keep_largest), reference_band(mask, thickness, mode, keep_largest)
+        )
+
+
+@pytest.mark.parametrize("mode", ["inner", "outer", "two_sided"])
+def test_matches_reference_across_many_slabs(monkeypatch, mode):
+    # Force slabs of a couple of slices so slab seams, per-slab boxes and empty slabs are all exercised.
+    monkeypatch.setattr(ct_transforms, "_SLAB_VOXELS", 600)
+    mask = random_blobs((11, 30, 26), seed=7, density=0.3)
+    mask[4:6] = False  # a gap between two parts of the ROI
+    np.testing.assert_array_equal(boundary_mask(mask, 2, mode, True), reference_band(mask, 2, mode, True))
+
+
+def test_numpy_and_torch_inputs_agree():
+    mask = random_blobs((3, 21, 23), seed=1)
+    expected = boundary_mask(mask)
+    result = boundary_mask(torch.from_numpy(mask))
+    assert isinstance(result, torch.Tensor) and result.dtype == torch.bool
+    np.testing.assert_array_equal(result.numpy(), expected)
+    np.testing.assert_array_equal(boundary_mask(mask.astype(np.uint8)), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real organ masks (TotalSegmentator fixture)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_volume(real_ct):
+    return load_volume(real_ct / "totalseg_example_ct_sm" / "example_ct_sm.nii.gz")
+
+
+@pytest.mark.parametrize("organ", ["liver", "lung_lower_lobe_left", "lung_lower_lobe_right", "spleen"])
+def test_real_organ_contours(real_ct, real_volume, organ):
+    mask = load_mask(real_ct / "totalseg_example_ct_sm" / "example_seg_fast" / f"{organ}.nii.gz", like=real_volume)
+    assert mask.any()
+    band = boundary_mask(mask, thickness=1, keep_largest=False)
+    # Every band voxel lies in the mask; every mask voxel with an outside 8-neighbour (in its slice) is in the band.
+    assert not (band & ~mask).any()
+    touches_outside = np.zeros_like(mask)
+    for z in range(mask.shape[0]):
+        touches_outside[z] = mask[z] & ~ndimage.binary_erosion(mask[z], EIGHT, border_value=0)
+    np.testing.assert_array_equal(band, touches_outside)
+    # The contour is drawn on exactly the slices the ROI intersects.
+    np.testing.assert_array_equal(band.any(axis=(1, 2)), mask.any(axis=(1, 2)))
+    # The default (3 px, largest component) band stays inside the mask and on the same slices.
+    default = boundary_mask(mask)
+    assert not (default & ~mask).any()
+    np.testing.assert_array_equal(default.any(axis=(1, 2)), mask.any(axis=(1, 2)))
+
+
+def test_real_overlay_montage_is_written(real_ct, real_volume):
+    """Writes build/test_artifacts/liver_overlay/ (not committed) so anyone can look at a real contour."""
+    mask = load_mask(real_ct / "totalseg_example_ct_sm" / "example_seg_fast" / "liver.nii.gz", like=real_volume)
+    out_dir = ARTIFACTS / "liver_overlay"
+    result = prompt_png_stack(real_volume.array, mask, out_dir, color="red", window="abdomen", prefix="liver")
+    assert result.montage == out_dir / "liver_montage.png"
+    assert len(result.slices) == int(mask.any(axis=(1, 2)).sum())
+    montage = np.asarray(Image.open(result.montage).convert("RGB"))
+    red = (montage[..., 0] == 255) & (montage[..., 1] == 0) & (montage[..., 2] == 0)
+    assert red.sum() > 100
+    assert 0.0 < result.covered_fraction < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# render_prompt
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _volume_and_mask():
+    rng = np.random.default_rng(0)
+    volume = rng.uniform(0.0, 0.8, size=(4, 24, 24)).astype(np.float32)
+    mask = np.zeros(volume.shape, dtype=bool)
+    mask[1:3, 6:18, 5:17] = True
+    return volume, mask
+
+
+class TestRenderPrompt:
+    def test_burn_in(self):
+        volume, mask = _volume_and_mask()
+        result = render_prompt(volume, mask, thickness=2)
+        band = boundary_mask(mask, thickness=2)
+        assert result.pixel_values.shape == (1, 4, 24, 24) and result.pixel_values.dtype == np.float32
+        np.testing.assert_array_equal(result.pixel_values[0][band], 1.0)
+        np.testing.assert_array_equal(result.pixel_values[0][~band], volume[~band])
+        np.testing.assert_array_equal(result.boundary, band)
+        assert result.covered_fraction == pytest.approx(band.sum() / mask.sum())
+        assert result.slices == [1, 2] and not result.roi_empty
+        assert not np.shares_memory(result.pixel_values, volume)
+
+    def test_inplace_burn_in_writes_into_the_input(self):
+        volume, mask = _volume_and_mask()
+        result = render_prompt(volume, mask, inplace=True)
+        assert np.shares_memory(result.pixel_values, volume)
+        assert (volume[boundary_mask(mask)] == 1.0).all()
+
+    def test_channel_encoding(self):
+        volume, mask = _volume_and_mask()
+        result = render_prompt(volume, mask, encoding="channel")
+        assert result.pixel_values.shape == (2, 4, 24, 24)
+        np.testing.assert_array_equal(result.pixel_values[0], volume)  # the image is not occluded
+        np.testing.assert_array_equal(result.pixel_values[1], boundary_mask(mask).astype(np.float32))
+
+    def test_rgb_encoding_paints_the_colour(self):
+        volume, mask = _volume_and_mask()
+        result = render_prompt(volume, mask, encoding="rgb", color="blue")
+        band = boundary_mask(mask)
+        assert result.pixel_values.shape == (3, 4, 24, 24)
+        np.testing.assert_array_equal(result.pixel_values[:, band].T, np.tile([0.0, 0.0, 1.0], (band.sum(), 1)))
+        for c in range(3):
+            np.testing.assert_array_equal(result.pixel_values[c][~band], volume[~band])
+
+    def test_outer_mode_covers_nothing(self):
+        volume, mask = _volume_and_mask()
+        result = render_prompt(volume, mask, mode="outer")
+        assert result.covered_fraction == 0.0
+        np.testing.assert_array_equal(result.pixel_values[0][mask], volume[mask])
+
+    @pytest.mark.parametrize("mask", [None, np.zeros((4, 24, 24), dtype=bool)])
+    def test_empty_roi_is_reported_not_an_error(self, mask):
+        volume, _ = _volume_and_mask()
+        result = render_prompt(volume, mask)
+        assert result.roi_empty and result.slices == [] and result.covered_fraction == 0.0
+        np.testing.assert_array_equal(result.pixel_values[0], volume)
+        assert not result.boundary.any()
+
+    def test_torch_in_torch_out(self):
+        volume, mask = _volume_and_mask()
+        result = render_prompt(torch.from_numpy(volume), torch.from_numpy(mask))
+        assert isinstance(result.pixel_values, torch.Tensor) and isinstance(result.boundary, torch.Tensor)
+        np.testing.assert_array_equal(result.pixel_values.numpy(), render_prompt(volume, mask).pixel_values)
+
+    def test_bad_input(self):
+        volume, mask = _volume_and_mask()
+        with pytest.raises(InvalidVolumeError, match="differs"):
+            render_prompt(volume, mask[:, :10])
+        with pytest.raises(ValueError, match="encoding"):
+            render_prompt(volume, mask, encoding="overlay")
+        with pytest.raises(ValueError, match="colour"):
+            render_prompt(volume, mask, encoding="rgb", color="reddish")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Windowing and resizing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("window", "hu", "expected"),
+    [
+        ("chest", [-1100.0, -1000.0, -400.0, 200.0, 900.0], [0.0, 0.0, 0.5, 1.0, 1.0]),
+        ("lung", [-1350.0, -600.0, 150.0], [0.0, 0.5, 1.0]),
+        ("mediastinum", [-135.0, 40.0, 215.0], [0.0, 0.5, 1.0]),
+        ("abdomen", [-160.0, 40.0, 240.0], [0.0, 0.5, 1.0]),
+        ((0.0, 100.0), [-5.0, 25.0, 100.0], [0.0, 0.25, 1.0]),
+    ],
+)
+def test_window_values(window, hu, expected):
+    out = window_hu(np.array(hu, dtype=np.float32), window)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    assert out.dtype == np.float32
+    torch_out = window_hu(torch.tensor(hu), window)
+    assert isinstance(torch_out, torch.Tensor)
+    np.testing.assert_allclose(torch_out.numpy(), expected, atol=1e-6)
+
+
+def test_window_rejects_bad_settings():
+    with pytest.raises(ValueError, match="preset"):
+        window_hu(np.zeros(3), "brain")
+    with pytest.raises(ValueError, match="low < high"):
+        window_hu(np.zeros(3), (200.0, -1000.0))
+
+
+@pytest.mark.parametrize(
+    ("input_shape", "size"),
+    [((33, 34, 35), (16, 32, 32)), ((2, 5, 7), (4, 9, 11)), ((8, 8, 8), (8, 8, 8)), ((30, 101, 122), (128, 64, 64))],
+)
+def test_resize_shapes_and_types(input_shape, size):
+    volume = np.random.default_rng(0).normal(size=input_shape).astype(np.float32)
+    mask = volume > 0.5
+    assert resize_volume(volume, size).shape == size
+    resized = resize_mask(mask, size)
+    assert resized.shape == size and resized.dtype == bool
+    as_torch = resize_mask(torch.from_numpy(mask), size)
+    assert isinstance(as_torch, torch.Tensor)
+    np.testing.assert_array_equal(as_torch.numpy(), resized)
+
+
+def test_resize_keeps_constants_and_geometry():
+    volume = np.full((10, 20, 30), 7.0, dtype=np.float32)
+    np.testing.assert_allclose(resize_volume(volume, (5, 40, 15)), 7.0)
+    # A centred box stays centred, and the mask follows the image: both resized on the same voxel-centre grid.
+    mask = np.zeros((20, 40, 40), dtype=bool)
+    mask[4:16, 10:30, 10:30] = True
+    image = mask.astype(np.float32)
+    small_mask, small_image = resize_mask(mask, (10, 20, 20)), resize_volume(image, (10, 20, 20))
+    np.testing.assert_array_equal(np.argwhere(small_mask).mean(axis=0), [4.5, 9.5, 9.5])
+    assert small_image[small_mask].min() > 0.5 and small_image[~small_mask].max() < 0.5
+
+
+def test_resized_affine_keeps_the_world_extent():
+    affine = np.diag([2.0, -1.0, -1.5, 1.0])
+    affine[:3, 3] = [10.0, 20.0, 30.0]
+    new = resized_affine(affine, (10, 20, 30), (5, 40, 15))
+    # The outer faces of the volume (index -0.5 and n - 0.5) map to the same world points before and after.
+    for old_idx, new_idx in (([-0.5, -0.5, -0.5], [-0.5, -0.5, -0.5]), ([9.5, 19.5, 29.5], [4.5, 39.5, 14.5])):
+        np.testing.assert_allclose(affine @ [*old_idx, 1.0], new @ [*new_idx, 1.0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PNG stack, colours and dictionary wrappers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_prompt_png_stack_writes_roi_slices_and_montage(tmp_path):
+    hu = np.full((5, 20, 20), -1000.0, dtype=np.float32)
+    mask = np.zeros(hu.shape, dtype=bool)
+    mask[1:4, 5:15, 5:15] = True
+    result = prompt_png_stack(hu, mask, tmp_path, color="blue", thickness=1)
+    assert [p.name for p in result.slices] == ["slice_0001.png", "slice_0002.png", "slice_0003.png"]
+    assert result.slice_indices == [1, 2, 3]
+    first = np.asarray(Image.open(result.slices[0]).convert("RGB"))
+    np.testing.assert_array_equal(first[5, 5], [0, 0, 255])  # contour pixel in blue
+    np.testing.assert_array_equal(first[10, 10], [0, 0, 0])  # interior: -1000 HU in the chest window is black
+    montage = Image.open(result.montage)
+    assert montage.size == (2 * 20, 2 * 20)  # 3 tiles on a 2x2 grid
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in result.slices), "slice_montage.png"])
+
+
+def test_prompt_png_stack_empty_roi_writes_nothing(tmp_path):
+    result = prompt_png_stack(np.zeros((2, 8, 8)), np.zeros((2, 8, 8), dtype=bool), tmp_path / "out")
+    assert result.roi_empty and result.montage is None and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("color", "rgb"), [("red", (255, 0, 0)), ("Blue", (0, 0, 255)), ("#10ff00", (16, 255, 0)), ((1, 2, 3), (1, 2, 3))]
+)
+def test_parse_color(color, rgb):
+    assert parse_color(color) == rgb
+
+
+@pytest.mark.parametrize("color", ["reddish", "#12345", (256, 0, 0), (1, 2)])
+def test_parse_color_rejects(color):
+    with pytest.raises(ValueError):
+        parse_color(color)
+
+
+def test_dictionary_pipeline():
+    hu = np.random.default_rng(0).normal(-500.0, 300.0, size=(6, 20, 22)).astype(np.float32)
+    mask = np.zeros(hu.shape, dtype=bool)
+    mask[2:5, 4:16, 6:18] = True
+    data = {"image": hu, "mask": mask, "id": "case-1"}
+    data = WindowHUd("image", window="chest")(data)
+    data = ResizeVolumed(["image", "mask"], size=(6, 40, 44), mask_keys=["mask"])(data)
+    assert data["image"].shape == data["mask"].shape == (6, 40, 44) and data["mask"].dtype == bool
+    data = BoundaryMaskd("mask", thickness=2)(data)
+    np.testing.assert_array_equal(data["mask_boundary"], boundary_mask(data["mask"], thickness=2))
+    data = RenderPromptd("image", mask_key="mask", thickness=2)(data)
+    assert data["image"].shape == (1, 6, 40, 44)
+    assert (data["image"][0][data["mask_boundary"]] == 1.0).all()
+    assert 0.0 < data["image_covered_fraction"] < 1.0 and data["image_roi_empty"] is False
+    assert data["id"] == "case-1"
+
+
+def test_dictionary_wrappers_missing_keys():
+    with pytest.raises(KeyError, match="label"):
+        WindowHUd("label")({"image": np.zeros(3)})
+    assert WindowHUd("label", allow_missing_keys=True)({"image": np.zeros(3)}).keys() == {"image"}
+    out = RenderPromptd("image", mask_key="mask", allow_missing_keys=True)({"image": np.zeros((2, 6, 6))})
+    assert out["image_roi_empty"] is True
+    with pytest.raises(KeyError, match="mask"):
+        RenderPromptd("image", mask_key="mask")({"image": np.zeros((2, 6, 6))})
