@@ -421,7 +421,8 @@ def test_prompt_png_stack_writes_roi_slices_and_montage(tmp_path):
     np.testing.assert_array_equal(first[10, 10], [0, 0, 0])  # interior: -1000 HU in the chest window is black
     montage = Image.open(result.montage)
     assert montage.size == (2 * 20, 2 * 20)  # 3 tiles on a 2x2 grid
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in result.slices), "slice_montage.png"])
+    written = sorted(p.name for p in tmp_path.iterdir())  # no temporary files left behind
+    assert written == sorted([*(p.name for p in result.slices), "slice_montage.png"])
 
 
 def test_prompt_png_stack_empty_roi_writes_nothing(tmp_path):
