@@ -1,0 +1,69 @@
+"""Build the synthetic chest-CT phantom VQA dataset (the embedded default: no download, no GPU).
+
+Usage:
+
+    python datasets_scripts/build_phantom.py --output_dir build/phantom --num_volumes 20 --seed 0 --prompt red
+    python datasets_scripts/build_phantom.py --output_dir build/phantom_none --num_volumes 20 --prompt none
+    python datasets_scripts/build_phantom.py --output_dir build/small --shape 32 64 64 --write_png stack
+
+Then:
+
+    from datasets import load_dataset
+    ds = load_dataset("build/phantom")      # train / validation / test
+
+Each volume is written once (NIfTI volume, structure masks, lesions, findings.json); each question is one JSONL line
+in the paper's message layout; prompt PNGs are written once per (volume, ROI) and shared by its questions.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from med3dqwen.data.phantom_dataset import PhantomBuildConfig, build_phantom_dataset
+
+
+@dataclass
+class ScriptArguments:
+    output_dir: str = field(metadata={"help": "Folder to write the dataset to (created)."})
+    num_volumes: int = field(default=20, metadata={"help": "Number of phantoms (one synthetic patient each)."})
+    seed: int = field(default=0, metadata={"help": "Master seed of phantoms, templates and the patient split."})
+    prompt: str = field(
+        default="red", metadata={"help": "Contour colour (red | blue) or 'none' for the no-prompt variant."}
+    )
+    write_png: str = field(
+        default="montage", metadata={"help": "Prompt PNGs: none | montage (one per volume and ROI) | stack."}
+    )
+    shape: list[int] = field(default_factory=lambda: [128, 256, 256], metadata={"help": "Phantom grid D H W."})
+    thickness: int = field(default=3, metadata={"help": "Contour thickness in pixels for the PNGs."})
+    split_ratios: list[float] = field(
+        default_factory=lambda: [0.7, 0.1, 0.2], metadata={"help": "Train / validation / test patient fractions."}
+    )
+
+
+def main(args: ScriptArguments) -> None:
+    summary = build_phantom_dataset(
+        PhantomBuildConfig(
+            output_dir=args.output_dir,
+            num_volumes=args.num_volumes,
+            seed=args.seed,
+            prompt=args.prompt,
+            write_png=args.write_png,
+            shape=tuple(args.shape),
+            thickness=args.thickness,
+            split_ratios=tuple(args.split_ratios),
+        )
+    )
+    print(f"wrote {summary.output_dir}")
+    for split, n in summary.questions.items():
+        print(f"  {split:<10} {n:6d} questions from {summary.volumes[split]:4d} volumes")
+    print("  question types: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.question_types.items())))
+    if summary.unknown_anatomy_terms:
+        print(f"  anatomy terms without a RadLex entry (kept as is): {summary.unknown_anatomy_terms}")
+    print(f'load it with: datasets.load_dataset("{summary.output_dir}")')
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    (script_args,) = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()
+    main(script_args)

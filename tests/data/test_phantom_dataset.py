@@ -1,0 +1,153 @@
+"""Tests for the phantom dataset builder (med3dqwen.data.phantom_dataset and datasets_scripts/build_phantom.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from med3dqwen.data.phantom_dataset import PhantomBuildConfig, build_phantom_dataset, volume_seed
+from med3dqwen.data.rewrite import parse_vision_content, system_prompt
+from med3dqwen.processing.ct_io import load_mask, load_volume
+
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = (32, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def red_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom_red")
+    summary = build_phantom_dataset(PhantomBuildConfig(output_dir=str(out), num_volumes=6, seed=1, shape=SMALL))
+    return out, summary
+
+
+def _lines(folder: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted((folder / "data").glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def test_load_dataset_gives_the_splits(red_build):
+    out, summary = red_build
+    ds = datasets.load_dataset(str(out))
+    assert set(ds) == {name for name, n in summary.questions.items() if n}
+    assert sum(len(split) for split in ds.values()) == sum(summary.questions.values())
+    row = ds[next(iter(ds))][0]
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "vision", "assistant"]
+    assert row["answer_type"] in ("closed", "open")
+
+
+def test_records_are_consistent_with_files_and_rewriting(red_build):
+    out, _ = red_build
+    records = _lines(out)
+    assert records
+    by_patient = {}
+    for r in records:
+        assert r["split"] == by_patient.setdefault(r["patient_id"], r["split"])  # no patient crosses splits
+        volume_path, pngs = parse_vision_content(r["messages"][2]["content"])
+        assert volume_path == r["volume_path"] and not Path(volume_path).is_absolute()
+        assert (out / volume_path).is_file()
+        question, answer = r["messages"][1]["content"], r["messages"][3]["content"]
+        if r["roi"] is None:  # whole-volume question: no contour, so no prompt wording
+            assert r["mask_path"] is None and pngs == []
+            assert r["messages"][0]["content"] == system_prompt(prompt=False)
+            assert "red" not in question
+        else:
+            assert (out / r["mask_path"]).is_file() and not r["roi_empty"]
+            assert r["messages"][0]["content"] == system_prompt("red")
+            assert question.startswith(("Within the red-outlined area of the CT volume,", "Inside the red boundary,"))
+            assert pngs == [f"prompts/{r['volume_id']}/{r['roi']}_montage.png"]
+            assert (out / pngs[0]).is_file()
+        if r["answer_type"] == "closed":
+            assert answer in ("Yes.", "No.") and r["closed_label"] == ("No.", "Yes.").index(answer)
+        else:
+            assert r["closed_label"] == -1
+            assert answer.startswith("Within the red boundary,") or r["roi"] is None
+
+
+def test_saved_volume_and_masks_load_on_one_grid(red_build):
+    out, _ = red_build
+    record = next(r for r in _lines(out) if r["mask_path"])
+    volume = load_volume(out / record["volume_path"])
+    mask = load_mask(out / record["mask_path"], like=volume)
+    assert volume.shape == SMALL and mask.any()
+
+
+def test_png_once_per_volume_and_roi(red_build):
+    out, _ = red_build
+    records = _lines(out)
+    expected = {(r["volume_id"], r["roi"]) for r in records if r["roi"]}
+    written = {(p.parent.name, p.name.removesuffix("_montage.png")) for p in (out / "prompts").glob("*/*.png")}
+    assert written == expected
+    montage = np.asarray(Image.open(next((out / "prompts").glob("*/*.png"))).convert("RGB"))
+    assert ((montage[..., 0] == 255) & (montage[..., 1] == 0)).any()  # the red contour is visible
+
+
+def test_card_has_configs_and_counts(red_build):
+    out, summary = red_build
+    card = (out / "README.md").read_text()
+    assert "configs:" in card and "data/train.jsonl" in card or "data/test.jsonl" in card
+    for split, n in summary.questions.items():
+        if n:
+            assert f"| {split} | {n} |" in card
+
+
+def test_build_is_deterministic(tmp_path, red_build):
+    out, _ = red_build
+    again = tmp_path / "again"
+    build_phantom_dataset(PhantomBuildConfig(output_dir=str(again), num_volumes=6, seed=1, shape=SMALL))
+    for path in sorted((out / "data").glob("*.jsonl")):
+        assert (again / "data" / path.name).read_text() == path.read_text()
+
+
+def test_no_prompt_variant(tmp_path):
+    out = tmp_path / "none"
+    build_phantom_dataset(PhantomBuildConfig(output_dir=str(out), num_volumes=2, seed=1, shape=SMALL, prompt="none"))
+    records = _lines(out)
+    assert not (out / "prompts").exists()
+    for r in records:
+        assert r["messages"][0]["content"] == system_prompt(prompt=False)
+        assert "boundary" not in r["messages"][1]["content"] and "outlined" not in r["messages"][1]["content"]
+        assert parse_vision_content(r["messages"][2]["content"])[1] == []
+
+
+def test_volume_seeds_are_distinct():
+    seeds = {volume_seed(0, i) for i in range(1000)}
+    assert len(seeds) == 1000 and volume_seed(0, 5) == volume_seed(0, 5) != volume_seed(1, 5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"prompt": "green"}, "prompt"), ({"write_png": "all"}, "write_png"), ({"num_volumes": 0}, "num_volumes")],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PhantomBuildConfig(output_dir="x", **kwargs)
+
+
+def test_script_command_line(tmp_path):
+    out = tmp_path / "cli"
+    cmd = [
+        sys.executable,
+        str(REPO / "datasets_scripts" / "build_phantom.py"),
+        "--output_dir",
+        str(out),
+        "--num_volumes",
+        "2",
+        "--seed",
+        "0",
+        "--prompt",
+        "blue",
+        "--shape",
+        "32",
+        "64",
+        "64",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "load it with" in result.stdout
+    records = _lines(out)
+    assert any(r["messages"][1]["content"].startswith("Within the blue-outlined area") for r in records)
