@@ -110,6 +110,11 @@ def standard_affine(
     return affine
 
 
+# The process umask, read once at import (reading it means setting it, which is not thread-safe later).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
@@ -130,6 +135,7 @@ def atomic_output(path: str | os.PathLike, suffix: str | None = None) -> Iterato
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -264,6 +270,16 @@ def _read_nifti(path: Path, dtype: type | None) -> tuple[np.ndarray, np.ndarray,
     return data, image.affine.astype(np.float64), image
 
 
+def _has_dicom_magic(path: Path) -> bool:
+    """True for a DICOM Part 10 file ("DICM" after the 128-byte preamble), whatever its name (UID-style names)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
@@ -388,7 +404,7 @@ def load_volume(
         return CTVolume(array=array, affine=affine, path=str(path), meta={"source_axcodes": AXCODES_DHW})
     if _is_nifti(path):
         data, affine, _ = _read_nifti(path, np.float32)
-    elif path.is_dir() or path.suffix.lower() in ("", ".dcm", ".ima"):
+    elif path.is_dir() or path.suffix.lower() in ("", ".dcm", ".ima") or _has_dicom_magic(path):
         data, affine, meta = _read_dicom(path, series_uid)
     else:
         raise CorruptFileError(path, "unknown format; expected .nii, .nii.gz, .npy, .dcm or a DICOM folder")

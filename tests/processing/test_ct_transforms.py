@@ -1,5 +1,6 @@
 """Tests for med3dqwen.processing.ct_transforms: windows, resizing, the boundary band and its rendering."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -468,3 +469,13 @@ def test_dictionary_wrappers_missing_keys():
     assert out["image_roi_empty"] is True
     with pytest.raises(KeyError, match="mask"):
         RenderPromptd("image", mask_key="mask")({"image": np.zeros((2, 6, 6))})
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    # Atomic writes go through mkstemp (mode 0600); the final file must be readable like any other output.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    mask = np.zeros((1, 8, 8), dtype=bool)
+    mask[0, 2:6, 2:6] = True
+    result = prompt_png_stack(np.zeros((1, 8, 8)), mask, tmp_path)
+    assert result.montage.stat().st_mode & 0o777 == 0o666 & ~umask
