@@ -288,21 +288,19 @@ class PromptStem(nn.Module):
         super().__init__()
         _check_positive("prompt_channels", prompt_channels)
         _check_positive("out_channels", out_channels)
-        pad = kernel_size // 2
-        # Same geometry as DecomposedConv3d's branches with stride 4; no BatchNorm, no bias.
-        self.c1 = nn.Conv3d(prompt_channels, out_channels, (kernel_size, 1, 1), STEM_STRIDE, (pad, 0, 0), bias=False)
-        self.c2 = nn.Conv3d(prompt_channels, out_channels, (1, kernel_size, 1), STEM_STRIDE, (0, pad, 0), bias=False)
-        self.c3 = nn.Conv3d(prompt_channels, out_channels, (1, 1, kernel_size), STEM_STRIDE, (0, 0, pad), bias=False)
-        self._med3d_init()
-
-    def _med3d_init(self) -> None:
-        """Zero kernels: the prompt channels contribute nothing until trained."""
-        for conv in (self.c1, self.c2, self.c3):
-            nn.init.zeros_(conv.weight)
+        self.padding = kernel_size // 2
+        # Kernels of the three axis-wise convolutions (same geometry as DecomposedConv3d's stride-4 branches; no
+        # BatchNorm, no bias). Plain parameters, so that transformers' initialisation reaches them through this module.
+        self.c1 = nn.Parameter(torch.zeros(out_channels, prompt_channels, kernel_size, 1, 1))
+        self.c2 = nn.Parameter(torch.zeros(out_channels, prompt_channels, 1, kernel_size, 1))
+        self.c3 = nn.Parameter(torch.zeros(out_channels, prompt_channels, 1, 1, kernel_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, prompt_channels, X, Y, Z) -> (B, out_channels, X', Y', Z') in the stem's layout."""
-        return self.c1(x) + self.c2(x) + self.c3(x)
+        p = self.padding
+        out = nn.functional.conv3d(x, self.c1, stride=STEM_STRIDE, padding=(p, 0, 0))
+        out = out + nn.functional.conv3d(x, self.c2, stride=STEM_STRIDE, padding=(0, p, 0))
+        return out + nn.functional.conv3d(x, self.c3, stride=STEM_STRIDE, padding=(0, 0, p))
 
 
 class Med3DQwenVisionEncoder(nn.Module):
@@ -388,7 +386,9 @@ class Med3DQwenVisionEncoder(nn.Module):
             image, prompt = x[:, : self.in_channels], x[:, self.in_channels :]
             first_stem = self.encoder.s0[0]  # DecomposedStem: 4 decomposed convolutions, the first with stride 4
             h = first_stem[0](image) + self.prompt_stem(prompt)
-            hidden_states = [self.encoder.s0[1:](first_stem[1:](h))]
+            for block in [*list(first_stem)[1:], *list(self.encoder.s0)[1:]]:
+                h = block(h)
+            hidden_states = [h]
             for s in range(1, NUM_STAGES):
                 hidden_states.append(getattr(self.encoder, f"s{s}")(hidden_states[-1]))
         return tuple(h.permute(0, 1, 4, 2, 3) for h in hidden_states)

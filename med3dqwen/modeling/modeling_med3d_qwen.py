@@ -1,0 +1,491 @@
+"""Med3DQwen: a frozen DCFormer 3D encoder and MLP-Mixer projector feeding a Qwen2 decoder, with slice tokens
+fused into the decoder by slice self-attention (SSA, eq. 2) and multi-head slice self-attention (MSSA, eqs. 3-4),
+and a closed-answer head.
+
+LLaVA layout (what TRL's SFTTrainer expects): ``Med3DQwenForConditionalGeneration.model`` is the backbone
+(:class:`Med3DQwenModel`, returns ``last_hidden_state``) and ``lm_head`` sits at the top.
+
+Self-contained for Hub remote code: third-party imports and single-dot sibling imports only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.utils import logging
+
+from .configuration_med3d_qwen import Med3DQwenConfig
+from .dcformer_med3d_qwen import DCFormerConvBlock, Med3DQwenVisionEncoder, PromptStem, flatten_stage_tokens
+from .fusion_med3d_qwen import (
+    Med3DQwenClosedHead,
+    Med3DQwenMultiHeadSliceAttention,
+    Med3DQwenSliceSelfAttention,
+    Med3DQwenSliceTokenizer,
+    apply_slice_fusion,
+)
+from .projector_med3d_qwen import Med3DQwenMultiModalProjector
+
+
+logger = logging.get_logger(__name__)
+
+__all__ = [
+    "Med3DQwenCausalLMOutputWithPast",
+    "Med3DQwenForConditionalGeneration",
+    "Med3DQwenModel",
+    "Med3DQwenModelOutputWithPast",
+    "Med3DQwenPreTrainedModel",
+]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Med3DQwenModelOutputWithPast(BaseModelOutputWithPast):
+    """Backbone output.
+
+    Args:
+        image_hidden_states (`torch.FloatTensor` of shape `(num_volumes, num_image_tokens, hidden_size)`, *optional*):
+            projected visual tokens followed by slice tokens, as spliced into the sequence.
+        prompt_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            index of each sample's last prompt token (where the closed head reads).
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+    prompt_positions: torch.LongTensor | None = None
+
+
+@dataclass
+class Med3DQwenCausalLMOutputWithPast(ModelOutput):
+    """Output of :class:`Med3DQwenForConditionalGeneration`.
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*): next-token loss when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+        closed_logits (`torch.FloatTensor` of shape `(batch_size, num_closed_classes)`, *optional*):
+            the closed-answer head on the last prompt token.
+        cache, hidden_states, attentions: as in transformers' causal LM outputs.
+        image_hidden_states (`torch.FloatTensor`, *optional*): see :class:`Med3DQwenModelOutputWithPast`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    closed_logits: torch.FloatTensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Slice fusion inside the decoder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _FusionContext:
+    """Where the slice tokens and the question tokens are, passed to the decoder layers as a keyword."""
+
+    slice_mask: torch.Tensor  # (B, L) bool
+    text_mask: torch.Tensor  # (B, L) bool
+
+
+class _FusedLayerForward:
+    """Replaces a decoder layer's ``forward``: runs the layer, then this layer's slice fusion modules.
+
+    The context travels as the ``med3d_fusion`` keyword through ``Qwen2Model.forward`` (which passes extra keywords
+    to its layers) and is popped here so that attention never sees it. Travelling with the call (not as model
+    state) keeps gradient checkpointing exact: the recomputation in backward gets the same context. Parameters
+    stay where they are, so Qwen2 checkpoints load with their own key names.
+    """
+
+    def __init__(self, forward, fusions: list[nn.Module]):
+        self.forward = forward
+        self.fusions = fusions
+
+    def __call__(self, *args, med3d_fusion: _FusionContext | None = None, **kwargs):
+        hidden_states = self.forward(*args, **kwargs)
+        if med3d_fusion is None or not self.fusions:
+            return hidden_states
+        is_tuple = isinstance(hidden_states, tuple)
+        hidden = hidden_states[0] if is_tuple else hidden_states
+        for module in self.fusions:
+            hidden = apply_slice_fusion(hidden, med3d_fusion.slice_mask, med3d_fusion.text_mask, module)
+        return (hidden, *hidden_states[1:]) if is_tuple else hidden
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Med3DQwenPreTrainedModel(PreTrainedModel):
+    config_class = Med3DQwenConfig
+    config: Med3DQwenConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _no_split_modules = ["Qwen2DecoderLayer", "Med3DQwenVisionEncoder"]
+    _skip_keys_device_placement = "cache"
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # register_for_auto_class records one class per model; name all three so every Auto class finds its own.
+        if type(self)._auto_class is not None:
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoConfig": "configuration_med3d_qwen.Med3DQwenConfig",
+                "AutoModel": "modeling_med3d_qwen.Med3DQwenModel",
+                "AutoModelForImageTextToText": "modeling_med3d_qwen.Med3DQwenForConditionalGeneration",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # Modules whose start values make the wrapped decoder unchanged at initialisation.
+        if isinstance(module, Med3DQwenSliceSelfAttention):
+            init.constant_(module.gate, module.gate_init)
+        elif isinstance(module, Med3DQwenMultiHeadSliceAttention):
+            init.zeros_(module.w_o.weight)
+            if module.w_o.bias is not None:
+                init.zeros_(module.w_o.bias)
+            init.normal_(module.relative_bias, mean=0.0, std=module.init_std)
+        elif isinstance(module, PromptStem):
+            for kernel in (module.c1, module.c2, module.c3):
+                init.zeros_(kernel)
+        elif isinstance(module, DCFormerConvBlock):
+            init.constant_(module.scale, module.layer_scale_init)
+
+
+class Med3DQwenModel(Med3DQwenPreTrainedModel):
+    """Backbone: vision encoder → projector (+ slice tokens) spliced into the Qwen2 decoder's embeddings."""
+
+    def __init__(self, config: Med3DQwenConfig):
+        super().__init__(config)
+        vision, hidden = config.vision_config, config.text_config.hidden_size
+        # One pretrained image channel; extra channels (the `channel` prompt encoding) go through a zero-initialised
+        # prompt stem, the only trainable part of the otherwise frozen encoder.
+        self.vision_encoder = Med3DQwenVisionEncoder(
+            in_channels=1,
+            channels=tuple(vision.channels),
+            depths=tuple(vision.depths),
+            kernel_sizes=tuple(vision.kernel_sizes),
+            prompt_channels=vision.in_channels - 1,
+        )
+        self.multi_modal_projector = Med3DQwenMultiModalProjector(
+            hidden_size=hidden,
+            low_tokens=vision.stage_tokens(vision.low_stage),
+            low_dim=vision.channels[vision.low_stage],
+            high_tokens=vision.stage_tokens(vision.high_stage),
+            high_dim=vision.channels[vision.high_stage],
+            low_output=tuple(vision.low_output_tokens),
+            high_output=tuple(vision.high_output_tokens),
+        )
+        self.slice_tokenizer = (
+            Med3DQwenSliceTokenizer(vision.channels[vision.slice_stage], hidden) if vision.use_slice_tokens else None
+        )
+        self.slice_self_attention = (
+            nn.ModuleList(Med3DQwenSliceSelfAttention(hidden) for _ in range(config.ssa_layers))
+            if config.use_ssa
+            else None
+        )
+        self.multi_head_slice_attention = (
+            Med3DQwenMultiHeadSliceAttention(hidden, num_heads=config.mssa_heads, max_slices=config.max_slices)
+            if config.use_mssa
+            else None
+        )
+        self.language_model = AutoModel.from_config(config.text_config)
+        self._install_fusion()
+        self.post_init()
+        self.freeze_vision_encoder()
+
+    def freeze_vision_encoder(self) -> None:
+        """Freeze the encoder (except its prompt stem) and keep it in eval mode: its BatchNorm statistics and
+        weights are the pretrained ones (Med3DVLM trained its "frozen" tower by mistake; we do not)."""
+        self.vision_encoder.requires_grad_(False)
+        if self.vision_encoder.prompt_stem is not None:
+            self.vision_encoder.prompt_stem.requires_grad_(True)
+        self.vision_encoder.eval()
+
+    def _install_fusion(self) -> None:
+        """Attach SSA after each of the first k decoder blocks and MSSA after block k (DESIGN.md "Model")."""
+        per_layer: dict[int, list[nn.Module]] = {}
+        for i, module in enumerate(self.slice_self_attention or []):
+            per_layer.setdefault(i, []).append(module)
+        if self.multi_head_slice_attention is not None:
+            per_layer.setdefault(max(self.config.ssa_layers - 1, 0), []).append(self.multi_head_slice_attention)
+        for i, layer in enumerate(self.language_model.layers):
+            layer.forward = _FusedLayerForward(layer.forward, per_layer.get(i, []))
+
+    # The encoder is frozen: BatchNorm statistics must never move, whatever model.train() says.
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vision_encoder.eval()
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Encode volumes into the tokens that replace the image placeholders.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(num_volumes, in_channels, D, H, W)`): windowed volumes in
+                [0, 1] with the prompt drawn in (see the processor).
+
+        Returns:
+            `(num_volumes, num_visual_tokens + num_slice_tokens, hidden_size)`: the projector's visual tokens, then
+            one token per encoder slice of `slice_stage`.
+        """
+        vision = self.config.vision_config
+        if pixel_values.dim() != 5 or tuple(pixel_values.shape[1:]) != (vision.in_channels, *vision.volume_size):
+            raise ValueError(
+                f"pixel_values must be (num_volumes, {vision.in_channels}, {', '.join(map(str, vision.volume_size))}) "
+                f"for this model's projector, got {tuple(pixel_values.shape)}"
+            )
+        encoder_param = next(self.vision_encoder.parameters())
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point in [0, 1], got dtype {pixel_values.dtype}")
+        if pixel_values.device != encoder_param.device:
+            raise ValueError(
+                f"pixel_values are on {pixel_values.device} but the vision encoder is on {encoder_param.device}"
+            )
+        stages = self.vision_encoder(pixel_values.to(encoder_param.dtype))  # 5 maps (B, C_s, D_s, H_s, W_s)
+        projector_dtype = next(self.multi_modal_projector.parameters()).dtype
+        low = flatten_stage_tokens(stages[vision.low_stage]).to(projector_dtype)  # (B, N_low, C_low), depth-major
+        high = flatten_stage_tokens(stages[vision.high_stage]).to(projector_dtype)
+        features = [self.multi_modal_projector(low, high)]  # (B, 256, H)
+        if self.slice_tokenizer is not None:
+            stage = stages[vision.slice_stage].to(next(self.slice_tokenizer.parameters()).dtype)
+            features.append(self.slice_tokenizer(stage).to(features[0].dtype))  # (B, N_s, H)
+        return torch.cat(features, dim=1)
+
+    def get_placeholder_masks(
+        self, input_ids: torch.LongTensor, image_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) masks of the visual and slice placeholder tokens, checked against the features to splice."""
+        vision = self.config.vision_config
+        image_mask = input_ids == self.config.image_token_id
+        slice_mask = input_ids == self.config.slice_token_id
+        num_volumes = image_features.shape[0]
+        expected = (num_volumes * vision.num_visual_tokens, num_volumes * vision.num_slice_tokens)
+        found = (int(image_mask.sum()), int(slice_mask.sum()))
+        if found != expected:
+            raise ValueError(
+                f"Image features and image tokens do not match: the text holds {found[0]} image tokens and "
+                f"{found[1]} slice tokens, the {num_volumes} volume(s) give {expected[0]} visual and {expected[1]} "
+                "slice features. Let the processor expand the image placeholder."
+            )
+        return image_mask, slice_mask
+
+    def prompt_mask(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, L) True for attended tokens up to the end of the prompt ("<|im_start|>assistant\\n").
+
+        Tokens after the last ``<|im_start|>`` + 2 are the answer (teacher-forced or generated): they must not
+        reach the slice tokens, which sit earlier in the sequence. Without a chat template every token counts.
+        """
+        batch, length = input_ids.shape
+        attended = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        is_start = input_ids == self.config.im_start_token_id
+        starts = torch.where(is_start, positions, torch.full_like(positions, -1)).amax(dim=1)
+        end = torch.where(starts >= 0, starts + 2, torch.full_like(starts, length - 1))  # (B,)
+        return attended & (positions <= end[:, None])
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> Med3DQwenModelOutputWithPast:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(num_volumes, in_channels, D, H, W)`, *optional*):
+            prompted volumes, one per image placeholder block in `input_ids`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        fusion = None
+        prompt_positions = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids to locate the image placeholder tokens")
+            image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, slice_mask = self.get_placeholder_masks(input_ids, image_features)
+            num_visual = self.config.vision_config.num_visual_tokens
+            visual, slices = image_features[:, :num_visual], image_features[:, num_visual:]
+            # Splice by token id (never by offset): each placeholder gets its feature, the text stays untouched.
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], visual.flatten(0, 1))
+            if slices.shape[1]:
+                inputs_embeds = inputs_embeds.masked_scatter(slice_mask[..., None], slices.flatten(0, 1))
+            prompt = self.prompt_mask(input_ids, attention_mask)
+            prompt_positions = self.closed_positions(prompt)
+            if self.slice_self_attention is not None or self.multi_head_slice_attention is not None:
+                text_mask = prompt & ~image_mask & ~slice_mask
+                fusion = _FusionContext(slice_mask=slice_mask, text_mask=text_mask)
+        elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
+            is_placeholder = (input_ids == self.config.image_token_id) | (input_ids == self.config.slice_token_id)
+            placeholders = int(is_placeholder.sum())
+            if placeholders:
+                raise ValueError(
+                    f"input_ids hold {placeholders} image placeholder tokens but no pixel_values were given"
+                )
+        if input_ids is not None and prompt_positions is None:
+            prompt_positions = self.closed_positions(self.prompt_mask(input_ids, attention_mask))
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            med3d_fusion=fusion,
+            **kwargs,
+        )
+        return Med3DQwenModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+            prompt_positions=prompt_positions,
+        )
+
+    @staticmethod
+    def closed_positions(prompt_mask: torch.Tensor) -> torch.LongTensor:
+        """(B,) index of the last prompt token of each sample."""
+        positions = torch.arange(prompt_mask.shape[1], device=prompt_mask.device)
+        return (positions[None, :] * prompt_mask.long()).amax(dim=1)
+
+
+class Med3DQwenForConditionalGeneration(Med3DQwenPreTrainedModel, GenerationMixin):
+    """Med3DQwen with a language-modelling head and the closed-answer head."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: Med3DQwenConfig):
+        super().__init__(config)
+        hidden = config.text_config.hidden_size
+        self.model = Med3DQwenModel(config)
+        self.lm_head = nn.Linear(hidden, config.text_config.vocab_size, bias=False)
+        self.closed_head = (
+            Med3DQwenClosedHead(hidden, config.num_closed_classes) if config.num_closed_classes else None
+        )
+        self.post_init()
+
+    @classmethod
+    def from_qwen2_pretrained(
+        cls, qwen_name_or_path: str, vision_config: dict | None = None, **kwargs
+    ) -> Med3DQwenForConditionalGeneration:
+        """Build Med3DQwen around a pretrained Qwen2 / Qwen2.5 causal LM (local folder or Hub id).
+
+        The decoder's weights load through a key mapping (``model.*`` → ``model.language_model.*``; ``lm_head`` as
+        is); the vision side, fusion and closed head are newly initialised (load encoder weights with
+        ``convert_med3dvlm_checkpoint``). Config fields (``use_mssa=False`` ...) and loading options (``dtype``,
+        ``attn_implementation``, ``device_map``) go in ``kwargs``.
+        """
+        from transformers import AutoConfig  # noqa: PLC0415
+
+        load_keys = {
+            "dtype",
+            "attn_implementation",
+            "device_map",
+            "revision",
+            "cache_dir",
+            "local_files_only",
+            "token",
+        }
+        load_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in load_keys}
+        text_config = AutoConfig.from_pretrained(
+            qwen_name_or_path,
+            **{k: v for k, v in load_kwargs.items() if k in ("revision", "cache_dir", "local_files_only", "token")},
+        )
+        config = Med3DQwenConfig(text_config=text_config, vision_config=vision_config, **kwargs)
+        return cls.from_pretrained(
+            qwen_name_or_path, config=config, key_mapping={r"^model\.": "model.language_model."}, **load_kwargs
+        )
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> Med3DQwenCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            next-token targets; -100 marks positions without loss (prompt, image tokens, padding).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        # Only compute the logits that are needed (generation keeps the last position).
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        closed_logits = None
+        if self.closed_head is not None and outputs.prompt_positions is not None and pixel_values is not None:
+            closed_logits = self.closed_head(hidden_states, positions=outputs.prompt_positions)
+        return Med3DQwenCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            closed_logits=closed_logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
