@@ -64,6 +64,10 @@ class CTInputError(ValueError):
         self.problem = problem
         super().__init__(f"{self.source}: {problem}" if self.source else problem)
 
+    def __reduce__(self):
+        # Pickle with both arguments (the default passes only the message), so the error survives worker processes.
+        return type(self), (self.source, self.problem)
+
 
 class CorruptFileError(CTInputError):
     """The file is missing, unreadable, truncated or not the format its name says."""
@@ -293,6 +297,13 @@ def _dicom_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR")
 
 
+def _position(file: Path, ds) -> np.ndarray:
+    try:
+        return np.array(ds.ImagePositionPatient, dtype=np.float64)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise CorruptFileError(file, f"missing or bad ImagePositionPatient ({err})") from err
+
+
 def _read_dicom(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a DICOM series (folder) or single file into a (slice, row, col) HU array and its RAS affine."""
     import pydicom  # noqa: PLC0415 - optional reader dependency, imported where it is used
@@ -306,7 +317,7 @@ def _read_dicom(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndar
             skipped.append(file.name)  # not a DICOM file (README, thumbnails, ...)
         except _READ_ERRORS as err:
             raise CorruptFileError(file, f"cannot read DICOM header ({type(err).__name__}: {err})") from err
-    headers = [(f, ds) for f, ds in headers if "PixelData" in ds or hasattr(ds, "ImagePositionPatient")]
+    headers = [(f, ds) for f, ds in headers if "Rows" in ds]  # image objects (not DICOMDIR, SR, ...)
     if not headers:
         note = f" (skipped non-DICOM files: {skipped[:5]})" if skipped else ""
         raise CorruptFileError(path, f"no DICOM image found{note}")
@@ -326,9 +337,9 @@ def _read_dicom(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndar
         row_spacing, col_spacing = (float(v) for v in headers[0][1].PixelSpacing)
     except (AttributeError, TypeError, ValueError) as err:
         raise CorruptFileError(headers[0][0], f"missing or bad geometry tags ({err})") from err
+    positions = np.array([_position(file, ds) for file, ds in headers])
     row_cos, col_cos = orientation[:3], orientation[3:]  # direction of increasing column / row index
     normal = np.cross(row_cos, col_cos)
-    positions = np.array([np.array(ds.ImagePositionPatient, dtype=np.float64) for _, ds in headers])
     order = np.argsort(positions @ normal, kind="stable")
     headers = [headers[i] for i in order]
     positions = positions[order]
@@ -484,8 +495,8 @@ def load_mask(
 
     Raises:
         CorruptFileError: unreadable file. InvalidVolumeError: not 3D or non-integer labels.
-        MaskMismatchError: grid differs from ``like``. UnknownLabelError: a name not in the label table, or
-            ``label=None`` on a multilabel file.
+        MaskMismatchError: grid differs from ``like``. UnknownLabelError: a name not in the label table, an id
+            neither in the table nor in the file, or ``label=None`` on a multilabel file.
     """
     path = Path(path)
     if not path.exists():
@@ -525,13 +536,14 @@ def load_mask(
             )
 
     if label is None:
-        values = np.unique(array)
-        if values.size > 2 or (values.size == 2 and values[0] != 0):
-            shown = values[values != 0][:10].tolist()
+        # Binary means at most one non-zero value (0/1 and 0/255 masks both are); checked without np.unique's sort.
+        roi = array != 0
+        if roi.any() and np.count_nonzero(roi) != np.count_nonzero(array == array.max()):
+            shown = np.unique(array[roi])[:10].tolist()
             raise UnknownLabelError(path, f"multilabel mask (labels {shown}...); pass label=<id or name>")
-        return array != 0
+        return roi
+    table = label_map or header_table or TOTALSEGMENTATOR_V2_LABELS
     if isinstance(label, str):
-        table = label_map or header_table or TOTALSEGMENTATOR_V2_LABELS
         ids = [k for k, v in table.items() if v == label]
         if not ids:
             import difflib  # noqa: PLC0415
@@ -542,4 +554,7 @@ def load_mask(
                 f"label name {label!r} is not in the label table" + (f" (did you mean {close}?)" if close else ""),
             )
         label = ids[0]
+    elif int(label) not in table and not (array == int(label)).any():
+        raise UnknownLabelError(path, f"label id {label} is neither in the file nor in its label table")
+    # A known label that this scan does not contain is an empty mask, which callers report (not an error).
     return array == int(label)

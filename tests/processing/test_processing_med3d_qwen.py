@@ -1,0 +1,246 @@
+"""Tests for Med3DQwenImageProcessor and Med3DQwenProcessor (and the processor + tiny model end to end)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor
+
+import med3dqwen  # noqa: F401  (registers the Auto classes)
+from med3dqwen import Med3DQwenConfig, Med3DQwenForConditionalGeneration
+from med3dqwen.processing.ct_io import CTInputError, save_nifti, standard_affine
+from med3dqwen.processing.ct_transforms import boundary_mask
+from med3dqwen.processing.image_processing_med3d_qwen import Med3DQwenImageProcessor
+from med3dqwen.processing.processing_med3d_qwen import IMAGE_BLOCK, Med3DQwenProcessor
+from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
+
+
+SIZE = (16, 32, 32)
+IMAGE_ID, SLICE_ID = 151655, 151654
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_qwen2_5_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    image_processor = Med3DQwenImageProcessor(volume_size=SIZE, contour_thickness=1)
+    return Med3DQwenProcessor(image_processor, tokenizer, num_visual_tokens=6, num_slice_tokens=2)
+
+
+@pytest.fixture
+def case(tmp_path):
+    """A (20, 40, 36) HU volume with a box ROI, saved as NIfTI."""
+    hu = np.full((20, 40, 36), -1000.0, dtype=np.float32)
+    hu[4:16, 8:32, 6:30] = 40.0
+    mask = np.zeros(hu.shape, dtype=bool)
+    mask[5:15, 10:30, 8:28] = True
+    affine = standard_affine((2.0, 1.0, 1.0))
+    save_nifti(tmp_path / "ct.nii.gz", hu.astype(np.int16), affine)
+    save_nifti(tmp_path / "roi.nii.gz", mask, affine)
+    return hu, mask, tmp_path / "ct.nii.gz", tmp_path / "roi.nii.gz"
+
+
+def messages(question: str = "Is there a nodule?", answer: str | None = "Yes.") -> list[dict]:
+    turns = [
+        {"role": "system", "content": "You are a radiology assistant."},
+        {"role": "user", "content": question},
+        {"role": "vision", "content": "nifti:ct.nii.gz; prompt_png:[]"},
+    ]
+    return turns + ([{"role": "assistant", "content": answer}] if answer else [])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image processor
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_image_processor_from_files_draws_the_prompt(case):
+    hu, mask, ct_path, roi_path = case
+    out = Med3DQwenImageProcessor(volume_size=SIZE, contour_thickness=1)(ct_path, roi_path)
+    pixels = out["pixel_values"]
+    assert pixels.shape == (1, 1, *SIZE) and pixels.dtype == torch.float32
+    assert 0.0 <= float(pixels.min()) and float(pixels.max()) == 1.0
+    assert 0.0 < float(out["covered_fraction"][0]) < 1.0 and not bool(out["roi_empty"][0])
+    # Same thing from arrays: the contour is drawn after resizing, on the resized mask.
+    same = Med3DQwenImageProcessor(volume_size=SIZE, contour_thickness=1)(hu, mask)
+    torch.testing.assert_close(same["pixel_values"], pixels)
+
+
+def test_image_processor_without_mask_is_the_windowed_volume(case):
+    hu, _, ct_path, _ = case
+    out = Med3DQwenImageProcessor(volume_size=SIZE)(ct_path)
+    assert bool(out["roi_empty"][0]) and float(out["covered_fraction"][0]) == 0.0
+    assert float(out["pixel_values"].max()) == pytest.approx((40 + 1000) / 1200, abs=1e-4)
+
+
+def test_image_processor_encodings(case):
+    hu, mask, _, _ = case
+    channel = Med3DQwenImageProcessor(volume_size=SIZE, prompt_encoding="channel")(hu, mask)["pixel_values"]
+    assert channel.shape == (1, 2, *SIZE)
+    assert set(torch.unique(channel[0, 1]).tolist()) == {0.0, 1.0}
+    rgb = Med3DQwenImageProcessor(volume_size=SIZE, prompt_encoding="rgb", prompt_color="blue")(hu, mask)
+    band = rgb["pixel_values"][0, 2] == 1.0
+    assert band.any() and bool((rgb["pixel_values"][0, 0][band] <= 1.0).all())
+
+
+def test_image_processor_batch_and_numpy_output(case):
+    hu, mask, ct_path, roi_path = case
+    out = Med3DQwenImageProcessor(volume_size=SIZE)([ct_path, hu], [roi_path, None], return_tensors="np")
+    assert out["pixel_values"].shape == (2, 1, *SIZE) and isinstance(out["pixel_values"], np.ndarray)
+    assert out["roi_empty"].tolist() == [False, True]
+
+
+def test_image_processor_bad_input(case, tmp_path):
+    hu, mask, ct_path, _ = case
+    processor = Med3DQwenImageProcessor(volume_size=SIZE)
+    with pytest.raises(ValueError, match="2 volumes but 1 masks"):
+        processor([hu, hu], [mask])
+    with pytest.raises(CTInputError, match="differs"):
+        processor(hu, mask[:, :10])
+    with pytest.raises(ValueError, match="mask file needs the volume as a file"):
+        processor(hu, tmp_path / "roi.nii.gz")
+    with pytest.raises(CTInputError, match="file not found"):
+        processor(tmp_path / "missing.nii.gz")
+    with pytest.raises(ValueError, match="prompt_encoding"):
+        Med3DQwenImageProcessor(prompt_encoding="overlay")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processor
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_chat_template_puts_the_volume_before_the_question(processor):
+    prompt = processor.apply_chat_template(messages(answer=None), add_generation_prompt=True, tokenize=False)
+    assert prompt == (
+        "<|im_start|>system\nYou are a radiology assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{IMAGE_BLOCK}Is there a nodule?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    full = processor.apply_chat_template(messages(), tokenize=False)
+    assert full.endswith("<|im_start|>assistant\nYes.<|im_end|>\n") and "nifti:" not in full
+    content_list = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}]
+    rendered = processor.apply_chat_template(content_list, tokenize=False)
+    assert f"<|im_start|>user\n{IMAGE_BLOCK}Where?<|im_end|>" in rendered
+
+
+def test_image_placeholder_expansion_and_batch_padding(processor, case):
+    _, mask, ct_path, roi_path = case
+    prompts = [
+        processor.apply_chat_template(messages(q, None), add_generation_prompt=True, tokenize=False)
+        for q in ("Is there a nodule?", "What abnormalities are seen in the left lung?")
+    ]
+    batch = processor(volumes=[ct_path, ct_path], masks=[roi_path, None], text=prompts, padding=True,
+                      padding_side="left")  # fmt: skip
+    ids = batch["input_ids"]
+    assert batch["pixel_values"].shape == (2, 1, *SIZE)
+    assert ((ids == IMAGE_ID).sum(dim=1) == 6).all() and ((ids == SLICE_ID).sum(dim=1) == 2).all()
+    assert (batch["attention_mask"][:, -1] == 1).all() and batch["attention_mask"][0, 0] == 0  # left padded
+    row = ids[1].tolist()
+    start = row.index(151652)
+    assert row[start + 1 : start + 9] == [IMAGE_ID] * 6 + [SLICE_ID] * 2 and row[start + 9] == 151653
+    assert batch["roi_empty"].tolist() == [False, True]
+
+
+def test_processor_counts_image_blocks_against_volumes(processor, case):
+    _, _, ct_path, _ = case
+    with pytest.raises(ValueError, match="1 image block.*2 volume"):
+        processor(volumes=[ct_path, ct_path], text=f"{IMAGE_BLOCK}Question?")
+    with pytest.raises(ValueError, match="0 volume"):
+        processor(text=f"{IMAGE_BLOCK}Question?")
+    with pytest.raises(ValueError, match="outside"):
+        processor(text="<|image_pad|> stray")
+    text_only = processor(text="Hello")
+    assert "pixel_values" not in text_only and text_only["input_ids"].shape[0] == 1
+
+
+def test_processor_save_and_reload(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(reloaded, Med3DQwenProcessor)
+    assert isinstance(reloaded.image_processor, Med3DQwenImageProcessor)
+    assert reloaded.num_visual_tokens == 6 and reloaded.num_slice_tokens == 2
+    assert reloaded.image_processor.volume_size == list(SIZE)
+    assert reloaded.image_processor.contour_thickness == 1
+    text = f"{IMAGE_BLOCK}Is there a nodule?"
+    assert (
+        reloaded.tokenizer(reloaded.expand_image_tokens(text))["input_ids"]
+        == processor.tokenizer(processor.expand_image_tokens(text))["input_ids"]
+    )
+    assert reloaded.chat_template == processor.chat_template
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processor + model, end to end
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tiny_config() -> Med3DQwenConfig:
+    return Med3DQwenConfig.from_preset(
+        "tiny",
+        text_overrides={"vocab_size": 151665, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2},
+        vision_overrides={
+            "channels": [4, 8, 8, 16, 16],
+            "depths": [1, 1, 1, 1, 1],
+            "volume_size": [64, 64, 64],
+            "low_output_tokens": [6, 4],
+            "high_output_tokens": [4, 4],
+        },
+        ssa_layers=1,
+    )
+
+
+def test_processor_and_tiny_model_generate(tokenizer, case):
+    _, _, ct_path, roi_path = case
+    config = tiny_config()
+    processor = Med3DQwenProcessor.from_config(config, tokenizer=tokenizer)
+    torch.manual_seed(0)
+    model = Med3DQwenForConditionalGeneration(config).eval()
+    prompt = processor.apply_chat_template(messages(answer=None), add_generation_prompt=True, tokenize=False)
+    inputs = processor(volumes=[ct_path], masks=[roi_path], text=[prompt])
+    assert inputs["pixel_values"].shape == (1, 1, 64, 64, 64)
+    out = model.generate(**{k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")},
+                         max_new_tokens=4, do_sample=False)  # fmt: skip
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert isinstance(processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])[0], str)
+    # The contour in the image reaches the model: a volume without it gives other visual features.
+    without = processor(volumes=[ct_path], text=[prompt])
+    assert not torch.equal(model.get_image_features(inputs["pixel_values"]),
+                           model.get_image_features(without["pixel_values"]))  # fmt: skip
+    band = boundary_mask(np.ones((1, 4, 4), dtype=bool))
+    assert band.any()
+
+
+@pytest.mark.slow
+def test_processor_remote_code_load_without_the_package(processor, tmp_path):
+    processor.save_pretrained(tmp_path / "proc")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["med3dqwen"] = None  # any import of our package fails
+        import numpy as np
+        from transformers import AutoProcessor
+        proc = AutoProcessor.from_pretrained({str(tmp_path / "proc")!r}, trust_remote_code=True)
+        assert type(proc).__name__ == "Med3DQwenProcessor", type(proc)
+        hu = np.full((8, 16, 16), -1000.0, dtype=np.float32)
+        mask = np.zeros(hu.shape, bool)
+        mask[2:6, 4:12, 4:12] = True
+        out = proc(volumes=[hu], masks=[mask], text=["<|vision_start|><|image_pad|><|vision_end|>Is it there?"])
+        assert tuple(out["pixel_values"].shape) == (1, 1, 16, 32, 32), out["pixel_values"].shape
+        assert int((out["input_ids"] == 151655).sum()) == 6
+        print("remote-processor OK")
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "remote-processor OK" in result.stdout
