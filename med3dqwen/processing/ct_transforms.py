@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from scipy import ndimage
+from scipy import sparse
+from scipy.sparse import csgraph
 
 from .ct_io import InvalidVolumeError, atomic_output
 
@@ -290,37 +291,57 @@ def _square(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
 def _largest_component_per_slice(mask: np.ndarray) -> np.ndarray:
     """Keep, in every axial slice, only the largest 8-connected component (ties: the first in raster order).
 
-    ``mask`` is a (D, H, W) crop whose first and last rows of every slice are background (``_band`` pads it), so
-    the slices can be stacked into one (D*H, W) image and labelled in 2D without touching each other: one C
-    pass instead of a Python loop over slices, and 2D labelling is cheaper than a 3D one with an in-plane structure.
+    Connected components of row runs rather than of voxels: each row's runs of ROI voxels are nodes, runs in
+    consecutive rows that overlap or touch diagonally are joined, and ``scipy.sparse.csgraph`` finds the components
+    of that small graph (thousands of runs instead of millions of voxels; about twice as fast as ``ndimage.label``).
+    ``mask`` is a (D, H, W) crop whose first and last rows and columns of every slice are background (``_band``
+    pads it), so the slices can be stacked into one (D*H, W) image whose slices never touch and whose runs all
+    start and end inside the row.
     """
     depth, height, width = mask.shape
     flat = mask.reshape(depth * height, width)
-    eight = np.ones((3, 3), dtype=bool)
-    try:
-        labels, count = ndimage.label(flat, structure=eight, output=np.uint16)  # half the memory traffic of int32
-    except RuntimeError:  # more than 65535 components
-        labels, count = ndimage.label(flat, structure=eight)
-    if count <= 1:
+    # Row runs: transitions alternate start (False→True) and end (True→False) in raster order.
+    transitions = np.flatnonzero(flat[:, 1:] != flat[:, :-1])
+    if transitions.size == 0:
         return mask
-    labels = labels.reshape(depth, height, width)
-    # ndimage.label numbers components in raster order, so slice d holds the labels (last[d-1], last[d]].
-    last = np.maximum.accumulate(labels.reshape(depth, -1).max(axis=1)).astype(np.int64)
-    per_slice = np.diff(last, prepend=0)
-    multi = np.flatnonzero(per_slice > 1)
-    if multi.size == 0:
-        return mask
-    sub = labels[multi]  # only the slices that need a choice
-    sizes = np.bincount(sub.ravel(), minlength=count + 1)[1:]
-    candidates = np.concatenate([np.arange(last[d] - per_slice[d], last[d]) for d in multi])  # 0-based label ids
-    slice_of = np.repeat(multi, per_slice[multi])
-    order = np.lexsort((candidates, -sizes[candidates], slice_of))  # by slice, then size desc, then raster order
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = slice_of[order][1:] != slice_of[order][:-1]
-    keep = np.zeros(count + 1, dtype=bool)
-    keep[candidates[order[first]] + 1] = True
+    rows = transitions[0::2] // (width - 1)
+    starts = transitions[0::2] % (width - 1) + 1  # first ROI column of the run
+    ends = transitions[1::2] % (width - 1)  # last ROI column of the run
+    slice_of = rows // height
+    if np.all(np.diff(rows) > 0) and slice_of.size == np.unique(slice_of).size:
+        return mask  # one run per slice: nothing to choose
+
+    # Runs j of row r + 1 joined to run i of row r: start_j <= end_i + 1 and end_j >= start_i - 1. Sorted keys
+    # give each i a contiguous range [lo, hi) of such j.
+    n = rows.size
+    key_start, key_end = rows * width + starts, rows * width + ends
+    lo = np.searchsorted(key_end, (rows + 1) * width + starts - 1, side="left")
+    hi = np.searchsorted(key_start, (rows + 1) * width + ends + 1, side="right")
+    counts = np.maximum(hi - lo, 0)
+    src = np.repeat(np.arange(n), counts)
+    dst = np.repeat(lo, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    graph = sparse.csr_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n))
+    count, component = csgraph.connected_components(graph, directed=False)
+    first_run = np.unique(component, return_index=True)[1]  # raster order of each component's first run
+    component_slice = slice_of[first_run]
+    if count == np.unique(component_slice).size:
+        return mask  # one component per slice
+    area = np.bincount(component, weights=ends - starts + 1, minlength=count)
+    order = np.lexsort((first_run, -area, component_slice))  # by slice, then area desc, then raster order
+    largest = np.ones(count, dtype=bool)
+    largest[1:] = component_slice[order][1:] != component_slice[order][:-1]
+    keep = np.zeros(count, dtype=bool)
+    keep[order[largest]] = True
+
+    # Erase the runs of the other components, only on the rows that hold one (a prefix sum of +1/-1 marks).
+    drop = ~keep[component]
+    drop_rows, row_index = np.unique(rows[drop], return_inverse=True)
+    marks = np.zeros((drop_rows.size, width + 1), dtype=np.int32)
+    np.add.at(marks, (row_index, starts[drop]), 1)
+    np.add.at(marks, (row_index, ends[drop] + 1), -1)
     kept = mask.copy()
-    kept[multi] = keep[sub]
+    kept_flat = kept.reshape(depth * height, width)
+    kept_flat[drop_rows] &= np.cumsum(marks[:, :width], axis=1) == 0
     return kept
 
 
