@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
-from transformers.utils import logging
+from transformers.utils import is_flash_attn_2_available, logging
 
 from .configuration_med3d_qwen import Med3DQwenConfig
 from .dcformer_med3d_qwen import DCFormerConvBlock, Med3DQwenVisionEncoder, PromptStem, flatten_stage_tokens
@@ -34,6 +34,7 @@ from .projector_med3d_qwen import Med3DQwenMultiModalProjector
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "default_attn_implementation",
     "Med3DQwenCausalLMOutputWithPast",
     "Med3DQwenForConditionalGeneration",
     "Med3DQwenModel",
@@ -125,6 +126,14 @@ class _FusedLayerForward:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def default_attn_implementation() -> str:
+    """FlashAttention-2 where it is installed and a GPU is present, else PyTorch SDPA (with a logged note)."""
+    if is_flash_attn_2_available() and torch.cuda.is_available():
+        return "flash_attention_2"
+    logger.info("flash-attn is not available here; using PyTorch scaled_dot_product_attention ('sdpa')")
+    return "sdpa"
+
+
 class Med3DQwenPreTrainedModel(PreTrainedModel):
     config_class = Med3DQwenConfig
     config: Med3DQwenConfig
@@ -138,6 +147,12 @@ class Med3DQwenPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     _no_split_modules = ["Qwen2DecoderLayer", "Med3DQwenVisionEncoder"]
     _skip_keys_device_placement = "cache"
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As transformers' ``from_pretrained``; the attention defaults to :func:`default_attn_implementation`."""
+        kwargs.setdefault("attn_implementation", default_attn_implementation())
+        return super().from_pretrained(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # register_for_auto_class records one class per model; name all three so every Auto class finds its own.

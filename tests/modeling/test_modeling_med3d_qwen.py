@@ -125,6 +125,7 @@ def test_save_load_round_trip(tester, tmp_path):
     assert saved["auto_map"]["AutoModel"].endswith("Med3DQwenModel")
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, Med3DQwenForConditionalGeneration)
+    assert loaded.config._attn_implementation == "sdpa"  # no flash-attn on CPU: the SDPA fallback
     torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-5)
     assert isinstance(AutoModel.from_pretrained(tmp_path), Med3DQwenModel)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), Med3DQwenConfig)
@@ -377,3 +378,21 @@ def test_remote_code_load_without_the_package(tester, tmp_path):
     assert "remote-code OK" in result.stdout
     copied = {p.name for p in (tmp_path / "ckpt").glob("*.py")}
     assert {"modeling_med3d_qwen.py", "configuration_med3d_qwen.py", "dcformer_med3d_qwen.py"} <= copied
+
+
+def test_parameter_report_for_the_real_presets():
+    from med3dqwen.modeling.report import format_markdown, parameter_report
+
+    reports = {p: parameter_report(Med3DQwenConfig.from_preset(p), name=p) for p in ("0.5b", "1.5b", "3b", "7b")}
+    # Decoder sizes equal the published Qwen2.5 parameter counts (embeddings tied up to 3B).
+    assert {p: r.decoder for p, r in reports.items()} == {
+        "0.5b": 494_032_768, "1.5b": 1_543_714_304, "3b": 3_085_938_688, "7b": 7_615_616_512,
+    }  # fmt: skip
+    assert all(r.encoder == 18_244_800 for r in reports.values())
+    assert reports["0.5b"].projector == 3_498_240 and reports["7b"].projector == 47_221_248
+    # LoRA r=16 on q,k,v,o,gate,up,down of 24 blocks of Qwen2.5-0.5B: 16 * sum(in + out) per block.
+    per_block = 16 * ((896 + 896) + (896 + 128) * 2 + (896 + 896) + (896 + 4864) * 2 + (4864 + 896))
+    assert reports["0.5b"].lora == 24 * per_block
+    assert 2.0 < reports["0.5b"].trainable_percent < 2.6  # the paper reports 2.4 % at 0.5B
+    table = format_markdown(list(reports.values()))
+    assert table.count("\n") == 5 and "0.00 GiB |" in table.splitlines()[-1]

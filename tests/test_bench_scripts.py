@@ -1,0 +1,28 @@
+"""Smoke runs of the benchmark scripts, so they keep working (their numbers are recorded in BENCHMARKS.md)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_model_script_runs_on_cpu_with_a_tiny_preset(tmp_path):
+    output = tmp_path / "gpu_model.json"
+    cmd = [
+        sys.executable, str(REPO / "bench" / "gpu_model.py"), "--device", "cpu", "--presets", "tiny",
+        "--volume_size", "64", "64", "64", "--steps", "1", "--warmup", "0", "--new_tokens", "3", "--batch_size", "2",
+        "--output", str(output),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| tiny |" in result.stdout
+    (row,) = json.loads(output.read_text())["results"]
+    assert row["preset"] == "tiny" and row["train_step_s_median"] > 0 and row["trainable_params"] > 0
+    # 2 volumes × 3 new tokens in the measured generate call.
+    assert row["generate_tokens_per_s"] > 0
