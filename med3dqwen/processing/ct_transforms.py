@@ -27,6 +27,7 @@ __all__ = [
     "BoundaryMask",
     "BoundaryMaskd",
     "COLORS",
+    "DEFAULT_SIZE",
     "PromptPNGs",
     "PromptResult",
     "RenderPrompt",
@@ -42,6 +43,7 @@ __all__ = [
     "render_prompt",
     "resize_mask",
     "resize_volume",
+    "resized_affine",
     "window_hu",
 ]
 
