@@ -5,21 +5,30 @@ Usage:
     python datasets_scripts/build_phantom.py --output_dir build/phantom --num_volumes 20 --seed 0 --prompt red
     python datasets_scripts/build_phantom.py --output_dir build/phantom_none --num_volumes 20 --prompt none
     python datasets_scripts/build_phantom.py --output_dir build/small --shape 32 64 64 --write_png stack
+    python datasets_scripts/build_phantom.py --output_dir build/big --num_volumes 5000 --num_proc 16
+
+    # a cluster job array: every task builds one shard, then one merge
+    python datasets_scripts/build_phantom.py --output_dir OUT --num_volumes 5000 --num_shards 8 --shard_index $I
+    python datasets_scripts/build_phantom.py --output_dir OUT --num_volumes 5000 --num_shards 8 --merge_only
 
 Then:
 
     from datasets import load_dataset
     ds = load_dataset("build/phantom")      # train / validation / test
 
-Each volume is written once (NIfTI volume, structure masks, lesions, findings.json); each question is one JSONL line
-in the paper's message layout; prompt PNGs are written once per (volume, ROI) and shared by its questions.
+There is no upstream folder: every volume is generated from the seed. Each volume is written once (NIfTI volume,
+structure masks, lesions, findings.json); each question is one JSONL line in the paper's message layout; prompt PNGs
+are written once per (volume, ROI) and shared by its questions. A re-run with the same arguments resumes: finished
+volumes (OUT/.work/units/) are skipped, and the output is byte-identical to an uninterrupted build.
 """
 
+import argparse
 import logging
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from med3dqwen.data.builder import BuildArguments
 from med3dqwen.data.phantom_dataset import PhantomBuildConfig, build_phantom_dataset
 
 
@@ -41,29 +50,43 @@ class ScriptArguments:
     )
 
 
-def main(args: ScriptArguments) -> None:
+def main(script_args: ScriptArguments, build_args: BuildArguments) -> None:
     summary = build_phantom_dataset(
         PhantomBuildConfig(
-            output_dir=args.output_dir,
-            num_volumes=args.num_volumes,
-            seed=args.seed,
-            prompt=args.prompt,
-            write_png=args.write_png,
-            shape=tuple(args.shape),
-            thickness=args.thickness,
-            split_ratios=tuple(args.split_ratios),
-        )
+            output_dir=script_args.output_dir,
+            num_volumes=script_args.num_volumes,
+            seed=script_args.seed,
+            prompt=script_args.prompt,
+            write_png=script_args.write_png,
+            shape=tuple(script_args.shape),
+            thickness=script_args.thickness,
+            split_ratios=tuple(script_args.split_ratios),
+        ),
+        build_args,
     )
+    if summary.units_processed:
+        print(
+            f"built {summary.units_processed} volumes in {summary.seconds:.1f} s "
+            f"({summary.volumes_per_minute:.1f} volumes/min, {build_args.num_proc} processes)"
+        )
+    if not summary.merged:
+        print(f"shard {build_args.shard_index}/{build_args.num_shards} done; merge with --merge_only when all are")
+        return
     print(f"wrote {summary.output_dir}")
     for split, n in summary.questions.items():
         print(f"  {split:<10} {n:6d} questions from {summary.volumes[split]:4d} volumes")
     print("  question types: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.question_types.items())))
-    if summary.unknown_anatomy_terms:
-        print(f"  anatomy terms without a RadLex entry (kept as is): {summary.unknown_anatomy_terms}")
+    unknown = summary.counters.get("unknown_anatomy_terms")
+    if unknown:
+        print(f"  anatomy terms without a RadLex entry (kept as is): {unknown}")
     print(f'load it with: datasets.load_dataset("{summary.output_dir}")')
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    (script_args,) = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()
-    main(script_args)
+    parser = HfArgumentParser((ScriptArguments, BuildArguments), description=__doc__, formatter_class=_HelpFormatter)
+    main(*parser.parse_args_into_dataclasses())

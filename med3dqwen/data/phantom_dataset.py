@@ -3,37 +3,50 @@
 Layout of the output folder (loads with ``datasets.load_dataset(output_dir)``):
 
 ```
-README.md                           dataset card with ``configs:`` (train / validation / test)
+README.md                           dataset card with ``configs:`` (train / validation / test) and features
 data/{train,validation,test}.jsonl  one question per line: messages + structured fields (paths relative here)
+skipped.jsonl                       empty: the generator never produces a bad row
 volumes/<volume_id>/volume.nii.gz   int16 HU, plus masks/<structure>.nii.gz, lesions.nii.gz, findings.json
 prompts/<volume_id>/<roi>_montage.png (and <roi>_NNNN.png with --write_png stack), once per (volume, ROI)
+.work/                              resumable build state (see med3dqwen.data.builder)
 ```
+
+One work unit is one phantom (``phantom_<index:05d>``, one synthetic patient each), so the build is resumable,
+parallel (``num_proc``) and shardable like every builder of :mod:`med3dqwen.data.builder`. An ROI whose mask is
+empty on a coarse grid keeps its questions, flagged ``roi_empty=True`` (synthetic data: nothing is wrong upstream).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from med3dqwen.data.cards import render_dataset_card
+from med3dqwen.data.builder import (
+    PNG_MODES,
+    PROMPTS,
+    BuildArguments,
+    BuildSummary,
+    DatasetBuilder,
+    Plan,
+    UnitResult,
+    WorkUnit,
+    rewrite_configs,
+    run_build,
+    write_prompt_pngs,
+)
 from med3dqwen.data.phantom import PhantomConfig, generate_phantom, generate_questions
 from med3dqwen.data.radlex import RadLexNormalizer
-from med3dqwen.data.rewrite import RewriteConfig, build_record, rewrite_qa, write_jsonl
-from med3dqwen.data.splits import DEFAULT_RATIOS, SPLIT_NAMES, assign_split
-from med3dqwen.processing.ct_transforms import prompt_png_stack
+from med3dqwen.data.rewrite import build_record, rewrite_qa
+from med3dqwen.data.splits import DEFAULT_RATIOS, assign_split
 
 
-__all__ = ["PhantomBuildConfig", "BuildSummary", "build_phantom_dataset", "volume_seed"]
+__all__ = ["PhantomBuildConfig", "PhantomBuilder", "BuildSummary", "build_phantom_dataset", "volume_seed"]
 
 logger = logging.getLogger(__name__)
-
-PROMPTS = ("red", "blue", "none")
-PNG_MODES = ("none", "montage", "stack")
 
 
 @dataclass
@@ -74,77 +87,76 @@ class PhantomBuildConfig:
             self.phantom = PhantomConfig(shape=self.shape)
 
 
-@dataclass
-class BuildSummary:
-    """Counts of a finished build."""
-
-    output_dir: Path
-    questions: dict[str, int]
-    volumes: dict[str, int]
-    question_types: dict[str, int]
-    unknown_anatomy_terms: dict[str, int]
-
-
 def volume_seed(seed: int, index: int) -> int:
     """The phantom seed of volume ``index``: independent streams per (master seed, index)."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
 
 
-def build_phantom_dataset(config: PhantomBuildConfig) -> BuildSummary:
-    """Generate phantoms, their masks, rewritten questions and prompt PNGs; write JSONL splits and the card.
+class PhantomBuilder(DatasetBuilder):
+    """Synthetic chest-CT phantoms with per-structure masks and RadGenome-style questions."""
 
-    Args:
-        config: see :class:`PhantomBuildConfig`.
+    name = "phantom"
+    script = "datasets_scripts/build_phantom.py"
+    owned_paths = ("prompts", "volumes")
 
-    Returns:
-        A :class:`BuildSummary`.
-    """
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prompted = config.prompt != "none"
-    rewrite = RewriteConfig(color=config.prompt if prompted else "red", prompt=prompted)
-    # Whole-volume questions have no ROI, so no contour: they keep the no-prompt wording even in a prompted build.
-    unprompted = RewriteConfig(prompt=False)
-    normalizer = RadLexNormalizer()
-    records: dict[str, list[dict]] = {name: [] for name in SPLIT_NAMES}
+    def __init__(self, config: PhantomBuildConfig):
+        self.cfg = config
 
-    for index in range(config.num_volumes):
-        volume_id = f"phantom_{index:05d}"
-        patient_id = volume_id  # one volume per synthetic patient
-        split = assign_split(patient_id, config.seed, config.split_ratios)
-        phantom = generate_phantom(volume_seed(config.seed, index), config.phantom)
-        volume_dir = Path("volumes") / volume_id
-        phantom.save(out / volume_dir)
+    def config(self) -> dict[str, Any]:
+        values = asdict(self.cfg)
+        values.pop("output_dir")
+        return values
 
+    def unit_dirs(self, unit: WorkUnit) -> list[str]:
+        return [f"prompts/{unit.unit_id}", f"volumes/{unit.unit_id}"]
+
+    def extra_features(self) -> dict[str, Any]:
+        import datasets  # noqa: PLC0415
+
+        return {"anatomy": datasets.Value("string")}
+
+    def plan(self) -> Plan:
+        units = []
+        for index in range(self.cfg.num_volumes):
+            volume_id = f"phantom_{index:05d}"  # one volume per synthetic patient
+            split = assign_split(volume_id, self.cfg.seed, self.cfg.split_ratios)
+            units.append(WorkUnit(unit_id=volume_id, patient_id=volume_id, split=split, payload=index))
+        return Plan(units=units)
+
+    def process(self, unit: WorkUnit, out_dir: Path) -> UnitResult:
+        cfg = self.cfg
+        roi_config, whole_config = rewrite_configs(cfg.prompt)
+        normalizer = RadLexNormalizer()
+        phantom = generate_phantom(volume_seed(cfg.seed, unit.payload), cfg.phantom)
+        volume_dir = Path("volumes") / unit.unit_id
+        phantom.save(out_dir / volume_dir)
+
+        questions = generate_questions(phantom)
         pngs: dict[str, list[str]] = {}
-        for question in (questions := generate_questions(phantom)):
+        for question in questions:
             roi = question["roi"]
-            if roi is None or roi in pngs:
-                continue
-            pngs[roi] = []
-            if prompted and config.write_png != "none":
-                written = prompt_png_stack(
+            if roi is not None and roi not in pngs:
+                pngs[roi] = write_prompt_pngs(
                     phantom.volume,
                     phantom.masks[roi],
-                    out / "prompts" / volume_id,
-                    color=config.prompt,
-                    thickness=config.thickness,
-                    write_slices=config.write_png == "stack",
-                    prefix=roi,
+                    out_dir,
+                    unit.unit_id,
+                    roi,
+                    prompt=cfg.prompt,
+                    write_png=cfg.write_png,
+                    thickness=cfg.thickness,
                 )
-                files = written.slices + ([written.montage] if written.montage else [])
-                pngs[roi] = [os.path.relpath(p, out) for p in files]
-
+        records = []
         for question in questions:
             roi = question["roi"]
             qa = rewrite_qa(
                 question["question"],
                 question["answer"],
                 answer_type=question["answer_type"],
-                config=rewrite if roi is not None else unprompted,
+                config=roi_config if roi is not None else whole_config,
                 normalizer=normalizer,
             )
-            records[split].append(
+            records.append(
                 build_record(
                     qa,
                     volume_path=(volume_dir / "volume.nii.gz").as_posix(),
@@ -152,46 +164,65 @@ def build_phantom_dataset(config: PhantomBuildConfig) -> BuildSummary:
                     mask_source=None if roi is None else "phantom",
                     roi=roi,
                     question_type=question["question_type"],
-                    split=split,
-                    patient_id=patient_id,
-                    volume_id=volume_id,
+                    split=unit.split,
+                    patient_id=unit.patient_id,
+                    volume_id=unit.unit_id,
                     prompt_pngs=pngs.get(roi, []) if roi is not None else [],
                     roi_empty=roi is not None and not phantom.masks[roi].any(),
                     extra={"anatomy": question["anatomy"]},
                 )
             )
-        logger.info("built %s (%s, %d questions)", volume_id, split, len(questions))
+        return UnitResult(records=records, counters={"unknown_anatomy_terms": dict(normalizer.unknown_terms)})
 
-    for name, rows in records.items():
-        if rows:
-            write_jsonl(out / "data" / f"{name}.jsonl", rows)
-    variant = (
-        f'Boundary prompts in **{config.prompt}**: questions are rewritten ("Within the {config.prompt}-outlined '
-        f'area of the CT volume, ...") and each ROI has a {config.thickness}-px contour montage under `prompts/`.'
-        if prompted
-        else "No prompt: questions keep their wording (RadLex-normalised) and no contour is drawn."
-    )
-    render_dataset_card(
-        out,
-        records,
-        pretty_name="Med3DQwen synthetic chest-CT phantom VQA",
-        summary=(
-            f"{config.num_volumes} deterministic synthetic chest-CT phantoms (grid {config.shape}, seed "
-            f"{config.seed}) with per-structure masks (TotalSegmentator names), lesions (nodules, masses, pleural "
-            "effusions) and RadGenome-style questions (presence, abnormality, location, size, region report). "
-            "It exercises the whole pipeline offline; it is not evidence about real CT."
-        ),
-        builder="datasets_scripts/build_phantom.py",
-        prompt_description=variant,
-        source="Synthetic, generated by `med3dqwen.data.phantom` from the seed above; no patient data.",
-        license="apache-2.0",
-        tags=["synthetic"],
-    )
-    counts = Counter(r["question_type"] for rows in records.values() for r in rows)
-    return BuildSummary(
-        output_dir=out,
-        questions={name: len(rows) for name, rows in records.items()},
-        volumes={name: len({r["volume_id"] for r in rows}) for name, rows in records.items()},
-        question_types=dict(counts),
-        unknown_anatomy_terms=dict(normalizer.unknown_terms),
-    )
+    def card(self, summary: BuildSummary) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.prompt != "none":
+            pngs = {
+                "none": "No PNGs were written (`--write_png none`).",
+                "montage": f"Each ROI has a {cfg.thickness}-px contour montage under `prompts/`.",
+                "stack": f"Each ROI has a {cfg.thickness}-px contour montage and one PNG per ROI slice under "
+                "`prompts/`.",
+            }[cfg.write_png]
+            variant = (
+                f'Boundary prompts in **{cfg.prompt}**: questions are rewritten ("Within the {cfg.prompt}-outlined '
+                f'area of the CT volume, ...") and the system prompt describes the outline. {pngs} Whole-volume '
+                "questions (location) have no ROI, so no contour and the no-prompt wording."
+            )
+        else:
+            variant = "No prompt: questions keep their wording (RadLex-normalised) and no contour is drawn."
+        unknown = summary.counters.get("unknown_anatomy_terms", {})
+        notes = [f"Anatomy terms without a RadLex entry (kept as they are): {unknown}."] if unknown else []
+        return {
+            "pretty_name": "Med3DQwen synthetic chest-CT phantom VQA",
+            "summary": (
+                f"{cfg.num_volumes} deterministic synthetic chest-CT phantoms (grid {cfg.shape}, seed {cfg.seed}) "
+                "with per-structure masks (TotalSegmentator names), lesions (nodules, masses, pleural effusions) and "
+                "RadGenome-style questions (presence, abnormality, location, size, region report). It exercises the "
+                "whole pipeline offline; it is not evidence about real CT."
+            ),
+            "prompt_description": variant,
+            "source": "Synthetic, generated by `med3dqwen.data.phantom` from the seed above; no patient data.",
+            "license": "apache-2.0",
+            "notes": notes,
+            "files_description": (
+                "Volumes and masks are NIfTI files under `volumes/<volume_id>/` (int16 HU volume, uint8 masks on the "
+                "same grid, `findings.json` with the lesions); load one with "
+                '`med3dqwen.processing.ct_io.load_volume(folder / sample["volume_path"])`.'
+            ),
+            "extra_fields": {"anatomy": "RadGenome-style anatomy path of the ROI (`whole scan` without one)"},
+            "tags": ["synthetic"],
+        }
+
+
+def build_phantom_dataset(config: PhantomBuildConfig, args: BuildArguments | None = None) -> BuildSummary:
+    """Generate phantoms, their masks, rewritten questions and prompt PNGs; write JSONL splits and the card.
+
+    Args:
+        config: see :class:`PhantomBuildConfig`.
+        args: how to run (processes, shards, resume; default: one process, everything, with a merge).
+
+    Returns:
+        A :class:`~med3dqwen.data.builder.BuildSummary`; ``unknown_anatomy_terms`` is in
+        ``summary.counters["unknown_anatomy_terms"]``.
+    """
+    return run_build(PhantomBuilder(config), config.output_dir, args)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from med3dqwen.data.builder import BuildArguments
 from med3dqwen.data.phantom_dataset import PhantomBuildConfig, build_phantom_dataset, volume_seed
 from med3dqwen.data.rewrite import parse_vision_content, system_prompt
 from med3dqwen.processing.ct_io import load_mask, load_volume
@@ -93,6 +94,32 @@ def test_card_has_configs_and_counts(red_build):
     for split, n in summary.questions.items():
         if n:
             assert f"| {split} | {n} |" in card
+
+
+def test_card_declares_features_and_nothing_skipped(red_build):
+    out, summary = red_build
+    card = (out / "README.md").read_text()
+    assert "dataset_info:" in card and "- name: anatomy" in card and "- name: closed_label\n    dtype: int64" in card
+    assert "license: apache-2.0" in card and "Skipped while building: nothing" in card
+    assert (out / "skipped.jsonl").read_text() == "" and summary.skipped == {}
+    assert summary.units_total == 6 and sorted(p.name for p in (out / "volumes").iterdir()) == [
+        f"phantom_{i:05d}" for i in range(6)
+    ]
+
+
+def test_shards_merge_to_the_same_dataset(tmp_path, red_build):
+    out, _ = red_build
+    sharded = tmp_path / "sharded"
+    config = PhantomBuildConfig(output_dir=str(sharded), num_volumes=6, seed=1, shape=SMALL)
+    for index in range(2):
+        build_phantom_dataset(config, BuildArguments(progress=False, num_shards=2, shard_index=index))
+    assert not (sharded / "data").exists()
+    build_phantom_dataset(config, BuildArguments(progress=False, num_shards=2, merge_only=True))
+    for path in sorted((out / "data").glob("*.jsonl")):
+        assert (sharded / "data" / path.name).read_bytes() == path.read_bytes()
+    assert (sharded / "volumes" / "phantom_00003" / "volume.nii.gz").read_bytes() == (
+        out / "volumes" / "phantom_00003" / "volume.nii.gz"
+    ).read_bytes()
 
 
 def test_build_is_deterministic(tmp_path, red_build):

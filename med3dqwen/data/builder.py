@@ -1,0 +1,750 @@
+"""Shared machinery of the dataset builders (``datasets_scripts/build_<name>.py``): resumable, parallel, sharded.
+
+A builder describes its dataset as an ordered list of **work units**, one per volume (:class:`WorkUnit`: an id, the
+patient it belongs to, its split and whatever inputs the builder needs, e.g. the CSV rows about that volume).
+:meth:`DatasetBuilder.process` turns one unit into JSONL records (:func:`~med3dqwen.data.rewrite.build_record`),
+skipped entries (:func:`skip_entry`) and files it writes itself (prompt PNGs, phantom volumes). :func:`run_build`
+does the rest:
+
+1. ``builder.prepare(out)`` (e.g. links to the upstream folders) and ``builder.plan()`` (units in canonical order,
+   plus rows rejected before any file is opened).
+2. The units of this shard (:func:`shard_of`) whose result is not on disk yet are processed, in this process
+   (``num_proc=1``) or in a ``multiprocessing`` pool (``spawn`` start method by default: nothing is inherited, the
+   builder and each unit are pickled). Each unit's result is written **atomically** to
+   ``OUT/.work/units/<unit_id>.json`` once the unit is complete: the file is the unit's done marker, so a killed
+   build leaves no half-written unit and a re-run processes only the missing ones.
+3. With one shard, or with ``merge_only``, :func:`merge_build` reads the unit files **in plan order** (never in the
+   order the workers finished) and writes ``data/{train,validation,test}.jsonl``, ``skipped.jsonl`` and the dataset
+   card ``README.md`` (features, counts, skipped reasons). Output is therefore byte-identical whatever ``num_proc``,
+   however the work was sharded, and whether or not the build was interrupted and resumed.
+
+Output folder::
+
+    README.md                        dataset card: configs (train / validation / test), features, counts, skipped
+    data/<split>.jsonl               one question per line, in plan order
+    skipped.jsonl                    one line per skipped item: reason, unit_id, source (file:row), rows, detail
+    <builder files>                  e.g. prompts/<volume_id>/*.png, volumes/ (phantom), source/ (links, RadGenome)
+    .work/config.json                the configuration the work was done with (a different one is refused)
+    .work/units/<unit_id>.json       one finished unit: records, skipped entries, counters
+
+Sharding: unit ``u`` belongs to shard ``int(sha256(u.unit_id)[:16 hex], 16) % num_shards``, a hash of its id, so a
+unit keeps its shard when the dataset grows and every shard job computes the same assignment without talking to the
+others. A cluster job array runs ``--num_shards N --shard_index $i`` on a shared output folder (the unit files do
+not depend on the shard count, so a different ``N`` on a re-run reuses finished units), then one
+``--merge_only`` run with the same arguments assembles the dataset.
+
+Writing a new builder (CT-RATE, M3D-VQA, PMC-VQA): subclass :class:`DatasetBuilder`; it must be picklable (a plain
+object holding its configuration, defined at module level) and ``process`` must depend only on the configuration
+and the unit (fresh RNGs and normalisers per unit) so that any worker gives the same bytes. See
+:mod:`med3dqwen.data.radgenome` for a full example and ``datasets_scripts/README.md`` for the command lines.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from med3dqwen.data.cards import DatasetStats, render_dataset_card
+from med3dqwen.data.rewrite import RECORD_FIELDS, RewriteConfig, read_jsonl
+from med3dqwen.data.splits import SPLIT_NAMES
+from med3dqwen.processing.ct_io import atomic_output
+
+
+__all__ = [
+    "PNG_MODES",
+    "PROMPTS",
+    "BuildArguments",
+    "BuildError",
+    "BuildSummary",
+    "DatasetBuilder",
+    "Plan",
+    "UnitResult",
+    "UnsafePathError",
+    "WorkUnit",
+    "link_folder",
+    "merge_build",
+    "push_dataset_to_hub",
+    "read_skipped",
+    "read_unit",
+    "record_features",
+    "rewrite_configs",
+    "run_build",
+    "safe_relpath",
+    "shard_of",
+    "skip_entry",
+    "stable_index",
+    "write_prompt_pngs",
+]
+
+logger = logging.getLogger(__name__)
+
+PROMPTS = ("red", "blue", "none")
+"""``--prompt`` values: contour colour of the rewritten questions, or ``none`` for the no-prompt variant."""
+PNG_MODES = ("none", "montage", "stack")
+"""``--write_png`` values: no PNGs, one montage per (volume, ROI), or the montage plus one PNG per ROI slice."""
+
+WORK_DIR = ".work"
+_UNIT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_FORMAT_VERSION = 1
+
+
+class BuildError(RuntimeError):
+    """A build cannot go on: ``--strict`` met a bad row, a merge found unfinished units, a configuration changed."""
+
+
+class UnsafePathError(ValueError):
+    """A path taken from upstream data (a CSV cell) is absolute or would leave its base folder."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small helpers for builders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def safe_relpath(*parts: str) -> str:
+    """Join path pieces from untrusted input into a relative POSIX path that stays inside its base folder.
+
+    Every ``/``-separated component must be non-empty and neither ``.`` nor ``..``; backslashes, NUL bytes, a
+    leading ``/`` and Windows drive prefixes (``C:``) are refused. Spaces and other characters are kept (RadGenome
+    mask names have spaces).
+
+    Args:
+        parts: path pieces, each may hold ``/`` separators (``"train_1/train_1a"``, ``"right lung.nii.gz"``).
+
+    Returns:
+        ``"a/b/c"``.
+
+    Raises:
+        UnsafePathError: naming the offending piece.
+    """
+    components: list[str] = []
+    for part in parts:
+        if not isinstance(part, str) or not part:
+            raise UnsafePathError(f"empty path component in {parts!r}")
+        if part.startswith("/") or re.match(r"^[A-Za-z]:", part) or "\\" in part or "\x00" in part:
+            raise UnsafePathError(f"absolute or malformed path {part!r}")
+        for component in part.split("/"):
+            if component in ("", ".", ".."):
+                raise UnsafePathError(f"path {part!r} has an empty, '.' or '..' component")
+            components.append(component)
+    return "/".join(components)
+
+
+def skip_entry(
+    reason: str, detail: str, *, unit_id: str | None = None, source: str | None = None, rows: int = 1
+) -> dict[str, Any]:
+    """One line of ``skipped.jsonl``.
+
+    Args:
+        reason: short machine-readable reason (``missing_volume``, ``missing_mask``, ``unreadable_volume``,
+            ``empty_roi``, ``unknown_anatomy``, ``malformed_row``, ``unsafe_path``, ...); the card counts rows per
+            reason.
+        detail: what exactly was wrong (file name, bad value).
+        unit_id: the volume the item belongs to, if known.
+        source: where the item comes from, e.g. ``"train_vqa_presence.csv:12"`` (file and 1-based data row).
+        rows: how many upstream rows this entry stands for (a missing volume skips all rows about it at once).
+    """
+    return {"reason": reason, "unit_id": unit_id, "source": source, "rows": int(rows), "detail": detail}
+
+
+def stable_index(seed: int, key: str, n: int) -> int:
+    """A deterministic pseudo-random index in ``range(n)`` for ``(seed, key)``, identical in every process.
+
+    Use it to pick a question template per row: the choice depends on the row's content, not on the order rows are
+    processed in.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n
+
+
+def shard_of(unit_id: str, num_shards: int) -> int:
+    """The shard of a unit: ``int(sha256(unit_id).hexdigest()[:16], 16) % num_shards`` (see the module docstring)."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    return int(hashlib.sha256(unit_id.encode()).hexdigest()[:16], 16) % num_shards
+
+
+def rewrite_configs(prompt: str) -> tuple[RewriteConfig, RewriteConfig]:
+    """``(roi_config, whole_volume_config)`` for a ``--prompt`` value.
+
+    Questions about a region use the contour wording in a prompted build; whole-volume questions (no ROI, so no
+    contour) keep the no-prompt wording in every build, as do all questions of a ``none`` build.
+    """
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+    unprompted = RewriteConfig(prompt=False)
+    return (RewriteConfig(color=prompt) if prompt != "none" else unprompted), unprompted
+
+
+def write_prompt_pngs(
+    volume_hu: np.ndarray,
+    mask: np.ndarray,
+    out_dir: str | os.PathLike,
+    volume_id: str,
+    name: str,
+    *,
+    prompt: str,
+    write_png: str,
+    thickness: int = 3,
+) -> list[str]:
+    """Write the prompt PNGs of one (volume, ROI) under ``out_dir/prompts/<volume_id>/`` and return their paths
+    relative to ``out_dir`` (slices in order, then the montage), or ``[]`` for ``prompt="none"``,
+    ``write_png="none"`` or an empty ROI. Call it once per (volume, ROI) and share the list between the questions.
+
+    Args:
+        volume_hu: (D, H, W) HU volume. mask: (D, H, W) ROI mask on the same grid.
+        out_dir: the dataset folder. volume_id: sub-folder. name: file prefix (letters, digits, ``_``, ``-``).
+        prompt: contour colour or ``none``. write_png: ``none`` | ``montage`` | ``stack``. thickness: contour px.
+    """
+    from med3dqwen.processing.ct_transforms import prompt_png_stack  # noqa: PLC0415 (heavy import, only when used)
+
+    if write_png not in PNG_MODES:
+        raise ValueError(f"write_png must be one of {PNG_MODES}, got {write_png!r}")
+    if prompt == "none" or write_png == "none":
+        return []
+    out_dir = Path(out_dir)
+    written = prompt_png_stack(
+        volume_hu,
+        mask,
+        out_dir / "prompts" / safe_relpath(volume_id),
+        color=prompt,
+        thickness=thickness,
+        write_slices=write_png == "stack",
+        prefix=name,
+    )
+    files = written.slices + ([written.montage] if written.montage else [])
+    return [Path(os.path.relpath(p, out_dir)).as_posix() for p in files]
+
+
+def link_folder(out_dir: str | os.PathLike, link: str, target: str | os.PathLike) -> Path:
+    """Create or update the symlink ``out_dir/link`` → ``target`` (absolute), atomically.
+
+    Builders of large upstream datasets use this instead of copying volumes: records then hold paths like
+    ``source/train_preprocessed/...`` that are relative to the dataset folder and resolve through the link.
+
+    Raises:
+        FileExistsError: ``out_dir/link`` exists and is not a symlink.
+    """
+    path = Path(out_dir) / safe_relpath(link)
+    target = Path(target).resolve()
+    if path.is_symlink() and Path(os.readlink(path)) == target:
+        return path
+    if path.exists() and not path.is_symlink():
+        raise FileExistsError(f"{path} exists and is not a symlink; remove it or use another output folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp, target_is_directory=True)
+    os.replace(tmp, path)
+    return path
+
+
+def record_features(extra: Mapping[str, Any] | None = None):
+    """The ``datasets.Features`` of a JSONL record: ``messages`` + :data:`~med3dqwen.data.rewrite.RECORD_FIELDS`
+    (+ ``extra``, the builder's own fields). Written into the card so ``load_dataset`` uses exactly these types."""
+    import datasets  # noqa: PLC0415 (only the merge needs it)
+
+    string = datasets.Value("string")
+    features = {
+        "messages": datasets.List({"role": string, "content": string}),
+        "volume_path": string,
+        "mask_path": string,
+        "mask_source": string,
+        "roi": string,
+        "question_type": string,
+        "answer_type": string,
+        "closed_label": datasets.Value("int64"),
+        "split": string,
+        "patient_id": string,
+        "volume_id": string,
+        "roi_empty": datasets.Value("bool"),
+    }
+    if set(features) != {"messages", *RECORD_FIELDS}:  # keep in step with rewrite.RECORD_FIELDS
+        raise RuntimeError(f"record_features is out of date with RECORD_FIELDS {RECORD_FIELDS}")
+    clashes = sorted(set(extra or {}) & set(features))
+    if clashes:
+        raise ValueError(f"extra features {clashes} clash with the record's own fields")
+    features.update(extra or {})
+    return datasets.Features(features)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Units, plans, builders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One volume to build.
+
+    Args:
+        unit_id: unique, file-name safe id (letters, digits, ``.``, ``_``, ``-``), usually the volume id.
+        patient_id: the split unit (patient, or article for PMC-VQA).
+        split: ``train`` / ``validation`` / ``test``, decided at planning time (by patient); every record of the unit
+            carries it (checked).
+        payload: the builder's inputs for this volume (picklable), e.g. its CSV rows.
+    """
+
+    unit_id: str
+    patient_id: str
+    split: str
+    payload: Any = None
+
+
+@dataclass
+class UnitResult:
+    """What processing one unit gave.
+
+    Args:
+        records: JSONL records, in their final order within the unit.
+        skipped: :func:`skip_entry` dicts.
+        counters: named counters summed over units by the merge, e.g. ``{"deduplicated": {"presence": 3}}``.
+    """
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """The units of a dataset in canonical (output) order, and what was rejected before processing."""
+
+    units: list[WorkUnit]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+class DatasetBuilder(abc.ABC):
+    """A dataset builder: planning, per-unit processing and the card text. Must be picklable."""
+
+    name: ClassVar[str] = "dataset"
+    """Short name, used in progress bars and logs."""
+    script: ClassVar[str] = ""
+    """The build script, named in the card (``datasets_scripts/build_<name>.py``)."""
+    owned_paths: ClassVar[tuple[str, ...]] = ("prompts",)
+    """Top-level entries of the output folder this builder writes (removed by ``--overwrite``)."""
+    hub_ignore_patterns: ClassVar[tuple[str, ...]] = ()
+    """Patterns ``--push_to_hub`` leaves out (besides ``.work/``), e.g. links to data that may not be redistributed."""
+
+    @abc.abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Everything that changes the output (not the output folder, not ``num_proc`` / shards), JSON-serialisable."""
+
+    @abc.abstractmethod
+    def plan(self) -> Plan:
+        """Read the upstream index (CSVs, folder listing) and return the units in canonical order."""
+
+    @abc.abstractmethod
+    def process(self, unit: WorkUnit, out_dir: Path) -> UnitResult:
+        """Build one unit: write its files under ``out_dir`` (atomically) and return its records."""
+
+    @abc.abstractmethod
+    def card(self, summary: BuildSummary) -> dict[str, Any]:
+        """Keyword arguments of :func:`~med3dqwen.data.cards.render_dataset_card` besides the counts: ``pretty_name``,
+        ``summary``, ``prompt_description``, ``source``, ``license``, ``citation``, and optionally ``notes``,
+        ``files_description``, ``extra_fields``, ``tags``."""
+
+    def prepare(self, out_dir: Path) -> None:  # noqa: B027 (optional hook)
+        """Set up the output folder before planning (e.g. :func:`link_folder`); must be idempotent."""
+
+    def unit_dirs(self, unit: WorkUnit) -> list[str]:
+        """Folders (relative to the output folder) that hold only this unit's files. They are deleted before the
+        unit is (re)built, so files of an attempt that was killed half-way never survive into the output."""
+        return [f"prompts/{unit.unit_id}"]
+
+    def extra_features(self) -> dict[str, Any]:
+        """``datasets`` feature types of the builder's own record fields (the ``extra`` of ``build_record``)."""
+        return {}
+
+    def features(self):
+        return record_features(self.extra_features())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments and results
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildArguments:
+    """How to run a build (``HfArgumentParser``-ready; the dataset's own options live in the script's
+    ``ScriptArguments``)."""
+
+    num_proc: int = field(default=1, metadata={"help": "Worker processes (multiprocessing pool; 1 = in process)."})
+    num_shards: int = field(
+        default=1,
+        metadata={
+            "help": "Split the volumes into this many shards (by a hash of the volume id); a shard run builds only "
+            "its volumes and does not merge. Run every --shard_index, then the same command with --merge_only."
+        },
+    )
+    shard_index: int = field(default=0, metadata={"help": "Which shard this run builds (0 .. num_shards-1)."})
+    merge_only: bool = field(
+        default=False,
+        metadata={"help": "Only assemble data/*.jsonl, skipped.jsonl and README.md from the finished volumes."},
+    )
+    strict: bool = field(default=False, metadata={"help": "Stop at the first bad row instead of skipping it."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Delete a previous build in output_dir (its .work/, data/ and the builder's files) first."},
+    )
+    progress: bool = field(default=True, metadata={"help": "Show progress bars (tqdm, on stderr)."})
+    start_method: str = field(
+        default="spawn", metadata={"help": "multiprocessing start method of the pool: spawn | forkserver | fork."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the built folder to the Hugging Face Hub."})
+    hub_repo_id: str | None = field(default=None, metadata={"help": "Hub dataset repo id (user/name) to push to."})
+    hub_private: bool = field(default=True, metadata={"help": "Create the Hub repo as private."})
+
+    def __post_init__(self) -> None:
+        if self.num_proc < 1:
+            raise ValueError(f"num_proc must be >= 1, got {self.num_proc}")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"need 0 <= shard_index < num_shards, got {self.shard_index} and {self.num_shards}")
+        if self.start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"start_method must be one of {multiprocessing.get_all_start_methods()}, got {self.start_method!r}"
+            )
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("--push_to_hub needs --hub_repo_id")
+        if self.push_to_hub and self.num_shards > 1 and not self.merge_only:
+            raise ValueError("--push_to_hub happens after the merge: pass it to the --merge_only run")
+
+
+@dataclass
+class BuildSummary:
+    """Result of :func:`run_build` / :func:`merge_build`. Counts are filled only when the dataset was merged."""
+
+    output_dir: Path
+    merged: bool = False
+    units_total: int = 0
+    units_in_shard: int = 0
+    units_processed: int = 0
+    units_reused: int = 0
+    seconds: float = 0.0
+    questions: dict[str, int] = field(default_factory=dict)
+    volumes: dict[str, int] = field(default_factory=dict)
+    patients: dict[str, int] = field(default_factory=dict)
+    question_types: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def volumes_per_minute(self) -> float:
+        """Units processed by this run per minute of wall time (0 when nothing was processed)."""
+        return 60.0 * self.units_processed / self.seconds if self.units_processed and self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _unit_path(out: Path, unit_id: str) -> Path:
+    return out / WORK_DIR / "units" / f"{unit_id}.json"
+
+
+def _merge_counters(into: dict[str, Counter], counters: Mapping[str, Mapping[str, int]]) -> None:
+    for name, values in counters.items():
+        into.setdefault(name, Counter()).update(values)
+
+
+def _check_plan(plan: Plan) -> None:
+    seen: set[str] = set()
+    for unit in plan.units:
+        if not _UNIT_ID.match(unit.unit_id):
+            raise BuildError(f"unit id {unit.unit_id!r} is not file-name safe")
+        if unit.unit_id in seen:
+            raise BuildError(f"unit id {unit.unit_id!r} appears twice in the plan")
+        if unit.split not in SPLIT_NAMES:
+            raise BuildError(f"unit {unit.unit_id!r} has split {unit.split!r}, expected one of {SPLIT_NAMES}")
+        seen.add(unit.unit_id)
+
+
+def _check_config(out: Path, builder: DatasetBuilder) -> None:
+    """Record the build configuration in ``.work/config.json``; refuse to mix work done with another one."""
+    wanted = {"format": _FORMAT_VERSION, "builder": builder.name, "config": builder.config()}
+    text = json.dumps(wanted, indent=2, sort_keys=True, default=str) + "\n"
+    path = out / WORK_DIR / "config.json"
+    if path.exists():
+        found = path.read_text(encoding="utf-8")
+        if found != text:
+            old = json.loads(found).get("config", {})
+            new = json.loads(text)["config"]
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise BuildError(
+                f"{out} holds work done with another configuration (changed: {', '.join(changed) or 'builder'}); "
+                "re-run with the same arguments, or pass --overwrite, or use another --output_dir"
+            )
+        return
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _clear_outputs(out: Path, builder: DatasetBuilder) -> None:
+    for name in (WORK_DIR, "data", "skipped.jsonl", "README.md", *builder.owned_paths):
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)  # never follows the symlinks inside (source/ links stay pointing at the data)
+
+
+def _remove_temporaries(folder: Path, prefix: str) -> None:
+    """Delete the temporary files ``atomic_output`` leaves behind when its process is killed."""
+    if folder.is_dir():
+        for path in folder.glob(f"{prefix}*"):
+            if ".tmp" in path.name and path.is_file():
+                path.unlink()
+
+
+def _build_unit(builder: DatasetBuilder, out: Path, unit: WorkUnit, strict: bool) -> int:
+    # Leftovers of a killed attempt at this unit: its own folders and a half-written unit file.
+    for name in builder.unit_dirs(unit):
+        path = out / safe_relpath(name)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+    _remove_temporaries(out / WORK_DIR / "units", f".{unit.unit_id}.json.")
+    result = builder.process(unit, out)
+    if strict and result.skipped:
+        first = result.skipped[0]
+        raise BuildError(
+            f"--strict: {first['reason']} in {unit.unit_id} ({first.get('source') or 'volume'}): {first['detail']}"
+        )
+    for record in result.records:
+        if record.get("split") != unit.split:
+            raise BuildError(f"{unit.unit_id}: a record has split {record.get('split')!r}, the unit {unit.split!r}")
+    payload = {
+        "unit_id": unit.unit_id,
+        "records": result.records,
+        "skipped": result.skipped,
+        "counters": {name: dict(sorted(values.items())) for name, values in sorted(result.counters.items())},
+    }
+    with atomic_output(_unit_path(out, unit.unit_id)) as tmp:
+        tmp.write_text(json.dumps(payload, ensure_ascii=False) + "\n", encoding="utf-8")
+    return len(result.records)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(builder: DatasetBuilder, out: str, strict: bool) -> None:
+    _WORKER.update(builder=builder, out=Path(out), strict=strict)
+
+
+def _worker_build(unit: WorkUnit) -> str:
+    _build_unit(_WORKER["builder"], _WORKER["out"], unit, _WORKER["strict"])
+    return unit.unit_id
+
+
+def _process_units(builder: DatasetBuilder, out: Path, units: Sequence[WorkUnit], args: BuildArguments) -> None:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    if not units:
+        return
+    with tqdm(total=len(units), desc=f"{builder.name} volumes", unit="vol", disable=not args.progress) as bar:
+        if args.num_proc == 1:
+            for unit in units:
+                _build_unit(builder, out, unit, args.strict)
+                bar.update()
+            return
+        context = multiprocessing.get_context(args.start_method)
+        pool = context.Pool(
+            min(args.num_proc, len(units)), initializer=_init_worker, initargs=(builder, str(out), args.strict)
+        )
+        try:
+            for _ in pool.imap_unordered(_worker_build, units, chunksize=1):
+                bar.update()
+            pool.close()
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
+
+
+def run_build(builder: DatasetBuilder, out_dir: str | os.PathLike, args: BuildArguments | None = None) -> BuildSummary:
+    """Build (this shard of) a dataset into ``out_dir``; resume where a previous run stopped; merge when complete.
+
+    Args:
+        builder: the dataset builder.
+        out_dir: the dataset folder (created).
+        args: execution options (default :class:`BuildArguments`).
+
+    Returns:
+        A :class:`BuildSummary` (with counts when this run merged).
+
+    Raises:
+        BuildError: ``--strict`` and a bad row; ``out_dir`` holds work done with another configuration; a merge with
+            unfinished units.
+    """
+    args = args or BuildArguments()
+    out = Path(out_dir)
+    start = time.perf_counter()
+    if args.overwrite and not args.merge_only:
+        _clear_outputs(out, builder)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, builder)
+    builder.prepare(out)
+    plan = builder.plan()
+    _check_plan(plan)
+    if args.strict and plan.skipped:
+        first = plan.skipped[0]
+        raise BuildError(f"--strict: {first['reason']} ({first.get('source')}): {first['detail']}")
+
+    summary = BuildSummary(output_dir=out, units_total=len(plan.units))
+    if not args.merge_only:
+        mine = [u for u in plan.units if shard_of(u.unit_id, args.num_shards) == args.shard_index]
+        pending = [u for u in mine if not _unit_path(out, u.unit_id).exists()]
+        summary.units_in_shard, summary.units_reused = len(mine), len(mine) - len(pending)
+        if summary.units_reused:
+            logger.info("%s: %d of %d volumes already built, resuming", builder.name, summary.units_reused, len(mine))
+        process_start = time.perf_counter()
+        _process_units(builder, out, pending, args)
+        summary.units_processed = len(pending)
+        summary.seconds = time.perf_counter() - process_start
+    if args.merge_only or args.num_shards == 1:
+        merged = merge_build(builder, out, plan)
+        merged.units_in_shard, merged.units_processed = summary.units_in_shard, summary.units_processed
+        merged.units_reused, merged.seconds = summary.units_reused, summary.seconds
+        summary = merged
+        if args.push_to_hub:
+            push_dataset_to_hub(out, args.hub_repo_id, private=args.hub_private, ignore=builder.hub_ignore_patterns)
+    logger.info("%s: done in %.1f s", builder.name, time.perf_counter() - start)
+    return summary
+
+
+def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan | None = None) -> BuildSummary:
+    """Assemble ``data/<split>.jsonl``, ``skipped.jsonl`` and ``README.md`` from the finished units, in plan order.
+
+    Every record is checked against the builder's features (same field names), so a builder bug fails here and not
+    in ``load_dataset``. Empty splits get no file (and no entry in the card's ``configs``).
+
+    Raises:
+        BuildError: units of the plan are not built yet (names how many and the first few), or a record does not
+            match the features.
+    """
+    out = Path(out_dir)
+    plan = plan if plan is not None else builder.plan()
+    missing = [u.unit_id for u in plan.units if not _unit_path(out, u.unit_id).exists()]
+    if missing:
+        raise BuildError(
+            f"{len(missing)} of {len(plan.units)} volumes are not built yet (e.g. {', '.join(missing[:3])}); "
+            "run the missing shards (or the build without --merge_only) first"
+        )
+    features = builder.features()
+    names = set(features)
+    stats = DatasetStats()
+    skipped: Counter[str] = Counter()
+    counters: dict[str, Counter] = {}
+    _merge_counters(counters, plan.counters)
+    data = out / "data"
+    _remove_temporaries(data, ".")  # a merge killed half-way
+    _remove_temporaries(out, ".skipped.jsonl.")
+    _remove_temporaries(out, ".README.md.")
+    with contextlib.ExitStack() as stack:
+        files = {}
+        for split in SPLIT_NAMES:
+            tmp = stack.enter_context(atomic_output(data / f"{split}.jsonl"))
+            files[split] = stack.enter_context(open(tmp, "w", encoding="utf-8"))
+        skipped_tmp = stack.enter_context(atomic_output(out / "skipped.jsonl"))
+        skipped_file = stack.enter_context(open(skipped_tmp, "w", encoding="utf-8"))
+
+        def write_skipped(entries: Iterable[dict[str, Any]]) -> None:
+            for entry in entries:
+                skipped[entry["reason"]] += int(entry.get("rows", 1))
+                skipped_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+        write_skipped(plan.skipped)
+        for unit in plan.units:
+            done = json.loads(_unit_path(out, unit.unit_id).read_text(encoding="utf-8"))
+            for record in done["records"]:
+                if set(record) != names:
+                    raise BuildError(
+                        f"{unit.unit_id}: record fields differ from the declared features: missing "
+                        f"{sorted(names - set(record))}, unexpected {sorted(set(record) - names)}"
+                    )
+                files[record["split"]].write(json.dumps(record, ensure_ascii=False) + "\n")
+                stats.add(record)
+            write_skipped(done["skipped"])
+            _merge_counters(counters, done["counters"])
+    for split in SPLIT_NAMES:
+        if not stats.questions[split]:
+            (data / f"{split}.jsonl").unlink()
+
+    summary = BuildSummary(
+        output_dir=out,
+        merged=True,
+        units_total=len(plan.units),
+        questions={split: stats.questions[split] for split in SPLIT_NAMES},
+        volumes={split: stats.volumes(split) for split in SPLIT_NAMES},
+        patients={split: stats.patients(split) for split in SPLIT_NAMES},
+        question_types=stats.question_types,
+        skipped=dict(sorted(skipped.items())),
+        counters={name: dict(sorted(values.items())) for name, values in sorted(counters.items())},
+    )
+    render_dataset_card(
+        out,
+        stats=stats,
+        builder=builder.script,
+        skipped=summary.skipped,
+        features=features,
+        **builder.card(summary),
+    )
+    return summary
+
+
+def push_dataset_to_hub(
+    out_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = True,
+    ignore: Sequence[str] = (),
+    token: str | None = None,
+) -> str:
+    """Upload a built dataset folder to a Hub dataset repo (created if needed); ``.work/`` is never uploaded.
+
+    Returns:
+        The URL of the commit.
+    """
+    from huggingface_hub import HfApi  # noqa: PLC0415
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=repo_id,
+        repo_type="dataset",
+        folder_path=str(out_dir),
+        ignore_patterns=[WORK_DIR, f"{WORK_DIR}/*", *ignore],
+        commit_message="Upload dataset built with Med3DQwen",
+    )
+    return str(getattr(info, "commit_url", info))
+
+
+def read_unit(out_dir: str | os.PathLike, unit_id: str) -> dict[str, Any]:
+    """The finished result of one unit (``records``, ``skipped``, ``counters``), e.g. to inspect a volume."""
+    return json.loads(_unit_path(Path(out_dir), unit_id).read_text(encoding="utf-8"))
+
+
+def read_skipped(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The entries of ``skipped.jsonl``."""
+    return read_jsonl(Path(out_dir) / "skipped.jsonl")

@@ -1,0 +1,928 @@
+"""RadGenome-ChestCT → boundary-prompt VQA JSONL (the library behind ``datasets_scripts/build_radgenome.py``).
+
+Upstream layout: the Hugging Face dataset repository ``RadGenome/RadGenome-ChestCT`` as downloaded, with its mask
+archives extracted in place (the anatomy-mask parts are one byte-split ``.tar.gz``: ``cat train_anatomy_mask_a? |
+tar xz``)::
+
+    ROOT/dataset/radgenome_files/{train,validation}_{vqa_presence,vqa_abnormality,vqa_location,vqa_size,
+                                                     case_disorders,region_report}.csv
+    ROOT/dataset/train_preprocessed/train_<pid>/train_<pid><scan>/train_<pid>_<scan>_<recon>.nii.gz
+    ROOT/dataset/valid_preprocessed/valid_<pid>/valid_<pid><scan>/valid_<pid>_<scan>_<recon>.nii.gz
+    ROOT/dataset/{train,valid}_anatomy_mask/seg_<volume>/<structure>.nii.gz     fine structures (names with spaces)
+    ROOT/dataset/{train,valid}_region_mask/seg_<volume>/<region>.nii.gz         the 10 regions
+
+Note the folder quirk: the scan folder is ``train_362a`` (no ``_`` before the scan letter) while the file is
+``train_362_a_1.nii.gz``; CT-RATE's own layout (``train_362_a``) is accepted as a fallback. Every folder can be
+overridden (:class:`RadGenomeBuildConfig`).
+
+CSV columns (read by name, extra columns such as a pandas index are ignored, a UTF-8 BOM is accepted):
+
+==================  =========================================  =====================================================
+file                columns                                    question
+==================  =========================================  =====================================================
+vqa_presence        Volumename, Anatomy, Finding, Presence     presence, closed: ``Yes.`` / ``No.`` (label 1 / 0)
+vqa_abnormality     Volumename, Anatomy, Abnormality           abnormality, open (comma-joined findings)
+vqa_location        Volumename, Anatomy, Abnormality           location, open, whole volume (the answer is where)
+vqa_size            Volumename, Anatomy, Abnormality, Size     size, open (noisy text kept: ``6x4 mm``, ``2 cm``)
+case_disorders      Volumename, Disorders                      case_disorders, open, whole volume (1 row / volume)
+region_report       Volumename, Anatomy, Sentence              region_report, open (empty Anatomy: whole report)
+==================  =========================================  =====================================================
+
+Decisions (documented in ``datasets_scripts/README.md`` too):
+
+- **Volumes are not copied.** The build links the six upstream folders into ``OUT/source/`` (``source/
+  train_preprocessed`` → the upstream ``train_preprocessed`` …) and records hold paths relative to ``OUT`` through
+  those links (``source/train_preprocessed/train_362/train_362a/train_362_a_1.nii.gz``). ``OUT / volume_path``
+  resolves to the upstream file; after moving the data, re-run with the new ``data_root`` (finished volumes are
+  reused, the links refreshed: the configuration check covers options, not the data's location).
+  ``--push_to_hub`` never uploads ``source/`` (the licence forbids redistribution).
+- **Paths from CSVs are untrusted.** ``Volumename`` must match ``<split>_<pid>_<scan>_<recon>.nii.gz`` of the CSV's
+  own split; ``Anatomy`` components must not be empty, ``.``, ``..``, absolute or hold backslashes
+  (:func:`~med3dqwen.data.builder.safe_relpath`); otherwise the row is skipped (``unsafe_path`` /
+  ``malformed_row``).
+- **Linking rule** (the official baseline's): head = first component of ``Anatomy``, leaf = last. Mask =
+  ``anatomy_mask/seg_<volume>/<leaf>.nii.gz``; if that file is missing (or, our addition, empty or unreadable),
+  ``region_mask/seg_<volume>/<head>.nii.gz``. If head or leaf is ``others`` / ``whole scan`` (or ``Anatomy`` is
+  empty in ``region_report``), the question is about the whole volume: no mask, no contour, the no-prompt wording.
+  Location and case-disorder questions are always whole-volume (a contour around the answer would give it away).
+  A head outside the 10 regions is ``unknown_anatomy``.
+- **Deduplication.** Upstream repeats a finding at every level of the anatomy tree (``lung``, ``lung/lung``,
+  ``lung/lung/right lung``, …). Per volume, question type and answer content (finding + Yes/No, abnormality list,
+  finding + size, sentence), a row is dropped when another row with the same content sits at a *descendant* path
+  (keep the deepest level); rows left with the same leaf (``…/right lung/right lung upper lobe`` and ``…/lung upper
+  lobe/right lung upper lobe``: the same mask) are merged into the lexicographically first path. Location rows that
+  remain for one finding become one question whose answer names every leaf ("In the right lung upper lobe and the
+  left lung lower lobe."). Counts go to the card.
+- **Templates** (the CSVs hold no question text): our own small sets, :data:`TEMPLATES`, one chosen per row by
+  :func:`~med3dqwen.data.builder.stable_index` from ``(seed, volume, type, anatomy, content)``, so the choice does
+  not depend on row order or worker. ``{region}`` is the anatomy leaf (RadLex-normalised by the rewriting, e.g.
+  "right lung upper lobe" → "upper lobe of right lung"), ``{finding}`` the upstream text verbatim.
+- **Splits** are by patient (``train_<pid>`` / ``valid_<pid>``; ``train_7`` and ``valid_7`` are different people).
+  Upstream ``validation`` (manually verified) is our ``test``. Our ``validation`` (dev) is carved from upstream
+  ``train`` by patient hash (:func:`~med3dqwen.data.splits.assign_split`). ``split_ratios = (train, validation,
+  test)`` are target fractions of patients; see :func:`split_probabilities` for the two ``split_mode`` s.
+- **Skipped** (with ``--strict``: an error): ``malformed_row``, ``unsafe_path``, ``unknown_anatomy`` (while reading
+  CSVs), ``missing_volume``, ``unreadable_volume`` (all rows of the volume at once), ``missing_mask``,
+  ``unreadable_mask``, ``mask_mismatch`` (mask grid ≠ volume grid), ``empty_roi`` (per row, after the fallback).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from med3dqwen.data.builder import (
+    PNG_MODES,
+    PROMPTS,
+    BuildArguments,
+    BuildError,
+    BuildSummary,
+    DatasetBuilder,
+    Plan,
+    UnitResult,
+    UnsafePathError,
+    WorkUnit,
+    link_folder,
+    rewrite_configs,
+    run_build,
+    safe_relpath,
+    skip_entry,
+    stable_index,
+    write_prompt_pngs,
+)
+from med3dqwen.data.radlex import RadLexNormalizer
+from med3dqwen.data.rewrite import build_record, rewrite_qa
+from med3dqwen.data.splits import DEFAULT_RATIOS, assign_split
+
+
+__all__ = [
+    "CSV_COLUMNS",
+    "CSV_FILES",
+    "QUESTION_TYPES",
+    "RADGENOME_CITATION",
+    "REGIONS",
+    "TEMPLATES",
+    "WHOLE_VOLUME_ANATOMY",
+    "RadGenomeBuildConfig",
+    "RadGenomeBuilder",
+    "VolumeName",
+    "build_radgenome_dataset",
+    "dedupe_anatomy_levels",
+    "parse_anatomy",
+    "parse_volume_name",
+    "split_probabilities",
+]
+
+logger = logging.getLogger(__name__)
+
+QUESTION_TYPES = ("presence", "abnormality", "location", "size", "case_disorders", "region_report")
+"""The six question types, in output order within a volume."""
+
+CSV_FILES = {
+    "presence": "vqa_presence",
+    "abnormality": "vqa_abnormality",
+    "location": "vqa_location",
+    "size": "vqa_size",
+    "case_disorders": "case_disorders",
+    "region_report": "region_report",
+}
+"""Question type → CSV name stem; the file is ``<train|validation>_<stem>.csv``."""
+
+CSV_COLUMNS = {
+    "presence": ("Volumename", "Anatomy", "Finding", "Presence"),
+    "abnormality": ("Volumename", "Anatomy", "Abnormality"),
+    "location": ("Volumename", "Anatomy", "Abnormality"),
+    "size": ("Volumename", "Anatomy", "Abnormality", "Size"),
+    "case_disorders": ("Volumename", "Disorders"),
+    "region_report": ("Volumename", "Anatomy", "Sentence"),
+}
+"""The columns each CSV must have (exact upstream spelling)."""
+
+REGIONS = (
+    "abdomen",
+    "bone",
+    "breast",
+    "esophagus",
+    "heart",
+    "lung",
+    "mediastinum",
+    "pleura",
+    "thyroid",
+    "trachea and bronchie",
+)
+"""The 10 region masks (``*_region_mask/seg_<volume>/<region>.nii.gz``): the allowed heads of an anatomy path."""
+
+WHOLE_VOLUME_ANATOMY = ("others", "whole scan")
+"""Anatomy heads/leaves that mean "no specific structure": whole-volume question, no contour."""
+
+# Our template sets. {region} = anatomy leaf, {finding} = upstream text as is.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "presence": (
+        "Is there {finding} in the {region}?",
+        "Can {finding} be seen in the {region}?",
+        "Does the {region} show {finding}?",
+        "Is there evidence of {finding} in the {region}?",
+        "Are there signs of {finding} in the {region}?",
+    ),
+    "abnormality": (
+        "What abnormalities are seen in the {region}?",
+        "What are the abnormal findings in the {region}?",
+        "Which abnormalities does the {region} show?",
+        "What is abnormal in the {region}?",
+    ),
+    "location": (
+        "Where is the {finding} located?",
+        "Where in the scan is the {finding} found?",
+        "Which structure contains the {finding}?",
+        "What is the location of the {finding}?",
+    ),
+    "size": (
+        "What is the size of the {finding} in the {region}?",
+        "How large is the {finding} in the {region}?",
+        "What does the {finding} in the {region} measure?",
+        "What is the approximate size of the {finding} in the {region}?",
+    ),
+    "case_disorders": (
+        "What disorders does this scan show?",
+        "What are the abnormalities in this scan?",
+        "Which diseases are seen in this CT scan?",
+        "What are the main findings of this scan?",
+    ),
+    "region_report": (
+        "Describe the findings in the {region}.",
+        "Write the report for the {region}.",
+        "What does the {region} look like on this scan?",
+        "Please describe the {region}.",
+    ),
+    "whole_report": (
+        "Describe the findings of this CT scan.",
+        "Write the findings of the report for this scan.",
+        "Please describe this scan.",
+    ),
+}
+"""Question templates per type (``whole_report``: region-report rows without an anatomy)."""
+
+RADGENOME_CITATION = """@article{zhang2024radgenome,
+  title   = {RadGenome-Chest CT: A Grounded Vision-Language Dataset for Chest CT Analysis},
+  author  = {Zhang, Xiaoman and Wu, Chaoyi and Zhao, Ziheng and Lei, Jiayu and Zhang, Ya and Wang, Yanfeng and
+             Xie, Weidi},
+  journal = {arXiv preprint arXiv:2404.16754},
+  year    = {2024}
+}
+
+@article{hamamci2024ctrate,
+  title   = {Developing Generalist Foundation Models from a Multimodal Dataset for 3D Computed Tomography},
+  author  = {Hamamci, Ibrahim Ethem and others},
+  journal = {arXiv preprint arXiv:2403.17834},
+  year    = {2024}
+}"""
+
+SPLIT_MODES = ("upstream", "overall")
+# Upstream split → (CSV prefix, folder prefix).
+_UPSTREAM = {"train": ("train", "train"), "validation": ("validation", "valid")}
+_FOLDERS = (
+    "train_preprocessed",
+    "valid_preprocessed",
+    "train_anatomy_mask",
+    "valid_anatomy_mask",
+    "train_region_mask",
+    "valid_region_mask",
+)
+_VOLUME_NAME = re.compile(r"^(train|valid)_(\d+)_([A-Za-z]+)_(\d+)\.nii\.gz$")
+_MISSING = ("", "nan", "none", "null")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VolumeName(NamedTuple):
+    """A parsed ``Volumename`` such as ``train_362_a_1.nii.gz``."""
+
+    prefix: str  # "train" | "valid"
+    patient: int  # 362
+    scan: str  # "a"
+    recon: int  # 1
+
+    @property
+    def volume_id(self) -> str:
+        return f"{self.prefix}_{self.patient}_{self.scan}_{self.recon}"
+
+    @property
+    def patient_id(self) -> str:
+        return f"{self.prefix}_{self.patient}"
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.volume_id}.nii.gz"
+
+    def relpaths(self) -> tuple[str, str]:
+        """Where the volume may sit inside ``<prefix>_preprocessed``: RadGenome's layout, then CT-RATE's."""
+        patient = self.patient_id
+        return (
+            f"{patient}/{patient}{self.scan}/{self.file_name}",  # train_362/train_362a/train_362_a_1.nii.gz
+            f"{patient}/{patient}_{self.scan}/{self.file_name}",  # train_362/train_362_a/train_362_a_1.nii.gz
+        )
+
+    def sort_key(self) -> tuple:
+        return (self.prefix != "train", self.patient, self.scan, self.recon)
+
+
+def parse_volume_name(name: str) -> VolumeName:
+    """Parse ``<train|valid>_<pid>_<scan>_<recon>.nii.gz``.
+
+    Raises:
+        UnsafePathError: the name holds a path (``/``, ``\\``, ``..``).
+        ValueError: any other mismatch.
+    """
+    if "/" in name or "\\" in name or ".." in name.replace(".nii.gz", "") or "\x00" in name:
+        raise UnsafePathError(f"volume name {name!r} holds a path")
+    match = _VOLUME_NAME.match(name)
+    if match is None:
+        raise ValueError(f"volume name {name!r} does not match <train|valid>_<pid>_<scan>_<recon>.nii.gz")
+    prefix, patient, scan, recon = match.groups()
+    return VolumeName(prefix, int(patient), scan, int(recon))
+
+
+def parse_anatomy(anatomy: str) -> tuple[str, ...]:
+    """The components of an anatomy path (``"lung/lung/right lung"`` → ``("lung", "lung", "right lung")``).
+
+    Raises:
+        UnsafePathError: absolute path, ``.`` / ``..`` components, backslashes.
+        ValueError: empty path or empty components (``"lung//x"``); a head that is not one of :data:`REGIONS` or
+            :data:`WHOLE_VOLUME_ANATOMY` (message starts with "unknown anatomy").
+    """
+    text = anatomy.strip()
+    if not text:
+        raise ValueError("empty anatomy path")
+    parts = tuple(part.strip() for part in text.split("/"))
+    if text.startswith("/") or "\\" in text or "\x00" in text or any(p in (".", "..") for p in parts):
+        raise UnsafePathError(f"anatomy {anatomy!r} is not a relative structure path")
+    if any(not p for p in parts):
+        raise ValueError(f"anatomy {anatomy!r} has an empty component")
+    if parts[0].lower() not in (*REGIONS, *WHOLE_VOLUME_ANATOMY):
+        raise ValueError(f"unknown anatomy head {parts[0]!r} in {anatomy!r} (known: {', '.join(REGIONS)})")
+    return parts
+
+
+def _anatomy_key(parts: tuple[str, ...]) -> str:
+    return "/".join(p.lower() for p in parts)
+
+
+def _text_key(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def _is_whole(parts: tuple[str, ...]) -> bool:
+    return not parts or parts[0].lower() in WHOLE_VOLUME_ANATOMY or parts[-1].lower() in WHOLE_VOLUME_ANATOMY
+
+
+class Row(NamedTuple):
+    """One usable CSV row."""
+
+    question_type: str
+    number: int  # 1-based data row in its CSV
+    source: str  # "train_vqa_presence.csv:12"
+    anatomy: tuple[str, ...]  # () = whole scan
+    text: str  # Finding / Abnormality / Disorders / Sentence
+    extra: str = ""  # Presence ("Yes." / "No.") or Size
+
+    def content_key(self) -> tuple[str, ...]:
+        return (self.question_type, _text_key(self.text), _text_key(self.extra))
+
+
+def read_csv_rows(
+    path: Path, question_type: str, upstream_split: str
+) -> tuple[list[tuple[VolumeName, Row]], list[dict[str, Any]]]:
+    """Read one RadGenome CSV exactly as published; return the usable rows and the skipped ones.
+
+    Raises:
+        BuildError: the file has no header or lacks a required column.
+    """
+    csv_prefix, folder_prefix = _UPSTREAM[upstream_split]
+    rows: list[tuple[VolumeName, Row]] = []
+    skipped: list[dict[str, Any]] = []
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))  # whole-report cells can be long
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise BuildError(f"{path}: empty file, expected the columns {CSV_COLUMNS[question_type]}")
+        names = [name.strip() for name in header]
+        missing = [c for c in CSV_COLUMNS[question_type] if c not in names]
+        if missing:
+            raise BuildError(f"{path}: missing columns {missing} (found {names})")
+        index = {c: names.index(c) for c in CSV_COLUMNS[question_type]}
+        number = 0
+        while True:
+            number += 1
+            source = f"{path.name}:{number}"
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:  # e.g. a NUL byte; the reader goes on with the next line
+                skipped.append(
+                    skip_entry("malformed_row", f"unreadable CSV line {reader.line_num}: {err}", source=source)
+                )
+                continue
+            if not any(cell.strip() for cell in cells):
+                continue  # blank line
+            if len(cells) != len(names):
+                detail = f"expected {len(names)} fields, got {len(cells)}"
+                skipped.append(skip_entry("malformed_row", detail, source=source))
+                continue
+            values = {c: cells[i].strip() for c, i in index.items()}
+            try:
+                volume = parse_volume_name(values["Volumename"])
+            except UnsafePathError as err:
+                skipped.append(skip_entry("unsafe_path", str(err), source=source))
+                continue
+            except ValueError as err:
+                skipped.append(skip_entry("malformed_row", str(err), source=source))
+                continue
+            unit_id = volume.volume_id
+            if volume.prefix != folder_prefix:
+                detail = f"volume {values['Volumename']!r} in {csv_prefix} CSV"
+                skipped.append(skip_entry("malformed_row", detail, unit_id=unit_id, source=source))
+                continue
+            anatomy: tuple[str, ...] = ()
+            if "Anatomy" in values:
+                raw = values["Anatomy"]
+                if raw.lower() in _MISSING and question_type == "region_report":
+                    anatomy = ()  # whole-report row
+                else:
+                    try:
+                        anatomy = parse_anatomy("" if raw.lower() in _MISSING else raw)
+                    except UnsafePathError as err:
+                        skipped.append(skip_entry("unsafe_path", str(err), unit_id=unit_id, source=source))
+                        continue
+                    except ValueError as err:
+                        reason = "unknown_anatomy" if str(err).startswith("unknown anatomy") else "malformed_row"
+                        skipped.append(skip_entry(reason, str(err), unit_id=unit_id, source=source))
+                        continue
+            text_column = {"presence": "Finding", "case_disorders": "Disorders", "region_report": "Sentence"}.get(
+                question_type, "Abnormality"
+            )
+            text, extra = values[text_column], ""
+            if question_type == "presence":
+                answer = values["Presence"].lower().rstrip(".").strip()
+                if answer not in ("yes", "no"):
+                    detail = f"Presence {values['Presence']!r} is neither Yes. nor No."
+                    skipped.append(skip_entry("malformed_row", detail, unit_id=unit_id, source=source))
+                    continue
+                extra = "Yes." if answer == "yes" else "No."
+            elif question_type == "size":
+                extra = values["Size"]
+            if text.lower() in _MISSING or (question_type == "size" and extra.lower() in _MISSING):
+                detail = f"empty {text_column if text.lower() in _MISSING else 'Size'}"
+                skipped.append(skip_entry("malformed_row", detail, unit_id=unit_id, source=source))
+                continue
+            rows.append((volume, Row(question_type, number, source, anatomy, text, extra)))
+    return rows, skipped
+
+
+def dedupe_anatomy_levels(rows: list[Row]) -> tuple[list[Row], Counter[str]]:
+    """Keep the deepest anatomy level of each repeated finding (see the module docstring).
+
+    Args:
+        rows: the rows of one volume.
+
+    Returns:
+        ``(kept rows in their input order, removed rows per question type)``.
+    """
+    groups: defaultdict[tuple[str, ...], list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[row.content_key()].append(row)
+    kept: set[int] = set()
+    for group in groups.values():
+        paths = {_anatomy_key(r.anatomy) for r in group if r.anatomy}
+        deepest = [
+            r for r in group if not r.anatomy or not any(p.startswith(_anatomy_key(r.anatomy) + "/") for p in paths)
+        ]
+        by_leaf: dict[str, Row] = {}
+        for row in sorted(deepest, key=lambda r: (_anatomy_key(r.anatomy), r.number)):
+            by_leaf.setdefault(row.anatomy[-1].lower() if row.anatomy else "", row)
+        kept.update(id(r) for r in by_leaf.values())
+    removed: Counter[str] = Counter(r.question_type for r in rows if id(r) not in kept)
+    return [r for r in rows if id(r) in kept], removed
+
+
+def split_probabilities(
+    n_train_patients: int, n_valid_patients: int, ratios: tuple[float, float, float], mode: str
+) -> tuple[float, float, float]:
+    """Probabilities ``(train, validation, test)`` for an upstream-*train* patient (upstream validation → test).
+
+    ``ratios`` = target fractions of patients in our (train, validation, test).
+
+    - ``mode="upstream"`` (default): test is exactly upstream validation; upstream train is split into train and
+      validation (dev) in the proportion ``ratios[0] : ratios[1]`` (7 : 1 for 70/10/20); ``ratios[2]`` is not used.
+      On the full dataset (20,000 / 1,304 patients) that gives about 82 / 12 / 6 %.
+    - ``mode="overall"``: the ratios hold for the whole dataset. Our validation takes ``ratios[1] * N`` patients
+      from upstream train (``N`` = all patients), and test is upstream validation topped up with
+      ``max(0, ratios[2] * N - n_valid)`` upstream-train patients, so 70/10/20 gives 70/10/20 (test keeps all the
+      manually verified upstream-validation patients).
+
+    Raises:
+        ValueError: bad ratios or mode, or ratios that upstream train cannot satisfy.
+    """
+    if mode not in SPLIT_MODES:
+        raise ValueError(f"split_mode must be one of {SPLIT_MODES}, got {mode!r}")
+    r_train, r_val, r_test = (float(r) for r in ratios)
+    if min(r_train, r_val, r_test) < 0 or abs(r_train + r_val + r_test - 1) > 1e-6 or r_train <= 0:
+        raise ValueError(f"split_ratios {tuple(ratios)} must be 3 non-negative fractions summing to 1, train > 0")
+    if n_train_patients == 0:
+        return (1.0, 0.0, 0.0)
+    if mode == "upstream":
+        return (r_train / (r_train + r_val), r_val / (r_train + r_val), 0.0)
+    total = n_train_patients + n_valid_patients
+    p_test = max(0.0, r_test * total - n_valid_patients) / n_train_patients
+    p_val = r_val * total / n_train_patients
+    if p_test + p_val >= 1:
+        raise ValueError(f"split_ratios {tuple(ratios)} leave no upstream-train patient for train")
+    return (1.0 - p_test - p_val, p_val, p_test)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "roi"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The builder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RadGenomeBuildConfig:
+    """What to build.
+
+    Args:
+        data_root: the downloaded ``RadGenome-ChestCT`` repository (holds ``dataset/``).
+        output_dir: the dataset folder (created).
+        prompt: contour colour ``red`` / ``blue`` or ``none`` (no-prompt variant).
+        write_png: ``none`` (default: 25k volumes), ``montage`` or ``stack``; once per (volume, ROI).
+        thickness: contour thickness of the PNGs.
+        seed: template choice and dev-split hash.
+        split_ratios: target (train, validation, test) patient fractions; meaning per ``split_mode``, see
+            :func:`split_probabilities`.
+        split_mode: ``upstream`` (test = upstream validation) or ``overall`` (ratios over all patients).
+        question_types: which of :data:`QUESTION_TYPES` to build (their CSVs must exist).
+        validate_files: open every volume and mask (unreadable files, grid mismatch, empty ROI are skipped);
+            ``False`` only checks that the files exist (fast, for a first look at a huge build).
+        csv_dir, train_volume_dir, valid_volume_dir, train_anatomy_mask_dir, valid_anatomy_mask_dir,
+            train_region_mask_dir, valid_region_mask_dir: override the folders under ``data_root/dataset/``.
+    """
+
+    data_root: str
+    output_dir: str
+    prompt: str = "red"
+    write_png: str = "none"
+    thickness: int = 3
+    seed: int = 0
+    split_ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    split_mode: str = "upstream"
+    question_types: tuple[str, ...] = QUESTION_TYPES
+    validate_files: bool = True
+    csv_dir: str | None = None
+    train_volume_dir: str | None = None
+    valid_volume_dir: str | None = None
+    train_anatomy_mask_dir: str | None = None
+    valid_anatomy_mask_dir: str | None = None
+    train_region_mask_dir: str | None = None
+    valid_region_mask_dir: str | None = None
+    _folders: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.prompt not in PROMPTS:
+            raise ValueError(f"prompt must be one of {PROMPTS}, got {self.prompt!r}")
+        if self.write_png not in PNG_MODES:
+            raise ValueError(f"write_png must be one of {PNG_MODES}, got {self.write_png!r}")
+        self.split_ratios = tuple(float(r) for r in self.split_ratios)
+        split_probabilities(1, 0, self.split_ratios, self.split_mode)  # validates ratios and mode
+        unknown = sorted(set(self.question_types) - set(QUESTION_TYPES))
+        if unknown or not self.question_types:
+            raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {unknown or '()'}")
+        self.question_types = tuple(q for q in QUESTION_TYPES if q in self.question_types)
+        dataset = Path(self.data_root) / "dataset"
+        overrides = {
+            "csv": self.csv_dir,
+            "train_preprocessed": self.train_volume_dir,
+            "valid_preprocessed": self.valid_volume_dir,
+            "train_anatomy_mask": self.train_anatomy_mask_dir,
+            "valid_anatomy_mask": self.valid_anatomy_mask_dir,
+            "train_region_mask": self.train_region_mask_dir,
+            "valid_region_mask": self.valid_region_mask_dir,
+        }
+        defaults = {"csv": dataset / "radgenome_files", **{name: dataset / name for name in _FOLDERS}}
+        self._folders = {
+            key: str(Path(overrides[key] or defaults[key]).expanduser().resolve()) for key in ("csv", *_FOLDERS)
+        }
+
+    @property
+    def folders(self) -> dict[str, Path]:
+        """``csv`` and the six upstream folders (absolute), after overrides."""
+        return {key: Path(value) for key, value in self._folders.items()}
+
+
+class _Masks:
+    """Mask lookups of one volume: each file is checked (and its PNGs written) once."""
+
+    def __init__(self, builder: RadGenomeBuilder, volume: VolumeName, image, out_dir: Path):
+        self.cfg = builder.cfg
+        self.folders = builder.cfg.folders
+        self.volume = volume
+        self.image = image  # CTVolume or None (validate_files=False and no PNGs)
+        self.out_dir = out_dir
+        self.checked: dict[tuple[str, str], tuple[str, str, list[str]]] = {}
+        self.slugs: dict[str, tuple[str, str]] = {}
+
+    def check(self, kind: str, name: str) -> tuple[str, str, list[str]]:
+        """``(status, relative path, pngs)``, status one of ok, missing, empty, unreadable, mismatch."""
+        key = (kind, name)
+        if key not in self.checked:
+            self.checked[key] = self._check(kind, name)
+        return self.checked[key]
+
+    def _check(self, kind: str, name: str) -> tuple[str, str, list[str]]:
+        from med3dqwen.processing.ct_io import CTInputError, MaskMismatchError, load_mask  # noqa: PLC0415
+
+        folder = f"{self.volume.prefix}_{kind}_mask"
+        rel = safe_relpath(f"seg_{self.volume.volume_id}", f"{name}.nii.gz")
+        path = self.folders[folder] / rel
+        rel = f"source/{folder}/{rel}"
+        if not path.is_file():
+            return "missing", rel, []
+        if self.image is None:
+            return "ok", rel, []
+        try:
+            mask = load_mask(path, like=self.image)
+        except MaskMismatchError:
+            return "mismatch", rel, []
+        except CTInputError:
+            return "unreadable", rel, []
+        if not mask.any():
+            return "empty", rel, []
+        slug = f"{kind}_{_slug(name)}"
+        while slug in self.slugs and self.slugs[slug] != (kind, name):
+            slug += "_"
+        self.slugs[slug] = (kind, name)
+        pngs = write_prompt_pngs(
+            self.image.array,
+            mask,
+            self.out_dir,
+            self.volume.volume_id,
+            slug,
+            prompt=self.cfg.prompt,
+            write_png=self.cfg.write_png,
+            thickness=self.cfg.thickness,
+        )
+        return "ok", rel, pngs
+
+
+class RadGenomeBuilder(DatasetBuilder):
+    """RadGenome-ChestCT grounded VQA (six question types) with dataset masks as boundary prompts."""
+
+    name = "radgenome"
+    script = "datasets_scripts/build_radgenome.py"
+    owned_paths = ("prompts", "source")
+    hub_ignore_patterns = ("source", "source/*")
+
+    def __init__(self, config: RadGenomeBuildConfig):
+        self.cfg = config
+
+    def config(self) -> dict[str, Any]:
+        # The options, not where the data lives: records reach the data through the source/ links, so a moved
+        # download (new --data_root) re-uses finished volumes. After changing the data itself, use --overwrite.
+        values = asdict(self.cfg)
+        for key in ("output_dir", "data_root", "_folders", *(k for k in values if k.endswith("_dir"))):
+            values.pop(key, None)
+        return values
+
+    def extra_features(self) -> dict[str, Any]:
+        import datasets  # noqa: PLC0415
+
+        return {"anatomy": datasets.Value("string"), "source_row": datasets.Value("string")}
+
+    def prepare(self, out_dir: Path) -> None:
+        for name in _FOLDERS:
+            folder = self.cfg.folders[name]
+            if folder.is_dir():
+                link_folder(out_dir, f"source/{name}", folder)
+            elif name.endswith("_mask"):
+                logger.warning("%s not found: questions needing those masks fall back or are skipped", folder)
+
+    def plan(self) -> Plan:
+        folders = self.cfg.folders
+        volumes: dict[str, VolumeName] = {}
+        rows: defaultdict[str, list[Row]] = defaultdict(list)
+        skipped: list[dict[str, Any]] = []
+        for upstream in ("train", "validation"):
+            csv_prefix, folder_prefix = _UPSTREAM[upstream]
+            for question_type in self.cfg.question_types:
+                path = folders["csv"] / f"{csv_prefix}_{CSV_FILES[question_type]}.csv"
+                if not path.is_file():
+                    raise BuildError(
+                        f"{path} not found: expected the RadGenome CSVs in {folders['csv']} (--csv_dir), or leave "
+                        f"{question_type} out with --question_types"
+                    )
+                found, bad = read_csv_rows(path, question_type, upstream)
+                skipped.extend(bad)
+                for volume, row in found:
+                    volumes[volume.volume_id] = volume
+                    rows[volume.volume_id].append(row)
+            volume_dir = folders[f"{folder_prefix}_preprocessed"]
+            if any(v.prefix == folder_prefix for v in volumes.values()) and not volume_dir.is_dir():
+                raise BuildError(f"volume folder {volume_dir} not found (--{folder_prefix}_volume_dir)")
+
+        patients = {
+            prefix: {v.patient_id for v in volumes.values() if v.prefix == prefix} for prefix in ("train", "valid")
+        }
+        probabilities = split_probabilities(
+            len(patients["train"]), len(patients["valid"]), self.cfg.split_ratios, self.cfg.split_mode
+        )
+        units = []
+        for volume in sorted(volumes.values(), key=VolumeName.sort_key):
+            # Upstream validation is our test; upstream-train patients are hashed into train / validation (/ test).
+            split = (
+                "test" if volume.prefix == "valid" else assign_split(volume.patient_id, self.cfg.seed, probabilities)
+            )
+            units.append(
+                WorkUnit(
+                    unit_id=volume.volume_id,
+                    patient_id=volume.patient_id,
+                    split=split,
+                    payload=(volume, rows[volume.volume_id]),
+                )
+            )
+        return Plan(units=units, skipped=skipped)
+
+    def process(self, unit: WorkUnit, out_dir: Path) -> UnitResult:
+        from med3dqwen.processing.ct_io import CTInputError, load_volume  # noqa: PLC0415
+
+        cfg = self.cfg
+        volume, rows = unit.payload
+        result = UnitResult()
+        folder = f"{volume.prefix}_preprocessed"
+        found = [rel for rel in volume.relpaths() if (cfg.folders[folder] / rel).is_file()]
+        if not found:
+            detail = f"{folder}/{volume.relpaths()[0]} not found"
+            result.skipped.append(skip_entry("missing_volume", detail, unit_id=unit.unit_id, rows=len(rows)))
+            return result
+        volume_path = f"source/{folder}/{found[0]}"
+        image = None
+        if cfg.validate_files or (cfg.prompt != "none" and cfg.write_png != "none"):
+            try:
+                image = load_volume(cfg.folders[folder] / found[0])
+            except CTInputError as err:
+                result.skipped.append(skip_entry("unreadable_volume", str(err), unit_id=unit.unit_id, rows=len(rows)))
+                return result
+
+        rows, removed = dedupe_anatomy_levels(rows)
+        result.counters["deduplicated"] = dict(removed)
+        rows = sorted(rows, key=lambda r: (QUESTION_TYPES.index(r.question_type), r.number))
+        masks = _Masks(self, volume, image, out_dir)
+        roi_config, whole_config = rewrite_configs(cfg.prompt)
+        normalizer = RadLexNormalizer()
+        fallback: Counter[str] = Counter()
+        whole: Counter[str] = Counter()
+        by_type: dict[str, list[dict[str, Any]]] = {question_type: [] for question_type in QUESTION_TYPES}
+
+        def emit(row_or_rows, question: str, answer: str, mask: tuple[str, str, str, list[str]] | None) -> None:
+            group = row_or_rows if isinstance(row_or_rows, list) else [row_or_rows]
+            first = group[0]
+            answer_type = "closed" if first.question_type == "presence" else "open"
+            qa = rewrite_qa(
+                question,
+                answer,
+                answer_type=answer_type,
+                config=roi_config if mask else whole_config,
+                normalizer=normalizer,
+            )
+            if mask is None:
+                whole[first.question_type] += 1
+            by_type[first.question_type].append(
+                build_record(
+                    qa,
+                    volume_path=volume_path,
+                    mask_path=mask[0] if mask else None,
+                    mask_source=mask[1] if mask else None,
+                    roi=mask[2] if mask else None,
+                    question_type=first.question_type,
+                    split=unit.split,
+                    patient_id=unit.patient_id,
+                    volume_id=unit.unit_id,
+                    prompt_pngs=mask[3] if mask else [],
+                    extra={
+                        "anatomy": "whole scan"
+                        if first.question_type == "location" or not first.anatomy
+                        else "/".join(first.anatomy),
+                        "source_row": ";".join(r.source for r in group),
+                    },
+                )
+            )
+
+        locations: dict[str, list[Row]] = {}
+        for row in rows:
+            if row.question_type == "location":
+                locations.setdefault(_text_key(row.text), []).append(row)
+                continue
+            key = f"{unit.unit_id}|{row.question_type}|{_anatomy_key(row.anatomy)}|{_text_key(row.text)}"
+            if row.question_type == "case_disorders" or (row.question_type == "region_report" and not row.anatomy):
+                templates = TEMPLATES["case_disorders" if row.question_type == "case_disorders" else "whole_report"]
+                question = templates[stable_index(cfg.seed, key, len(templates))]
+                emit(row, question, row.text, None)
+                continue
+            mask = None
+            if not _is_whole(row.anatomy):
+                head, leaf = row.anatomy[0], row.anatomy[-1]
+                normalizer.normalize_term(leaf)  # counts leaves without a RadLex entry
+                status, rel, pngs = masks.check("anatomy", leaf)
+                if status == "ok":
+                    mask = (rel, "radgenome_anatomy_mask", leaf, pngs)
+                else:
+                    region_status, region_rel, region_pngs = masks.check("region", head)
+                    if region_status != "ok":
+                        reason = _mask_reason(status, region_status)
+                        detail = f"anatomy mask {rel}: {status}; region mask {region_rel}: {region_status}"
+                        result.skipped.append(skip_entry(reason, detail, unit_id=unit.unit_id, source=row.source))
+                        continue
+                    fallback[f"anatomy mask {status}"] += 1
+                    mask = (region_rel, "radgenome_region_mask", head, region_pngs)
+            leaf = row.anatomy[-1]
+            region = "scan" if leaf.lower() in WHOLE_VOLUME_ANATOMY else leaf
+            templates = TEMPLATES[row.question_type]
+            question = templates[stable_index(cfg.seed, key, len(templates))].format(finding=row.text, region=region)
+            emit(row, question, row.extra if row.question_type in ("presence", "size") else row.text, mask)
+
+        for group in locations.values():
+            first = group[0]
+            key = f"{unit.unit_id}|location|{_text_key(first.text)}"
+            templates = TEMPLATES["location"]
+            question = templates[stable_index(cfg.seed, key, len(templates))].format(finding=first.text)
+            places = []
+            for row in group:
+                place = "other structures" if row.anatomy[-1].lower() in WHOLE_VOLUME_ANATOMY else row.anatomy[-1]
+                if place not in places:
+                    places.append(place)
+            phrases = [f"the {place}" for place in places]
+            joined = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+            emit(group, question, f"In {joined}.", None)
+        result.records = [record for question_type in QUESTION_TYPES for record in by_type[question_type]]
+        merged_rows = sum(len(group) for group in locations.values())
+        result.counters["location_rows_merged"] = {"rows": merged_rows, "questions": len(locations)}
+        result.counters["mask_fallback"] = dict(fallback)
+        result.counters["whole_volume"] = dict(whole)
+        result.counters["unknown_anatomy_terms"] = dict(normalizer.unknown_terms)
+        return result
+
+    def card(self, summary: BuildSummary) -> dict[str, Any]:
+        cfg = self.cfg
+        counters = summary.counters
+        if cfg.prompt != "none":
+            pngs = (
+                "No PNGs were written."
+                if cfg.write_png == "none"
+                else f"Each (volume, ROI) has a {cfg.thickness}-px contour {cfg.write_png} under `prompts/`."
+            )
+            variant = (
+                f'Boundary prompts in **{cfg.prompt}**: questions about a structure are rewritten ("Within the '
+                f'{cfg.prompt}-outlined area of the CT volume, ...") and the contour is drawn from its RadGenome mask '
+                f"(`mask_path`). {pngs} Whole-volume questions (location, case disorders, whole-report and "
+                "`others` rows) have no contour and keep the no-prompt wording."
+            )
+        else:
+            variant = "No prompt: questions keep their wording (RadLex-normalised); masks are still listed."
+        if cfg.split_mode == "upstream":
+            dev = split_probabilities(1, 0, cfg.split_ratios, cfg.split_mode)[1]
+            split_text = (
+                f"Splits by patient: `test` is the upstream (manually verified) validation set; `validation` holds "
+                f"about {dev:.1%} of the upstream-train patients (hash of `train_<pid>`, seed {cfg.seed}), `train` "
+                "the rest."
+            )
+        else:
+            split_text = (
+                f"Splits by patient, fractions {list(cfg.split_ratios)} of all patients: `test` is the upstream "
+                "validation set topped up with upstream-train patients; `validation` is carved from upstream train "
+                f"(hash of `train_<pid>`, seed {cfg.seed})."
+            )
+        notes = [split_text]
+        deduplicated = counters.get("deduplicated", {})
+        if deduplicated:
+            per_type = ", ".join(f"{k} {v}" for k, v in deduplicated.items())
+            notes.append(
+                f"{sum(deduplicated.values())} rows dropped as the same finding at a shallower level of the anatomy "
+                f"tree or the same structure again ({per_type})."
+            )
+        merged = counters.get("location_rows_merged", {})
+        if merged.get("rows"):
+            notes.append(f"{merged['rows']} location rows became {merged['questions']} question(s), one per finding.")
+        fallback = counters.get("mask_fallback", {})
+        if fallback:
+            notes.append(
+                f"{sum(fallback.values())} questions are outlined by their region mask because the anatomy mask was "
+                f"not usable ({', '.join(f'{k}: {v}' for k, v in fallback.items())})."
+            )
+        whole = counters.get("whole_volume", {})
+        if whole:
+            notes.append(f"{sum(whole.values())} whole-volume questions have no mask and no contour.")
+        unknown = counters.get("unknown_anatomy_terms", {})
+        if unknown:
+            notes.append(f"Structure names without a RadLex entry, kept as they are: {', '.join(sorted(unknown))}.")
+        return {
+            "pretty_name": "RadGenome-ChestCT boundary-prompt VQA (Med3DQwen build)",
+            "summary": (
+                "Grounded VQA from RadGenome-ChestCT (CT-RATE chest CT volumes with SAT organ masks): presence "
+                "(closed, Yes./No.), abnormality, location, size, case disorders and region report questions "
+                "(open), rewritten for slice-wise boundary prompting. Question text comes from our own templates "
+                "(`med3dqwen.data.radgenome.TEMPLATES`); answers are the upstream text."
+            ),
+            "prompt_description": variant,
+            "source": (
+                "[RadGenome/RadGenome-ChestCT](https://huggingface.co/datasets/RadGenome/RadGenome-ChestCT) (CSVs, "
+                "masks and preprocessed volumes) on [CT-RATE](https://huggingface.co/datasets/ibrahimhamamci/CT-RATE) "
+                "volumes. Licence: CC BY-NC-SA 4.0, non-commercial; the CT-RATE terms forbid redistributing any part "
+                "of the data, so this folder holds no volume or mask: it links to your download under `source/`, "
+                "and pushed copies must stay private."
+            ),
+            "license": "cc-by-nc-sa-4.0",
+            "citation": RADGENOME_CITATION,
+            "notes": notes,
+            "files_description": (
+                "Volumes and masks are not copied: `source/<folder>` links to the upstream folders "
+                '(`train_preprocessed`, `valid_anatomy_mask`, ...), so `folder / sample["volume_path"]` and '
+                '`folder / sample["mask_path"]` open the upstream NIfTI files, e.g. with '
+                "`med3dqwen.processing.ct_io.load_volume`."
+            ),
+            "extra_fields": {
+                "anatomy": "upstream `Anatomy` path of the row (`whole scan` for whole-volume questions)",
+                "source_row": "upstream CSV file and 1-based data row(s), e.g. `train_vqa_presence.csv:12`",
+            },
+            "tags": ["radgenome", "ct-rate", "chest"],
+        }
+
+
+def _mask_reason(anatomy_status: str, region_status: str) -> str:
+    statuses = {anatomy_status, region_status}
+    for status, reason in (("unreadable", "unreadable_mask"), ("mismatch", "mask_mismatch"), ("empty", "empty_roi")):
+        if status in statuses:
+            return reason
+    return "missing_mask"
+
+
+def build_radgenome_dataset(config: RadGenomeBuildConfig, args: BuildArguments | None = None) -> BuildSummary:
+    """Build RadGenome-ChestCT into ``config.output_dir`` (see the module docstring).
+
+    Args:
+        config: see :class:`RadGenomeBuildConfig`.
+        args: how to run (processes, shards, resume, strict, push).
+
+    Returns:
+        A :class:`~med3dqwen.data.builder.BuildSummary`.
+    """
+    return run_build(RadGenomeBuilder(config), config.output_dir, args)
