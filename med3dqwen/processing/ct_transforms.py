@@ -273,6 +273,9 @@ def _square(mask: np.ndarray, radius: int, erode: bool) -> np.ndarray:
     src = mask
     for axis in (1, 2):
         n = mask.shape[axis]
+        if n <= 2 * radius:  # no full window fits: an erosion is empty (dilations are always padded wider)
+            src = np.zeros_like(mask)
+            continue
         out = np.empty_like(mask)
         lead = [slice(None)] * 3
         for edge in (slice(0, radius), slice(n - radius, n)):
@@ -649,7 +652,7 @@ def _save_png(path: Path, rgb: np.ndarray) -> Path:
     from PIL import Image  # noqa: PLC0415
 
     with atomic_output(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
+        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)  # zlib level 1: ~4x faster, ~15 % larger
     return path
 
 

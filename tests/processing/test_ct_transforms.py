@@ -209,6 +209,20 @@ def test_matches_reference_across_many_slabs(monkeypatch, mode):
     np.testing.assert_array_equal(boundary_mask(mask, 2, mode, True), reference_band(mask, 2, mode, True))
 
 
+@pytest.mark.parametrize("mode", ["inner", "outer", "two_sided"])
+@pytest.mark.parametrize("thickness", [1, 2, 3, 4])
+def test_thin_rois_match_reference(mode, thickness):
+    # ROIs narrower than the band (1-8 px) and touching the image edge: crops smaller than the filter window.
+    for width in range(1, 9):
+        for height in (1, 2, 5):
+            mask = np.zeros((2, 12, 12), dtype=bool)
+            mask[0, 3 : 3 + height, 2 : 2 + width] = True
+            mask[1, : height + 1, -width:] = True
+            np.testing.assert_array_equal(
+                boundary_mask(mask, thickness, mode), reference_band(mask, thickness, mode, True), err_msg=f"{width=}"
+            )
+
+
 def test_numpy_and_torch_inputs_agree():
     mask = random_blobs((3, 21, 23), seed=1)
     expected = boundary_mask(mask)
