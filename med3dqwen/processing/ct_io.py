@@ -35,13 +35,16 @@ __all__ = [
     "CTVolume",
     "CorruptFileError",
     "InvalidVolumeError",
+    "LabelMap",
     "MaskMismatchError",
     "UnknownLabelError",
     "TOTALSEGMENTATOR_V2_LABELS",
     "atomic_output",
+    "load_label_map",
     "load_mask",
     "load_volume",
     "save_nifti",
+    "select_label",
     "standard_affine",
 ]
 
@@ -470,6 +473,67 @@ def _label_table_from_header(image: nib.Nifti1Image) -> dict[int, str]:
     return table
 
 
+@dataclass(frozen=True)
+class LabelMap:
+    """An integer label map (or binary mask) in the canonical (D, H, W) orientation.
+
+    Attributes:
+        array: (D, H, W) integer labels (the file's integer dtype; integral floats become int32).
+        affine: (4, 4) index → RAS+ mm, or ``None`` for ``.npy`` files (already canonical; no grid to check).
+        header_table: id → name from the file header (TotalSegmentator's XML label table), empty if none.
+        path: the file.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray | None
+    header_table: dict[int, str]
+    path: str
+
+    def check_grid(self, like: CTVolume, atol: float = 1e-3) -> None:
+        """Raise :class:`MaskMismatchError` (naming both grids) unless this map lies on ``like``'s voxel grid."""
+        if self.array.shape != like.shape:
+            raise MaskMismatchError(
+                self.path, f"mask grid {self.array.shape} differs from volume grid {like.shape} ({like.path})"
+            )
+        if self.affine is not None and not np.allclose(self.affine, like.affine, rtol=0, atol=atol):
+            raise MaskMismatchError(
+                self.path,
+                f"mask affine differs from the volume's ({like.path}):\n"
+                f"mask:\n{np.round(self.affine, 4)}\nvolume:\n{np.round(like.affine, 4)}",
+            )
+
+
+def load_label_map(path: str | os.PathLike) -> LabelMap:
+    """Read a binary or multilabel NIfTI (or a canonical ``.npy``), reoriented exactly like :func:`load_volume`.
+
+    Raises:
+        CorruptFileError: missing or unreadable file, unknown format. InvalidVolumeError: not 3D, or non-integer
+            values (an image rather than a label map).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CorruptFileError(path, "file not found")
+    header_table: dict[int, str] = {}
+    if path.suffix.lower() == ".npy":
+        data, affine = _read_npy(path), None
+    elif _is_nifti(path):
+        data, affine, image = _read_nifti(path, None)
+        header_table = _label_table_from_header(image)
+    else:
+        raise CorruptFileError(path, "unknown mask format; expected .nii, .nii.gz or .npy")
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InvalidVolumeError(path, f"expected a 3D mask, got shape {data.shape}")
+    if data.dtype.kind not in "iub":
+        if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
+            raise InvalidVolumeError(path, "mask holds non-integer values (is this an image, not a label map?)")
+        data = data.astype(np.int32)
+    if affine is not None:
+        data, affine = _to_canonical(data, affine)
+    return LabelMap(array=np.ascontiguousarray(data), affine=affine, header_table=header_table, path=str(path))
+
+
 def load_mask(
     path: str | os.PathLike,
     like: CTVolume | None = None,
@@ -498,43 +562,15 @@ def load_mask(
         MaskMismatchError: grid differs from ``like``. UnknownLabelError: a name not in the label table, an id
             neither in the table nor in the file, or ``label=None`` on a multilabel file.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CorruptFileError(path, "file not found")
-    header_table: dict[int, str] = {}
-    if path.suffix.lower() == ".npy":
-        data = _read_npy(path)
-        affine = None
-    elif _is_nifti(path):
-        data, affine, image = _read_nifti(path, None)
-        header_table = _label_table_from_header(image)
-    else:
-        raise CorruptFileError(path, "unknown mask format; expected .nii, .nii.gz or .npy")
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InvalidVolumeError(path, f"expected a 3D mask, got shape {data.shape}")
-    if data.dtype.kind == "f":
-        if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
-            raise InvalidVolumeError(path, "mask holds non-integer values (is this an image, not a label map?)")
-    if affine is None:  # .npy masks are already canonical; borrow the volume's grid.
-        affine = like.affine if like is not None else standard_affine()
-        array = np.ascontiguousarray(data)
-    else:
-        array, affine = _to_canonical(data, affine)
-
+    labels = load_label_map(path)
     if like is not None:
-        if array.shape != like.shape:
-            raise MaskMismatchError(
-                path, f"mask grid {array.shape} differs from volume grid {like.shape} ({like.path})"
-            )
-        if not np.allclose(affine, like.affine, rtol=0, atol=atol):
-            raise MaskMismatchError(
-                path,
-                f"mask affine differs from the volume's ({like.path}):\n"
-                f"mask:\n{np.round(affine, 4)}\nvolume:\n{np.round(like.affine, 4)}",
-            )
+        labels.check_grid(like, atol)
+    return select_label(labels, label, label_map)
 
+
+def select_label(labels: LabelMap, label: int | str | None, label_map: Mapping[int, str] | None = None) -> np.ndarray:
+    """The (D, H, W) bool mask of one label of a :class:`LabelMap` (see :func:`load_mask` for the rules)."""
+    path, array, header_table = labels.path, labels.array, labels.header_table
     if label is None:
         # Binary means at most one non-zero value (0/1 and 0/255 masks both are); checked without np.unique's sort.
         roi = array != 0
