@@ -1,0 +1,768 @@
+"""M3D-VQA → closed / open VQA JSONL (the library behind ``datasets_scripts/build_m3d_vqa.py``).
+
+Upstream: the CSVs of the Hugging Face dataset ``GoodBaiBai88/M3D-VQA`` and the ``.npy`` images of M3D-Cap
+(``GoodBaiBai88/M3D-Cap``) that the CSVs point to::
+
+    DATA_ROOT/M3D_VQA_train.csv, M3D_VQA_val.csv, M3D_VQA_test.csv      (also M3D_VQA_test5k.csv)
+        Image Path, Text, Question Type, Question, Choice A, Choice B, Choice C, Choice D, Answer, Answer Choice
+        (the test CSV has an extra ``Note`` column)
+    IMAGE_ROOT/M3D_Cap_npy/<source>/<case>/<image>.npy
+        e.g. M3D_Cap_npy/ct_quizze/005749/Axial_non_contrast.npy
+
+``Image Path`` is relative to ``IMAGE_ROOT`` (M3D's ``data_root``). Columns are read by name; ``Text`` (the
+report) is not used; extra columns (``Note``, a pandas index) are ignored and named in the card.
+
+Decisions (documented in ``datasets_scripts/README.md`` too):
+
+- **Two answer modes from the same rows** (``mode``): ``closed``: the question followed by ``"Choices: A. ... B. ...
+  C. ... D. ..."`` (M3D's own prompt layout; choices upstream filled with ``NA`` are left out of the list but keep
+  their letter), answer ``"<letter>. <choice text>"``, ``closed_label`` = the letter's index (A = 0 ... D = 3);
+  ``open``: the question alone, answer = the ``Answer`` text. ``both`` (default) writes a closed and an open record
+  per row, in that order. The closed answer uses the choice text of ``Answer Choice`` (so the label set is
+  consistent); rows where ``Answer`` differs from that choice text are counted in the card.
+- **Question types** 1-5 are recorded by name: plane, phase, organ, abnormality, location.
+- **Intensity.** The images are ``float32`` arrays of shape (1, 32, 256, 256), normalised to [0, 1] from 8-bit
+  Radiopaedia PNG slices: not HU. Every record says ``intensity: "unit"``: the processor must not apply an HU window
+  (use the identity window ``[0, 1]``). The leading channel axis is part of the file; readers drop it.
+- **Prompts only where a mask exists.** M3D-VQA has no masks. With ``mask_source="none"`` (default) every question is
+  un-prompted, whatever ``prompt`` says. With a mask source, a question of type organ, abnormality or location whose
+  *question stem* (never the choices or the answer) names a structure the source can outline gets that structure's
+  contour and the prompt wording; plane and phase questions are about the whole image and never get one. Sources:
+  ``totalsegmentator_files`` (``MASK_DIR/<Image Path without .npy>/<class>.nii.gz``: TotalSegmentator's per-class
+  output for that image), ``totalsegmentator_multilabel`` (``MASK_DIR/<Image Path without .npy>.nii.gz``),
+  ``hu_threshold`` (thresholds on pseudo-HU ``value * 1200 - 1000``, i.e. the image read as if it were
+  chest-windowed: rough, for demos). Masks must lie on the image's grid: save ``array[0]`` with
+  :func:`~med3dqwen.processing.ct_io.save_nifti` (1-mm standard affine) before segmenting it. The mask used is
+  written to ``masks/<unit>/<structure>.nii.gz`` (it may be a union of parts or a threshold result, so it is
+  written, not linked); questions left un-prompted are counted per reason in the card.
+- **Splits and leakage.** Upstream train / val / test CSVs become our train / validation / test (comparable with
+  M3D's benchmark). The patient unit is the Radiopaedia case: the two folders above the image file
+  (``ct_quizze/005749``). A case found in more than one split is a leak; ``case_overlap="drop"`` (default) keeps it
+  in its highest-priority split (test > validation > train) and leaves its rows in the other splits out on purpose
+  (``filtered.jsonl``, counted in the card); ``"keep"`` only warns; ``"error"`` stops the build.
+- **Skipped** (``skipped.jsonl``; ``--strict``: an error): ``malformed_row`` (field count, unknown question type,
+  answer letter not A-D or pointing at an ``NA`` choice, empty question, an image path that is not a ``.npy``),
+  ``unsafe_path`` (absolute paths, ``..``), ``missing_volume``, ``unreadable_volume`` (not a numeric (1, D, H, W) or
+  (D, H, W) array, NaN values).
+- **Volumes are not copied**: ``OUT/source/images`` links to ``IMAGE_ROOT`` and records hold paths through it
+  (``source/images/M3D_Cap_npy/ct_quizze/005749/Axial_non_contrast.npy``).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import logging
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from med3dqwen.data.builder import (
+    PNG_MODES,
+    PROMPTS,
+    BuildArguments,
+    BuildError,
+    BuildSummary,
+    DatasetBuilder,
+    Plan,
+    UnitResult,
+    UnsafePathError,
+    WorkUnit,
+    link_folder,
+    rewrite_configs,
+    run_build,
+    safe_relpath,
+    skip_entry,
+    write_prompt_pngs,
+)
+from med3dqwen.data.radlex import RadLexNormalizer
+from med3dqwen.data.rewrite import RewriteConfig, build_record, rewrite_qa
+from med3dqwen.processing.ct_io import atomic_output
+
+
+__all__ = [
+    "CSV_COLUMNS",
+    "DEFAULT_CSVS",
+    "M3D_CITATION",
+    "MASK_SOURCES",
+    "MODES",
+    "QUESTION_TYPES",
+    "M3DVQABuildConfig",
+    "M3DVQABuilder",
+    "build_m3d_vqa_dataset",
+    "case_id",
+    "find_structure",
+    "read_vqa_csv",
+]
+
+logger = logging.getLogger(__name__)
+
+QUESTION_TYPES = {1: "plane", 2: "phase", 3: "organ", 4: "abnormality", 5: "location"}
+"""Upstream ``Question Type`` → our ``question_type``."""
+
+CSV_COLUMNS = (
+    "Image Path",
+    "Question Type",
+    "Question",
+    "Choice A",
+    "Choice B",
+    "Choice C",
+    "Choice D",
+    "Answer",
+    "Answer Choice",
+)
+"""The columns each CSV must have (exact upstream spelling); ``Text`` and ``Note`` are optional."""
+
+DEFAULT_CSVS = {"train": "M3D_VQA_train.csv", "validation": "M3D_VQA_val.csv", "test": "M3D_VQA_test.csv"}
+"""Our split → the upstream CSV it comes from (file names in ``DATA_ROOT``)."""
+
+MODES = ("closed", "open", "both")
+MASK_SOURCES = ("none", "totalsegmentator_files", "totalsegmentator_multilabel", "hu_threshold")
+CASE_OVERLAP = ("drop", "keep", "error")
+PROMPTABLE_TYPES = ("organ", "abnormality", "location")
+"""Question types that may get a contour (plane and phase are properties of the whole image)."""
+
+UNIT_TO_PSEUDO_HU = (-1000.0, 200.0)
+"""``[0, 1]`` is read as this HU range (the chest window) for PNG rendering and the ``hu_threshold`` source."""
+
+M3D_CITATION = """@article{bai2024m3d,
+  title   = {M3D: Advancing 3D Medical Image Analysis with Multi-Modal Large Language Models},
+  author  = {Bai, Fan and Du, Yuxin and Huang, Tiejun and Meng, Max Q.-H. and Zhao, Bo},
+  journal = {arXiv preprint arXiv:2404.00578},
+  year    = {2024}
+}"""
+
+_SPLIT_PRIORITY = {"test": 0, "validation": 1, "train": 2}
+_LETTERS = "ABCD"
+_ABSENT = ("", "na", "n/a", "nan", "none", "null")
+_KNOWN_OPTIONAL = ("Text",)  # used upstream for generation, not needed here
+
+
+class Row(NamedTuple):
+    """One usable CSV row."""
+
+    number: int  # 1-based data row in its CSV
+    source: str  # "M3D_VQA_train.csv:12"
+    image_path: str  # relative to IMAGE_ROOT, validated
+    question_type: str  # "plane", ...
+    question: str
+    choices: tuple[str, str, str, str]  # "" where upstream has NA
+    letter: str  # "A" .. "D"
+    answer: str  # upstream Answer text (the choice text when empty)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def case_id(image_path: str) -> str:
+    """The Radiopaedia case of an image: the two folders above the file (``M3D_Cap_npy/ct_quizze/005749/x.npy`` →
+    ``ct_quizze/005749``), or its folder when there is only one."""
+    parts = image_path.split("/")[:-1]
+    return "/".join(parts[-2:]) if parts else image_path
+
+
+def _volume_id(image_path: str) -> str:
+    """File-name safe id of an image: its path without ``.npy``, ``/`` → ``__``; a hash is added if other characters
+    had to be replaced, so that two paths never share an id."""
+    stem = image_path[: -len(".npy")] if image_path.lower().endswith(".npy") else image_path
+    joined = stem.replace("/", "__")
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", joined)
+    if slug != joined or not slug[:1].isalnum():
+        slug = f"v{slug}-{hashlib.sha256(image_path.encode()).hexdigest()[:8]}"
+    return slug
+
+
+def _text_key(text: str) -> str:
+    return " ".join(text.split()).casefold().removesuffix(".").rstrip()
+
+
+def read_vqa_csv(path: Path, split: str) -> tuple[list[Row], list[dict[str, Any]], list[str]]:
+    """Read one M3D-VQA CSV exactly as published: usable rows, skipped rows, and the ignored extra columns.
+
+    Raises:
+        BuildError: the file has no header or lacks a required column.
+    """
+    csv.field_size_limit(2**31 - 1)  # the report column holds long texts
+    rows: list[Row] = []
+    skipped: list[dict[str, Any]] = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise BuildError(f"{path}: empty file, expected the columns {CSV_COLUMNS}")
+        names = [name.strip() for name in header]
+        missing = [c for c in CSV_COLUMNS if c not in names]
+        if missing:
+            raise BuildError(f"{path}: missing columns {missing} (found {names})")
+        ignored = [n or "<unnamed>" for n in names if n not in CSV_COLUMNS and n not in _KNOWN_OPTIONAL]
+        index = {c: names.index(c) for c in CSV_COLUMNS}
+        for number, cells in enumerate(reader, start=1):
+            source = f"{path.name}:{number}"
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) != len(names):
+                detail = f"expected {len(names)} fields, got {len(cells)}"
+                skipped.append(skip_entry("malformed_row", detail, source=source))
+                continue
+            values = {c: cells[i].strip() for c, i in index.items()}
+            try:
+                image_path = safe_relpath(values["Image Path"])
+            except UnsafePathError as err:
+                skipped.append(skip_entry("unsafe_path", str(err), source=source))
+                continue
+            unit_id = _volume_id(image_path)
+
+            def bad(detail: str, unit_id: str = unit_id, source: str = source) -> None:
+                skipped.append(skip_entry("malformed_row", detail, unit_id=unit_id, source=source))
+
+            if not image_path.lower().endswith(".npy"):
+                bad(f"image path {image_path!r} is not a .npy file")
+                continue
+            try:
+                number_type = int(float(values["Question Type"]))
+            except ValueError:
+                number_type = None
+            if number_type not in QUESTION_TYPES:
+                bad(f"Question Type {values['Question Type']!r} is not 1-5")
+                continue
+            if not values["Question"]:
+                bad("empty Question")
+                continue
+            choices = tuple(
+                "" if values[f"Choice {x}"].lower() in _ABSENT else values[f"Choice {x}"] for x in _LETTERS
+            )
+            letter = values["Answer Choice"].strip().strip("().:").upper()
+            if len(letter) != 1 or letter not in _LETTERS:
+                bad(f"Answer Choice {values['Answer Choice']!r} is not A-D")
+                continue
+            if not choices[_LETTERS.index(letter)]:
+                bad(f"Answer Choice {letter} points at an empty (NA) choice")
+                continue
+            answer = values["Answer"] if values["Answer"].lower() not in _ABSENT else choices[_LETTERS.index(letter)]
+            rows.append(
+                Row(
+                    number,
+                    source,
+                    image_path,
+                    QUESTION_TYPES[number_type],
+                    values["Question"],
+                    choices,
+                    letter,
+                    answer,
+                )
+            )
+    return rows, skipped, ignored
+
+
+@functools.lru_cache(maxsize=1)
+def _structure_pattern() -> re.Pattern[str]:
+    from med3dqwen.segmentation import default_vocabulary  # noqa: PLC0415
+
+    names: set[str] = set()
+    for entry in default_vocabulary().entries.values():
+        for name in (entry.totalsegmentator, entry.vista3d, entry.radgenome, entry.radlex, *entry.aliases):
+            if name:
+                text = " ".join(name.replace("_", " ").split()).lower()
+                if len(text) >= 3 and not text.isdigit():
+                    names.add(text)
+    alternation = "|".join(re.escape(n) for n in sorted(names, key=lambda n: (-len(n), n)))
+    return re.compile(rf"\b({alternation})(?:s|es)?\b", re.IGNORECASE)
+
+
+def find_structure(text: str) -> str | None:
+    """The first anatomical structure the vocabulary knows that ``text`` names (longest name at the earliest place,
+    plural ``s`` allowed), lower-cased, or ``None``: ``"Where is the lesion in the left kidney?"`` → ``"left
+    kidney"``."""
+    match = _structure_pattern().search(text)
+    return match.group(1).lower() if match else None
+
+
+def _write_filtered(out_dir: Path, entries: list[dict[str, Any]]) -> None:
+    with atomic_output(out_dir / "filtered.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The builder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class M3DVQABuildConfig:
+    """What to build.
+
+    Args:
+        data_root: folder holding the M3D-VQA CSVs.
+        output_dir: the dataset folder (created).
+        image_root: folder the ``Image Path`` column is relative to (holds ``M3D_Cap_npy/``); default ``data_root``.
+        mode: ``closed``, ``open`` or ``both``.
+        prompt: contour colour ``red`` / ``blue`` or ``none``; only questions with a mask are prompted.
+        write_png: ``none``, ``montage`` or ``stack`` (prompt PNGs of the outlined questions).
+        thickness: contour thickness of the PNGs.
+        mask_source: ``none`` or one of :data:`MASK_SOURCES`; ``mask_dir`` holds the files of the file sources.
+        case_overlap: ``drop``, ``keep`` or ``error`` (a case in two splits).
+        question_types: subset of the five type names to build.
+        validate_files: open every image (unreadable arrays are skipped, the range is checked); ``False`` only
+            checks that the files exist.
+        normalize_anatomy: RadLex-normalise anatomy terms in questions, choices and answers.
+        train_csv, val_csv, test_csv: file names (in ``data_root``) of the three upstream CSVs.
+    """
+
+    data_root: str
+    output_dir: str
+    image_root: str | None = None
+    mode: str = "both"
+    prompt: str = "red"
+    write_png: str = "none"
+    thickness: int = 3
+    mask_source: str = "none"
+    mask_dir: str | None = None
+    case_overlap: str = "drop"
+    question_types: tuple[str, ...] = tuple(QUESTION_TYPES.values())
+    validate_files: bool = True
+    normalize_anatomy: bool = True
+    train_csv: str = DEFAULT_CSVS["train"]
+    val_csv: str = DEFAULT_CSVS["validation"]
+    test_csv: str = DEFAULT_CSVS["test"]
+    _paths: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("mode", self.mode, MODES),
+            ("prompt", self.prompt, PROMPTS),
+            ("write_png", self.write_png, PNG_MODES),
+            ("mask_source", self.mask_source, MASK_SOURCES),
+            ("case_overlap", self.case_overlap, CASE_OVERLAP),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        known = tuple(QUESTION_TYPES.values())
+        unknown = sorted(set(self.question_types) - set(known))
+        if unknown or not self.question_types:
+            raise ValueError(f"question_types must be a non-empty subset of {known}, got {unknown or '()'}")
+        self.question_types = tuple(q for q in known if q in self.question_types)
+        if self.mask_source.startswith("totalsegmentator") and not self.mask_dir:
+            raise ValueError(f"mask_source {self.mask_source!r} needs mask_dir")
+        root = Path(self.data_root).expanduser().resolve()
+        self._paths = {
+            "image_root": str(Path(self.image_root).expanduser().resolve() if self.image_root else root),
+            "mask_dir": str(Path(self.mask_dir).expanduser().resolve()) if self.mask_dir else "",
+            **{split: str(root / name) for split, name in self.csv_files().items()},
+        }
+
+    def csv_files(self) -> dict[str, str]:
+        """Our split → upstream CSV file name."""
+        return {"train": self.train_csv, "validation": self.val_csv, "test": self.test_csv}
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        """``image_root``, ``mask_dir`` and the CSV of each split (absolute)."""
+        return {key: Path(value) for key, value in self._paths.items() if value}
+
+
+@dataclass
+class _Index:
+    units: list[WorkUnit]
+    skipped: list[dict[str, Any]]
+    filtered: list[dict[str, Any]]
+    counters: dict[str, dict[str, int]]
+
+
+class _Masks:
+    """The mask source of one image: each structure is looked up, written and drawn once."""
+
+    def __init__(self, cfg: M3DVQABuildConfig, unit: WorkUnit, image: np.ndarray, out_dir: Path):
+        from med3dqwen.processing.ct_io import CTVolume  # noqa: PLC0415
+        from med3dqwen.segmentation import (  # noqa: PLC0415
+            FLAT_LAYOUT,
+            HUThresholdSource,
+            MultilabelFileSource,
+            PerStructureFileSource,
+        )
+
+        self.cfg, self.unit, self.out_dir = cfg, unit, out_dir
+        low, high = UNIT_TO_PSEUDO_HU
+        self.pseudo_hu = image.astype(np.float32) * np.float32(high - low) + np.float32(low)
+        self.volume = CTVolume.from_array(self.pseudo_hu)  # the .npy grid: 1-mm standard affine
+        stem = unit.payload[0][: -len(".npy")]
+        if cfg.mask_source == "totalsegmentator_files":
+            self.source = PerStructureFileSource(
+                cfg.paths["mask_dir"] / stem, FLAT_LAYOUT, naming="totalsegmentator", source_name="totalsegmentator"
+            )
+        elif cfg.mask_source == "totalsegmentator_multilabel":
+            self.source = MultilabelFileSource(cfg.paths["mask_dir"] / f"{stem}.nii.gz")
+        else:
+            self.source = HUThresholdSource()
+        self.done: dict[str, tuple[str, tuple[str, str, list[str]] | None]] = {}
+
+    def get(self, structure: str) -> tuple[str, tuple[str, str, list[str]] | None]:
+        """``(status, (mask path, mask source, pngs) or None)``; status ``ok`` or why there is no contour."""
+        if structure not in self.done:
+            self.done[structure] = self._get(structure)
+        return self.done[structure]
+
+    def _get(self, structure: str) -> tuple[str, tuple[str, str, list[str]] | None]:
+        from med3dqwen.processing.ct_io import CTInputError, MaskMismatchError, save_nifti  # noqa: PLC0415
+        from med3dqwen.segmentation import UnknownStructureError  # noqa: PLC0415
+
+        try:
+            result = self.source.get_mask(self.volume, structure)
+        except UnknownStructureError:
+            return "structure not available", None
+        except MaskMismatchError:
+            return "mask on another grid", None
+        except CTInputError:
+            return "mask file missing or unreadable", None
+        if result.whole_volume:
+            return "whole volume", None
+        if result.empty:
+            return "empty mask", None
+        slug = re.sub(r"[^a-z0-9]+", "_", structure.lower()).strip("_") or "roi"
+        rel = f"masks/{self.unit.unit_id}/{slug}.nii.gz"
+        save_nifti(self.out_dir / rel, result.mask, self.volume.affine, np.uint8)
+        pngs = write_prompt_pngs(
+            self.pseudo_hu,
+            result.mask,
+            self.out_dir,
+            self.unit.unit_id,
+            slug,
+            prompt=self.cfg.prompt,
+            write_png=self.cfg.write_png,
+            thickness=self.cfg.thickness,
+        )
+        return "ok", (rel, result.source, pngs)
+
+
+class M3DVQABuilder(DatasetBuilder):
+    """M3D-VQA multiple-choice and open questions on M3D-Cap images (optionally outlined by a mask source)."""
+
+    name = "m3d_vqa"
+    script = "datasets_scripts/build_m3d_vqa.py"
+    owned_paths = ("prompts", "masks", "source", "filtered.jsonl")
+    hub_ignore_patterns = ("source", "source/*")
+
+    def __init__(self, config: M3DVQABuildConfig):
+        self.cfg = config
+        self._index_cache: _Index | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_index_cache"] = None
+        return state
+
+    def config(self) -> dict[str, Any]:
+        values = asdict(self.cfg)
+        for key in ("output_dir", "data_root", "image_root", "mask_dir", "_paths"):
+            values.pop(key, None)
+        values["paths"] = dict(self.cfg._paths)
+        return values
+
+    def extra_features(self) -> dict[str, Any]:
+        import datasets  # noqa: PLC0415
+
+        return {
+            "choices": datasets.List(datasets.Value("string")),
+            "intensity": datasets.Value("string"),
+            "source_row": datasets.Value("string"),
+        }
+
+    def unit_dirs(self, unit: WorkUnit) -> list[str]:
+        return [f"prompts/{unit.unit_id}", f"masks/{unit.unit_id}"]
+
+    # -- planning --------------------------------------------------------------------------------------------------
+
+    def _index(self) -> _Index:
+        if self._index_cache is None:
+            self._index_cache = self._read_index()
+        return self._index_cache
+
+    def _read_index(self) -> _Index:
+        cfg, paths = self.cfg, self.cfg.paths
+        skipped: list[dict[str, Any]] = []
+        filtered: list[dict[str, Any]] = []
+        counters: dict[str, Counter] = defaultdict(Counter)
+        by_split: dict[str, list[Row]] = {}
+        for split in ("train", "validation", "test"):
+            path = paths[split]
+            if not path.is_file():
+                raise BuildError(f"{path} not found: expected the M3D-VQA CSV of the {split} split (--data_root)")
+            rows, bad, ignored = read_vqa_csv(path, split)
+            skipped.extend(bad)
+            counters["ignored_columns"].update(f"{path.name}: {c}" for c in ignored)
+            kept = [r for r in rows if r.question_type in cfg.question_types]
+            counters["question_types_not_built"].update(r.question_type for r in rows if r not in kept)
+            by_split[split] = kept
+
+        case_splits: defaultdict[str, set[str]] = defaultdict(set)
+        for split, rows in by_split.items():
+            for row in rows:
+                case_splits[case_id(row.image_path)].add(split)
+        shared = {case: splits for case, splits in case_splits.items() if len(splits) > 1}
+        if shared:
+            examples = ", ".join(f"{c} ({'/'.join(sorted(s))})" for c, s in sorted(shared.items())[:3])
+            if cfg.case_overlap == "error":
+                raise BuildError(f"{len(shared)} cases appear in more than one split, e.g. {examples}")
+            logger.warning("%d cases appear in more than one split, e.g. %s", len(shared), examples)
+            counters["case_overlap"]["cases"] = len(shared)
+
+        units: list[WorkUnit] = []
+        for split, rows in by_split.items():
+            images: dict[str, list[Row]] = {}
+            for row in rows:
+                images.setdefault(row.image_path, []).append(row)
+            for image_path in sorted(images):
+                group = images[image_path]
+                case = case_id(image_path)
+                home = min(case_splits[case], key=_SPLIT_PRIORITY.__getitem__)
+                if case in shared and cfg.case_overlap == "drop" and split != home:
+                    detail = f"case {case} is also in {home}; kept there"
+                    filtered.append(
+                        skip_entry(
+                            "case_overlap",
+                            detail,
+                            unit_id=_volume_id(image_path),
+                            source=";".join(r.source for r in group),
+                            rows=len(group),
+                        )
+                    )
+                    counters["filtered"]["case_overlap"] += len(group)
+                    continue
+                unit_id = f"{split}.{_volume_id(image_path)}"
+                units.append(WorkUnit(unit_id, case, split, payload=(image_path, group)))
+        return _Index(units, skipped, filtered, {k: dict(v) for k, v in counters.items() if v})
+
+    def prepare(self, out_dir: Path) -> None:
+        image_root = self.cfg.paths["image_root"]
+        if not image_root.is_dir():
+            raise BuildError(f"image folder {image_root} not found (--image_root)")
+        link_folder(out_dir, "source/images", image_root)
+        _write_filtered(out_dir, self._index().filtered)
+
+    def plan(self) -> Plan:
+        index = self._index()
+        return Plan(units=list(index.units), skipped=list(index.skipped), counters=dict(index.counters))
+
+    # -- processing ------------------------------------------------------------------------------------------------
+
+    def _load(self, path: Path) -> tuple[np.ndarray | None, str]:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            return None, f"cannot read .npy ({type(err).__name__}: {err})"
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiub":
+            return None, f"not a numeric array (dtype {getattr(array, 'dtype', type(array).__name__)})"
+        if array.ndim == 4 and array.shape[0] == 1:
+            array = array[0]
+        if array.ndim != 3 or 0 in array.shape:
+            return None, f"expected a (1, D, H, W) or (D, H, W) array, got shape {array.shape}"
+        if not np.isfinite(array).all():
+            return None, "the array holds NaN or infinite values"
+        return array, ""
+
+    def process(self, unit: WorkUnit, out_dir: Path) -> UnitResult:
+        cfg = self.cfg
+        image_path, rows = unit.payload
+        result = UnitResult()
+        path = cfg.paths["image_root"] / image_path
+        if not path.is_file():
+            result.skipped.append(
+                skip_entry("missing_volume", f"{image_path} not found", unit_id=unit.unit_id, rows=len(rows))
+            )
+            return result
+        counters: dict[str, Counter] = defaultdict(Counter)
+        masks = None
+        if cfg.validate_files or cfg.mask_source != "none":
+            array, problem = self._load(path)
+            if array is None:
+                result.skipped.append(
+                    skip_entry("unreadable_volume", f"{image_path}: {problem}", unit_id=unit.unit_id, rows=len(rows))
+                )
+                return result
+            if array.min() < -1e-3 or array.max() > 1 + 1e-3:
+                counters["volumes"]["values outside [0, 1]"] += 1
+            if cfg.mask_source != "none":
+                masks = _Masks(cfg, unit, array, out_dir)
+
+        roi_config, whole_config = (
+            RewriteConfig(color=c.color, prompt=c.prompt, normalize_anatomy=False) for c in rewrite_configs(cfg.prompt)
+        )
+        normalizer = RadLexNormalizer()
+
+        def normalize(text: str) -> str:
+            return normalizer.normalize_text(text) if cfg.normalize_anatomy and text else text
+
+        volume_path = f"source/images/{image_path}"
+        for row in rows:
+            stem = normalize(row.question)
+            mask = None
+            if masks is not None:
+                if row.question_type not in PROMPTABLE_TYPES:
+                    counters["unprompted"]["plane / phase question"] += 1
+                else:
+                    structure = find_structure(stem)
+                    status, found = masks.get(structure) if structure else ("no structure named", None)
+                    if found is None:
+                        counters["unprompted"][status] += 1
+                    else:
+                        mask = (*found, structure)
+                        counters["prompted"][row.question_type] += 1
+            choices = [normalize(c) for c in row.choices]
+            index = _LETTERS.index(row.letter)
+            if _text_key(row.answer) != _text_key(row.choices[index]):
+                counters["answers"]["Answer differs from the choice text"] += 1
+            config = roi_config if mask else whole_config
+            extra = {"choices": choices, "intensity": "unit", "source_row": row.source}
+            pairs = []
+            if cfg.mode in ("closed", "both"):
+                listed = " ".join(f"{x}. {c}" for x, c in zip(_LETTERS, choices, strict=True) if c)
+                labels = [f"{x}. {c or 'NA'}" for x, c in zip(_LETTERS, choices, strict=True)]
+                qa = rewrite_qa(
+                    f"{stem} Choices: {listed}",
+                    f"{row.letter}. {choices[index]}",
+                    answer_type="closed",
+                    choices=labels,
+                    config=config,
+                    normalizer=normalizer,
+                )
+                if qa.closed_label != index:  # the label set has the letters in it: cannot happen
+                    raise BuildError(f"{row.source}: closed label {qa.closed_label} != letter {row.letter}")
+                pairs.append(qa)
+            if cfg.mode in ("open", "both"):
+                pairs.append(
+                    rewrite_qa(stem, normalize(row.answer), answer_type="open", config=config, normalizer=normalizer)
+                )
+            for qa in pairs:
+                result.records.append(
+                    build_record(
+                        qa,
+                        volume_path=volume_path,
+                        mask_path=mask[0] if mask else None,
+                        mask_source=mask[1] if mask else None,
+                        roi=mask[3] if mask else None,
+                        question_type=row.question_type,
+                        split=unit.split,
+                        patient_id=unit.patient_id,
+                        volume_id=_volume_id(image_path),
+                        prompt_pngs=mask[2] if mask else [],
+                        extra=extra,
+                    )
+                )
+        result.counters = {name: dict(values) for name, values in counters.items()}
+        return result
+
+    # -- card ------------------------------------------------------------------------------------------------------
+
+    def card(self, summary: BuildSummary) -> dict[str, Any]:
+        cfg = self.cfg
+        counters = summary.counters
+        files = cfg.csv_files()
+        notes = [
+            f"Splits are upstream's: train = `{files['train']}`, validation = `{files['validation']}`, test = "
+            f"`{files['test']}`. The patient unit is the Radiopaedia case (`<source>/<case>` above the image file)."
+        ]
+        overlap = counters.get("case_overlap", {}).get("cases", 0)
+        if overlap and cfg.case_overlap == "drop":
+            rows = counters.get("filtered", {}).get("case_overlap", 0)
+            notes.append(
+                f"{overlap} cases appeared in more than one split: each was kept in its highest-priority split "
+                f"(test > validation > train) and its {rows} rows in the other splits were left out "
+                "(`filtered.jsonl`)."
+            )
+        elif overlap:
+            notes.append(f"Warning: {overlap} cases appear in more than one split (built with `--case_overlap keep`).")
+        else:
+            notes.append("No case appears in more than one split.")
+        modes = {"closed": "closed (multiple choice)", "open": "open", "both": "closed and open"}
+        notes.append(
+            f"Answer modes: {modes[cfg.mode]}. Closed: the question + `Choices: A. ... B. ... C. ... D. ...` (choices "
+            "that are `NA` upstream are left out), answer `<letter>. <choice>`, `closed_label` = letter index "
+            "(A = 0); open: the question alone, answer = upstream `Answer`."
+        )
+        differs = counters.get("answers", {}).get("Answer differs from the choice text", 0)
+        if differs:
+            notes.append(
+                f"{differs} rows have an `Answer` that differs from the text of their `Answer Choice`: the closed "
+                "answer uses the choice text, the open answer the `Answer` text."
+            )
+        not_built = counters.get("question_types_not_built", {})
+        if not_built:
+            notes.append(f"Question types not built: {', '.join(f'{k} ({v} rows)' for k, v in not_built.items())}.")
+        ignored = counters.get("ignored_columns", {})
+        if ignored:
+            notes.append(f"Ignored CSV columns: {', '.join(f'`{c}`' for c in ignored)}.")
+        if counters.get("volumes", {}).get("values outside [0, 1]"):
+            notes.append(f"{counters['volumes']['values outside [0, 1]']} images have values outside [0, 1].")
+        if cfg.mask_source == "none":
+            variant = (
+                "No boundary prompt: M3D-VQA has no masks and this build used no mask source, so every question "
+                "keeps the no-prompt wording and system prompt (build option "
+                f"`--prompt {cfg.prompt}` changes nothing)."
+            )
+        else:
+            prompted = sum(counters.get("prompted", {}).values())
+            unprompted = counters.get("unprompted", {})
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(unprompted.items())) or "none"
+            pngs = "" if cfg.write_png == "none" else f" Contour {cfg.write_png} PNGs are under `prompts/`."
+            variant = (
+                f"Masks from `{cfg.mask_source}`: {prompted} rows of type organ / abnormality / location name a "
+                "structure in their question that the source outlines; those questions "
+                + (
+                    f"carry the {cfg.prompt} boundary wording"
+                    if cfg.prompt != "none"
+                    else "keep the no-prompt wording"
+                )
+                + f" and a mask under `masks/`.{pngs} The other rows are un-prompted ({reasons})."
+            )
+        return {
+            "pretty_name": "M3D-VQA (Med3DQwen build)",
+            "summary": (
+                "M3D-VQA multiple-choice and open questions on 3D CT images of M3D-Cap (Radiopaedia cases): plane, "
+                "phase, organ, abnormality and location questions, in the paper's message layout. The images are "
+                "(1, 32, 256, 256) arrays in [0, 1], not HU (`intensity: unit`): do not window them."
+            ),
+            "prompt_description": variant,
+            "source": (
+                "[GoodBaiBai88/M3D-VQA](https://huggingface.co/datasets/GoodBaiBai88/M3D-VQA) (questions) on "
+                "[M3D-Cap](https://huggingface.co/datasets/GoodBaiBai88/M3D-Cap) images, code "
+                "[BAAI-DCAI/M3D](https://github.com/BAAI-DCAI/M3D). Licence: the dataset card says apache-2.0, but "
+                "the images and reports come from Radiopaedia cases, whose licence is non-commercial "
+                "(CC BY-NC-SA): use for non-commercial research only. Images are not copied: `source/images` links "
+                "to your download and is never pushed."
+            ),
+            "license": "other",
+            "citation": M3D_CITATION,
+            "notes": notes,
+            "files_description": (
+                'Images are not copied: `folder / sample["volume_path"]` opens the upstream `.npy` through the '
+                "`source/images` link: `numpy.load(...)[0]` is the (D, H, W) image in [0, 1]. Masks of outlined "
+                "questions are NIfTI files on that grid under `masks/`. `filtered.jsonl` lists rows left out on "
+                "purpose (cases shared between splits)."
+            ),
+            "extra_fields": {
+                "choices": 'the four choice texts A-D (`""` where upstream has `NA`), also for open records',
+                "intensity": "`unit`: values in [0, 1] from 8-bit images, not HU: no HU window",
+                "source_row": "upstream CSV file and 1-based data row, e.g. `M3D_VQA_train.csv:12`",
+            },
+            "tags": ["m3d", "radiopaedia", "multiple-choice"],
+        }
+
+
+def build_m3d_vqa_dataset(config: M3DVQABuildConfig, args: BuildArguments | None = None) -> BuildSummary:
+    """Build M3D-VQA into ``config.output_dir`` (see the module docstring).
+
+    Args:
+        config: see :class:`M3DVQABuildConfig`.
+        args: how to run (processes, shards, resume, strict, push).
+
+    Returns:
+        A :class:`~med3dqwen.data.builder.BuildSummary`.
+    """
+    return run_build(M3DVQABuilder(config), config.output_dir, args)

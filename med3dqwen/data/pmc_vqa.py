@@ -1,0 +1,672 @@
+"""PMC-VQA → CT-only closed / open VQA JSONL on 2D figures (the library behind ``datasets_scripts/build_pmc_vqa.py``).
+
+Upstream: the Hugging Face dataset ``xmcmic/PMC-VQA`` as downloaded, with its image archive extracted::
+
+    ROOT/train.csv, test.csv (test_clean.csv)     v1: Figure_path, Question, Answer, Choice A, Choice B, Choice C,
+                                                      Choice D, Answer_label          (one revision spells ``Anwser``)
+    ROOT/images/<Figure_path>                     v1 figures (images.zip)
+    ROOT/train_2.csv, test_2.csv                  v2: index, Figure_path, Caption, Question, Choice A, Choice B,
+                                                      Choice C, Choice D, Answer (a letter), split
+    ROOT/images_2/<Figure_path>                   v2 figures (images_2.zip); --image_dir if it extracts elsewhere
+
+The schema is recognised per file from its header: with ``Answer_label`` it is v1 (``Answer`` / ``Anwser`` = the
+answer text, ``Answer_label`` = the letter), without it v2 (``Answer`` = the letter). ``Caption`` is used when
+present. Choices may carry their letter (``"A:Diffuse uptake"``, ``" A:"``, ``"A. ..."``, ``"(A) ..."``): it is
+removed. Other columns (``index``, ``split``, a pandas index) are ignored and named in the card.
+
+Decisions (documented in ``datasets_scripts/README.md`` too):
+
+- **CT only**, by a keyword rule on each *figure*: the text of its caption(s), its questions and their correct
+  answers (never the distractor choices, which often list modalities). In order:
+
+  1. ``pet_spect_ct``: a hybrid scan (``PET/CT``, ``PET-CT``, ``PET CT``, ``SPECT/CT``, ``CT/PET``, ...);
+  2. ``cbct_or_micro_ct``: ``CBCT``, ``cone-beam``, ``micro-CT``, ``µCT`` (dental / preclinical imaging);
+  3. ``not_ct``: no CT evidence: neither an abbreviation (case-sensitive ``CT``, ``CTs``, ``CTA``, ``HRCT``,
+     ``MDCT``, ``MSCT``, ``CECT``, ``NCCT``, ``NECT``, ``CCTA``, ``CTPA``) nor ``computed / computerized
+     tomography`` (any case);
+  4. ``mixed_modality``: CT and another modality are named (``MRI``, ``MR``, ``T1/T2-weighted``, ``FLAIR``, ``DWI``,
+     ``X-ray``, ``radiograph``, ``ultrasound``, ``sonography``, ``echocardiography``, ``Doppler``, ``mammography``,
+     ``PET``, ``SPECT``, ``scintigraphy``, ``endoscopy``, ``histology``, ``H&E``, ``immunohistochemistry``,
+     ``microscopy``, ``fundus``, ``OCT``, ``DSA``): compound figures are common;
+  5. otherwise kept, with the matched keyword in ``ct_evidence``.
+
+  Excluded figures are counted per reason in the card and listed in ``filtered.jsonl`` (one line per figure, same
+  format as ``skipped.jsonl``), not in ``skipped.jsonl``: they are a selection, not bad data, so ``--strict`` does
+  not stop at them. The rule is a heuristic: audit a sample of ``filtered.jsonl`` and of the kept figures.
+  ``ct_filter=False`` keeps every figure.
+- **Article-level split**: the group is the PMCID, ``Figure_path.split('_')[0]`` (``PMC1064097_F1.jpg`` →
+  ``PMC1064097``), hashed with the seed into train / validation / test (default 8 : 1 : 1) over the rows of all the
+  CSVs read (upstream train and test together; ``upstream_split`` records where each row came from). Rows repeated
+  across files (``test_clean.csv`` is a subset of ``test.csv``) are kept once.
+- **2D figures are single-slice volumes.** The figure is not copied: ``image_path`` (and, by default,
+  ``volume_path``) is ``source/images/<Figure_path>`` through the link ``OUT/source/images`` → the image folder. The
+  model sees it as a grey (D, H, W) volume with D = 1: the reader converts it to 8-bit grey (PIL mode ``L``) and
+  scales it to [0, 1] (``intensity: "unit"``, no HU window); resizing to the model's depth repeats that slice D
+  times. ``convert_images=True`` writes that (1, H, W) float32 array as ``volumes/<figure>/<figure>.npy`` and points
+  ``volume_path`` there, so readers of ``.npy`` volumes need no image decoder.
+- **No masks**, so every question keeps the no-prompt wording and system prompt whatever ``prompt`` says.
+- **Modes** as M3D-VQA: ``closed``: question + ``"Choices: A. ... B. ... C. ... D. ..."``, answer ``"<letter>.
+  <choice>"``, ``closed_label`` = letter index; ``open``: the question alone, answer = the answer text (v1) or the
+  choice text (v2); ``both`` (default) writes one of each per row.
+- **Skipped** (``skipped.jsonl``; ``--strict``: an error): ``malformed_row`` (field count, empty question, answer
+  letter not A-D or pointing at an empty choice, not an image file name), ``unsafe_path`` (absolute paths, ``..``),
+  ``missing_volume`` (no figure file), ``unreadable_volume`` (the figure does not decode).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from med3dqwen.data.builder import (
+    PROMPTS,
+    BuildArguments,
+    BuildError,
+    BuildSummary,
+    DatasetBuilder,
+    Plan,
+    UnitResult,
+    UnsafePathError,
+    WorkUnit,
+    link_folder,
+    rewrite_configs,
+    run_build,
+    safe_relpath,
+    skip_entry,
+)
+from med3dqwen.data.radlex import RadLexNormalizer
+from med3dqwen.data.rewrite import RewriteConfig, build_record, rewrite_qa
+from med3dqwen.data.splits import assign_split
+from med3dqwen.processing.ct_io import atomic_output
+
+
+__all__ = [
+    "DEFAULT_CSV_FILES",
+    "DEFAULT_IMAGE_DIRS",
+    "FILTER_REASONS",
+    "PMC_VQA_CITATION",
+    "QUESTION_TYPE",
+    "PMCVQABuildConfig",
+    "PMCVQABuilder",
+    "build_pmc_vqa_dataset",
+    "ct_filter",
+    "pmcid",
+    "read_pmc_csv",
+    "strip_choice_letter",
+]
+
+logger = logging.getLogger(__name__)
+
+QUESTION_TYPE = "figure_vqa"
+"""The ``question_type`` of every record (PMC-VQA has no question types)."""
+
+VERSIONS = ("v1", "v2")
+DEFAULT_CSV_FILES = {"v1": ("train.csv", "test.csv"), "v2": ("train_2.csv", "test_2.csv")}
+"""The CSVs read by default (``test_clean.csv`` is a subset of ``test.csv``)."""
+DEFAULT_IMAGE_DIRS = {"v1": "images", "v2": "images_2"}
+"""Where the extracted figures are by default, relative to the root."""
+MODES = ("closed", "open", "both")
+FILTER_REASONS = ("pet_spect_ct", "cbct_or_micro_ct", "not_ct", "mixed_modality")
+"""Why a figure is left out by the CT filter, in the order the rule checks them."""
+DEFAULT_RATIOS = (0.8, 0.1, 0.1)
+
+PMC_VQA_CITATION = """@article{zhang2023pmcvqa,
+  title   = {PMC-VQA: Visual Instruction Tuning for Medical Visual Question Answering},
+  author  = {Zhang, Xiaoman and Wu, Chaoyi and Zhao, Ziheng and Lin, Weixiong and Zhang, Ya and Wang, Yanfeng and
+             Xie, Weidi},
+  journal = {arXiv preprint arXiv:2305.10415},
+  year    = {2023}
+}"""
+
+_LETTERS = "ABCD"
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_ABSENT = ("", "nan", "none", "null", "na", "n/a")
+_CHOICE_PREFIX = re.compile(r"^\s*(?:\(([A-Da-d])\)|([A-Da-d])\s*[:.)])\s*")
+
+# The CT filter (see the module docstring). Abbreviations are case-sensitive ("CT", not "ct" in a word).
+_PET_SPECT_CT = re.compile(
+    r"\b(?:PET|SPECT)\s*[/-]?\s*(?:CT|computed\s+tomograph\w*)\b|\bCT\s*[/-]\s*(?:PET|SPECT)\b", re.IGNORECASE
+)
+_CBCT = re.compile(r"\bCBCT\b|\bcone[\s-]+beam\b|\bmicro[\s-]?(?:CT|computed)|[µμ][\s-]?CT\b", re.IGNORECASE)
+_CT_ABBREVIATIONS = re.compile(r"\b(?:CT|CTs|CTA|HRCT|MDCT|MSCT|CECT|NCCT|NECT|CCTA|CTPA)\b")
+_CT_WORDS = re.compile(r"\bcomput(?:ed|eri[sz]ed)\s+(?:axial\s+)?tomograph\w*", re.IGNORECASE)
+_OTHER_ABBREVIATIONS = re.compile(r"\b(?:MRI|MR|MRA|fMRI|FLAIR|DWI|PET|SPECT|OCT|DSA)\b|\bH&E\b")
+_OTHER_WORDS = re.compile(
+    r"magnetic\s+resonance|\bT[12][\s-]weighted|diffusion[\s-]weighted|\bx[\s-]?rays?\b|\bradiographs?\b|"
+    r"\bradiography\b|\bultrasound\w*|ultrasonograph\w*|\bsonograph\w*|echocardiograph\w*|\bdoppler\b|"
+    r"mammogra\w*|scintigra\w*|endoscop\w*|histolog\w*|histopatholog\w*|ha?ematoxylin|immunohistochem\w*|"
+    r"microscop\w*|\bfundus\b|digital\s+subtraction\s+angiograph\w*",
+    re.IGNORECASE,
+)
+
+
+class Row(NamedTuple):
+    """One usable CSV row."""
+
+    number: int  # 1-based data row in its CSV
+    source: str  # "train_2.csv:12"
+    upstream_split: str  # "train" / "test", from the file name
+    figure: str  # Figure_path, validated
+    caption: str
+    question: str
+    choices: tuple[str, str, str, str]  # "" for an empty choice
+    letter: str
+    answer: str  # answer text (v1), or the choice text (v2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing and the CT filter
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pmcid(figure_path: str) -> str:
+    """The article of a figure: ``Figure_path.split('_')[0]`` of its file name (``PMC1064097_F1.jpg`` →
+    ``PMC1064097``)."""
+    return Path(figure_path).name.split("_")[0]
+
+
+def strip_choice_letter(text: str, letter: str | None = None) -> str:
+    """A choice without its letter prefix (``"A:Diffuse"``, ``" A:"``, ``"A. x"``, ``"(A) x"`` → ``"Diffuse"``, ``""``,
+    ``"x"``, ``"x"``); with ``letter``, only that letter's prefix is removed."""
+    match = _CHOICE_PREFIX.match(text)
+    if match and (letter is None or (match.group(1) or match.group(2)).upper() == letter):
+        return text[match.end() :].strip()
+    return text.strip()
+
+
+def ct_filter(text: str) -> tuple[str | None, str]:
+    """Apply the CT rule of the module docstring to a figure's caption + questions + correct answers.
+
+    Returns:
+        ``(None, evidence)`` to keep it (evidence = the CT keyword found), or ``(reason, detail)`` with a reason of
+        :data:`FILTER_REASONS`.
+    """
+    for reason, pattern in (("pet_spect_ct", _PET_SPECT_CT), ("cbct_or_micro_ct", _CBCT)):
+        match = pattern.search(text)
+        if match:
+            return reason, f"matched {match.group(0)!r}"
+    ct = _CT_ABBREVIATIONS.search(text) or _CT_WORDS.search(text)
+    if ct is None:
+        return "not_ct", "no CT keyword in the caption, questions or answers"
+    other = _OTHER_ABBREVIATIONS.search(text) or _OTHER_WORDS.search(text)
+    if other is not None:
+        return "mixed_modality", f"CT ({ct.group(0)!r}) and another modality ({other.group(0)!r})"
+    return None, ct.group(0)
+
+
+def _volume_id(figure: str) -> str:
+    stem = figure.rsplit(".", 1)[0]
+    joined = stem.replace("/", "__")
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", joined)
+    if slug != joined or not slug[:1].isalnum():
+        slug = f"v{slug}-{hashlib.sha256(figure.encode()).hexdigest()[:8]}"
+    return slug
+
+
+def _text_key(text: str) -> str:
+    return " ".join(text.split()).casefold().removesuffix(".").rstrip()
+
+
+def read_pmc_csv(path: Path) -> tuple[list[Row], list[dict[str, Any]], str, list[str]]:
+    """Read one PMC-VQA CSV (v1 or v2 schema, recognised from the header).
+
+    Returns:
+        ``(rows, skipped, schema, ignored columns)``.
+
+    Raises:
+        BuildError: no header, or a required column is missing.
+    """
+    csv.field_size_limit(2**31 - 1)
+    upstream_split = "test" if "test" in path.stem.lower() else "train"
+    rows: list[Row] = []
+    skipped: list[dict[str, Any]] = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise BuildError(f"{path}: empty file, expected a PMC-VQA header")
+        names = [name.strip() for name in header]
+        answer_text = next((c for c in ("Answer", "Anwser") if c in names), None)
+        if "Answer_label" in names:
+            schema, letter_column = "v1", "Answer_label"
+        else:
+            schema, letter_column, answer_text = "v2", answer_text, None
+        required = ["Figure_path", "Question", *(f"Choice {x}" for x in _LETTERS)]
+        missing = [c for c in required if c not in names] + ([] if letter_column else ["Answer"])
+        if missing:
+            raise BuildError(f"{path}: missing columns {missing} (found {names})")
+        used = {*required, letter_column, answer_text, "Caption"}
+        ignored = [n or "<unnamed>" for n in names if n not in used]
+        index = {c: names.index(c) for c in used if c in names}
+        for number, cells in enumerate(reader, start=1):
+            source = f"{path.name}:{number}"
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) != len(names):
+                detail = f"expected {len(names)} fields, got {len(cells)}"
+                skipped.append(skip_entry("malformed_row", detail, source=source))
+                continue
+            values = {c: cells[i].strip() for c, i in index.items()}
+            try:
+                figure = safe_relpath(values["Figure_path"])
+            except UnsafePathError as err:
+                skipped.append(skip_entry("unsafe_path", str(err), source=source))
+                continue
+            unit_id = _volume_id(figure)
+
+            def bad(detail: str, unit_id: str = unit_id, source: str = source) -> None:
+                skipped.append(skip_entry("malformed_row", detail, unit_id=unit_id, source=source))
+
+            if not figure.lower().endswith(_IMAGE_SUFFIXES) or not pmcid(figure):
+                bad(f"Figure_path {figure!r} is not a <PMCID>_<figure>.jpg/.png file name")
+                continue
+            if not values["Question"]:
+                bad("empty Question")
+                continue
+            choices = tuple(
+                "" if c.lower() in _ABSENT else c
+                for c in (strip_choice_letter(values[f"Choice {x}"], x) for x in _LETTERS)
+            )
+            raw_letter = values[letter_column]
+            letter = raw_letter.strip("().:").strip().upper()
+            if len(letter) != 1 and _CHOICE_PREFIX.match(raw_letter):  # "B:Focal uptake" style
+                match = _CHOICE_PREFIX.match(raw_letter)
+                letter = (match.group(1) or match.group(2)).upper()
+            if len(letter) != 1 or letter not in _LETTERS:
+                keys = [_text_key(c) for c in choices]
+                wanted = _text_key(strip_choice_letter(raw_letter))
+                letter = _LETTERS[keys.index(wanted)] if wanted and wanted in keys else ""
+            if not letter:
+                bad(f"{letter_column} {raw_letter!r} is neither A-D nor a choice text")
+                continue
+            choice = choices[_LETTERS.index(letter)]
+            if not choice:
+                bad(f"{letter_column} {letter} points at an empty choice")
+                continue
+            answer = strip_choice_letter(values[answer_text], letter) if answer_text else ""
+            if answer.lower() in _ABSENT:
+                answer = choice
+            caption = values.get("Caption", "")
+            caption = "" if caption.lower() in _ABSENT else caption
+            rows.append(
+                Row(number, source, upstream_split, figure, caption, values["Question"], choices, letter, answer)
+            )
+    return rows, skipped, schema, ignored
+
+
+def _write_filtered(out_dir: Path, entries: list[dict[str, Any]]) -> None:
+    with atomic_output(out_dir / "filtered.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The builder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PMCVQABuildConfig:
+    """What to build.
+
+    Args:
+        data_root: the downloaded ``PMC-VQA`` repository (holds the CSVs).
+        output_dir: the dataset folder (created).
+        version: ``v1`` or ``v2``: which CSVs and image folder are read by default.
+        csv_files: CSV file names in ``data_root`` (default :data:`DEFAULT_CSV_FILES` of the version).
+        image_dir: the folder holding the files named in ``Figure_path`` (default ``data_root/`` +
+            :data:`DEFAULT_IMAGE_DIRS` of the version).
+        mode: ``closed``, ``open`` or ``both``.
+        prompt: recorded only: there are no masks, so nothing is outlined.
+        seed: article split hash.
+        split_ratios: (train, validation, test) fractions of articles.
+        ct_filter: keep only CT figures (see the module docstring).
+        convert_images: write the grey (1, H, W) ``.npy`` of each kept figure under ``volumes/``.
+        validate_files: decode every figure (unreadable ones are skipped); ``False`` only checks that they exist.
+        normalize_anatomy: RadLex-normalise anatomy terms in questions, choices and answers.
+    """
+
+    data_root: str
+    output_dir: str
+    version: str = "v2"
+    csv_files: tuple[str, ...] | None = None
+    image_dir: str | None = None
+    mode: str = "both"
+    prompt: str = "none"
+    seed: int = 0
+    split_ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    ct_filter: bool = True
+    convert_images: bool = False
+    validate_files: bool = True
+    normalize_anatomy: bool = True
+    _paths: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("version", self.version, VERSIONS), ("mode", self.mode, MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.prompt not in PROMPTS:
+            raise ValueError(f"prompt must be one of {PROMPTS}, got {self.prompt!r}")
+        self.split_ratios = tuple(float(r) for r in self.split_ratios)
+        assign_split("check", self.seed, self.split_ratios)  # validates the ratios
+        self.csv_files = tuple(self.csv_files or DEFAULT_CSV_FILES[self.version])
+        if not self.csv_files or len(set(self.csv_files)) != len(self.csv_files):
+            raise ValueError(f"csv_files must be distinct file names, got {self.csv_files}")
+        root = Path(self.data_root).expanduser().resolve()
+        image_dir = (
+            Path(self.image_dir).expanduser().resolve() if self.image_dir else root / DEFAULT_IMAGE_DIRS[self.version]
+        )
+        self._paths = {"root": str(root), "image_dir": str(image_dir)}
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        """``root`` and ``image_dir`` (absolute)."""
+        return {key: Path(value) for key, value in self._paths.items()}
+
+
+@dataclass
+class _Index:
+    units: list[WorkUnit]
+    skipped: list[dict[str, Any]]
+    filtered: list[dict[str, Any]]
+    counters: dict[str, dict[str, int]]
+
+
+class PMCVQABuilder(DatasetBuilder):
+    """PMC-VQA multiple-choice and open questions on CT figures (2D, single-slice volumes)."""
+
+    name = "pmc_vqa"
+    script = "datasets_scripts/build_pmc_vqa.py"
+    owned_paths = ("source", "volumes", "filtered.jsonl")
+    hub_ignore_patterns = ("source", "source/*", "volumes", "volumes/*")
+
+    def __init__(self, config: PMCVQABuildConfig):
+        self.cfg = config
+        self._index_cache: _Index | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_index_cache"] = None
+        return state
+
+    def config(self) -> dict[str, Any]:
+        values = asdict(self.cfg)
+        for key in ("output_dir", "data_root", "image_dir", "_paths"):
+            values.pop(key, None)
+        values["paths"] = dict(self.cfg._paths)
+        return values
+
+    def extra_features(self) -> dict[str, Any]:
+        import datasets  # noqa: PLC0415
+
+        string = datasets.Value("string")
+        return {
+            "image_path": string,
+            "choices": datasets.List(string),
+            "intensity": string,
+            "ct_evidence": string,
+            "upstream_split": string,
+            "source_row": string,
+        }
+
+    def unit_dirs(self, unit: WorkUnit) -> list[str]:
+        return [f"volumes/{unit.unit_id}"]
+
+    # -- planning --------------------------------------------------------------------------------------------------
+
+    def _index(self) -> _Index:
+        if self._index_cache is None:
+            self._index_cache = self._read_index()
+        return self._index_cache
+
+    def _read_index(self) -> _Index:
+        cfg = self.cfg
+        skipped: list[dict[str, Any]] = []
+        filtered: list[dict[str, Any]] = []
+        counters: dict[str, Counter] = defaultdict(Counter)
+        figures: dict[str, list[Row]] = {}
+        seen: set[tuple] = set()
+        for name in cfg.csv_files:
+            path = cfg.paths["root"] / name
+            if not path.is_file():
+                raise BuildError(f"{path} not found: expected the PMC-VQA CSVs in {cfg.paths['root']} (--csv_files)")
+            rows, bad, schema, ignored = read_pmc_csv(path)
+            skipped.extend(bad)
+            counters["schemas"][f"{name}: {schema}"] = len(rows)
+            counters["ignored_columns"].update(f"{name}: {c}" for c in ignored)
+            for row in rows:
+                key = (row.figure, _text_key(row.question), tuple(_text_key(c) for c in row.choices), row.letter)
+                if key in seen:
+                    counters["rows"]["repeated"] += 1
+                    continue
+                seen.add(key)
+                figures.setdefault(row.figure, []).append(row)
+
+        kept: list[tuple[str, list[Row], str]] = []
+        for figure in sorted(figures, key=lambda f: (pmcid(f), f)):
+            rows = figures[figure]
+            if not cfg.ct_filter:
+                kept.append((figure, rows, ""))
+                continue
+            texts = [t for r in rows for t in (r.caption, r.question, r.choices[_LETTERS.index(r.letter)], r.answer)]
+            reason, detail = ct_filter("\n".join(dict.fromkeys(t for t in texts if t)))
+            if reason is None:
+                kept.append((figure, rows, detail))
+                counters["ct_filter"]["kept figures"] += 1
+                counters["ct_filter"]["kept rows"] += len(rows)
+                continue
+            counters["filtered"][reason] += len(rows)
+            counters["filtered figures"][reason] += 1
+            filtered.append(
+                skip_entry(reason, detail, unit_id=_volume_id(figure), source=rows[0].source, rows=len(rows))
+            )
+
+        units = []
+        for figure, rows, evidence in kept:
+            article = pmcid(figure)
+            split = assign_split(article, cfg.seed, cfg.split_ratios)
+            units.append(WorkUnit(_volume_id(figure), article, split, payload=(figure, rows, evidence)))
+        return _Index(units, skipped, filtered, {k: dict(v) for k, v in counters.items() if v})
+
+    def prepare(self, out_dir: Path) -> None:
+        image_dir = self.cfg.paths["image_dir"]
+        if not image_dir.is_dir():
+            raise BuildError(
+                f"image folder {image_dir} not found: extract the image archive there or pass --image_dir"
+            )
+        link_folder(out_dir, "source/images", image_dir)
+        _write_filtered(out_dir, self._index().filtered)
+
+    def plan(self) -> Plan:
+        index = self._index()
+        return Plan(units=list(index.units), skipped=list(index.skipped), counters=dict(index.counters))
+
+    # -- processing ------------------------------------------------------------------------------------------------
+
+    def process(self, unit: WorkUnit, out_dir: Path) -> UnitResult:
+        from PIL import Image  # noqa: PLC0415
+
+        cfg = self.cfg
+        figure, rows, evidence = unit.payload
+        result = UnitResult()
+        path = cfg.paths["image_dir"] / figure
+        if not path.is_file():
+            detail = f"{figure} not found in {cfg.paths['image_dir']}"
+            result.skipped.append(skip_entry("missing_volume", detail, unit_id=unit.unit_id, rows=len(rows)))
+            return result
+        image_path = f"source/images/{figure}"
+        volume_path = image_path
+        if cfg.validate_files or cfg.convert_images:
+            try:
+                with Image.open(path) as image:
+                    grey = np.asarray(image.convert("L"), dtype=np.float32) / np.float32(255.0)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                detail = f"{figure}: cannot decode the image ({type(err).__name__}: {err})"
+                result.skipped.append(skip_entry("unreadable_volume", detail, unit_id=unit.unit_id, rows=len(rows)))
+                return result
+            if cfg.convert_images:
+                volume_path = f"volumes/{unit.unit_id}/{unit.unit_id}.npy"
+                with atomic_output(out_dir / volume_path) as tmp:
+                    np.save(tmp, grey[None])  # (1, H, W): a single-slice volume
+
+        _, whole = rewrite_configs(cfg.prompt)
+        config = RewriteConfig(color=whole.color, prompt=False, normalize_anatomy=False)
+        normalizer = RadLexNormalizer()
+
+        def normalize(text: str) -> str:
+            return normalizer.normalize_text(text) if cfg.normalize_anatomy and text else text
+
+        answers: Counter[str] = Counter()
+        for row in rows:
+            stem = normalize(row.question)
+            choices = [normalize(c) for c in row.choices]
+            index = _LETTERS.index(row.letter)
+            if _text_key(row.answer) != _text_key(row.choices[index]):
+                answers["answer text differs from the choice text"] += 1
+            extra = {
+                "image_path": image_path,
+                "choices": choices,
+                "intensity": "unit",
+                "ct_evidence": evidence,
+                "upstream_split": row.upstream_split,
+                "source_row": row.source,
+            }
+            pairs = []
+            if cfg.mode in ("closed", "both"):
+                listed = " ".join(f"{x}. {c}" for x, c in zip(_LETTERS, choices, strict=True) if c)
+                labels = [f"{x}. {c or 'NA'}" for x, c in zip(_LETTERS, choices, strict=True)]
+                qa = rewrite_qa(
+                    f"{stem} Choices: {listed}",
+                    f"{row.letter}. {choices[index]}",
+                    answer_type="closed",
+                    choices=labels,
+                    config=config,
+                    normalizer=normalizer,
+                )
+                if qa.closed_label != index:  # the label set has the letters in it: cannot happen
+                    raise BuildError(f"{row.source}: closed label {qa.closed_label} != letter {row.letter}")
+                pairs.append(qa)
+            if cfg.mode in ("open", "both"):
+                pairs.append(
+                    rewrite_qa(stem, normalize(row.answer), answer_type="open", config=config, normalizer=normalizer)
+                )
+            for qa in pairs:
+                result.records.append(
+                    build_record(
+                        qa,
+                        volume_path=volume_path,
+                        mask_path=None,
+                        mask_source=None,
+                        roi=None,
+                        question_type=QUESTION_TYPE,
+                        split=unit.split,
+                        patient_id=unit.patient_id,
+                        volume_id=unit.unit_id,
+                        extra=extra,
+                    )
+                )
+        if answers:
+            result.counters["answers"] = dict(answers)
+        return result
+
+    # -- card ------------------------------------------------------------------------------------------------------
+
+    def card(self, summary: BuildSummary) -> dict[str, Any]:
+        cfg = self.cfg
+        counters = summary.counters
+        notes = [
+            f"Read {', '.join(f'`{name}`' for name in cfg.csv_files)} "
+            f"({', '.join(f'{k}: {v} rows' for k, v in counters.get('schemas', {}).items())}); "
+            f"{counters.get('rows', {}).get('repeated', 0)} rows repeated across files were kept once.",
+            f"Splits by article (PMCID = `Figure_path.split('_')[0]`), fractions {list(cfg.split_ratios)} of the "
+            f"articles (hash of the PMCID, seed {cfg.seed}), over upstream train and test together "
+            "(`upstream_split` keeps the origin of each row); a test asserts that no PMCID crosses splits.",
+        ]
+        if cfg.ct_filter:
+            kept = counters.get("ct_filter", {})
+            rows = counters.get("filtered", {})
+            figures = counters.get("filtered figures", {})
+            excluded = "; ".join(f"{r}: {rows[r]} rows ({figures[r]} figures)" for r in FILTER_REASONS if r in rows)
+            notes.append(
+                f"CT filter (`med3dqwen.data.pmc_vqa.ct_filter`, on each figure's caption, questions and correct "
+                f"answers): kept {kept.get('kept figures', 0)} figures ({kept.get('kept rows', 0)} rows); left out "
+                f"{excluded or 'nothing'}. Left-out figures are listed in `filtered.jsonl` (not `skipped.jsonl`)."
+            )
+        else:
+            notes.append("Built without the CT filter: every modality is included.")
+        differs = counters.get("answers", {}).get("answer text differs from the choice text", 0)
+        if differs:
+            notes.append(
+                f"{differs} rows have an answer text that differs from the text of their answer letter's choice: "
+                "the closed answer uses the choice text, the open answer the answer text."
+            )
+        ignored = counters.get("ignored_columns", {})
+        if ignored:
+            notes.append(f"Ignored CSV columns: {', '.join(f'`{c}`' for c in ignored)}.")
+        modes = {"closed": "closed (multiple choice)", "open": "open", "both": "closed and open"}
+        notes.append(
+            f"Answer modes: {modes[cfg.mode]}. Closed: the question + `Choices: A. ... B. ... C. ... D. ...` (letter "
+            "prefixes of upstream choices removed), answer `<letter>. <choice>`, `closed_label` = letter index "
+            "(A = 0); open: the question alone, answer = the upstream answer text (v1) or the correct choice (v2)."
+        )
+        return {
+            "pretty_name": "PMC-VQA, CT figures (Med3DQwen build)",
+            "summary": (
+                "Multiple-choice and open questions about CT figures of PubMed Central articles (PMC-VQA), kept by a "
+                "documented CT keyword filter. The figures are 2D: each is a single-slice grey volume (D = 1, "
+                "`intensity: unit`, values in [0, 1], no HU window) that the processor repeats to the model's depth."
+            ),
+            "prompt_description": (
+                "No boundary prompt: PMC-VQA has no masks, so every question has the no-prompt wording and system "
+                f"prompt (build option `--prompt {cfg.prompt}` is recorded only)."
+            ),
+            "source": (
+                "[xmcmic/PMC-VQA](https://huggingface.co/datasets/xmcmic/PMC-VQA). The dataset card gives no licence; "
+                "the figures come from PubMed Central Open Access articles, each under its own licence (see "
+                "`oa_comm_use_file_list.csv` upstream for the commercially usable subset). Figures are not copied: "
+                "`source/images` links to your download and is never pushed."
+            ),
+            "license": "other",
+            "citation": PMC_VQA_CITATION,
+            "notes": notes,
+            "files_description": (
+                '`folder / sample["image_path"]` is the upstream figure (through the `source/images` link). Read it '
+                "as grey (`PIL.Image.open(...).convert('L')`, divided by 255) and treat it as a (1, H, W) volume. "
+                + (
+                    '`folder / sample["volume_path"]` is that array, saved as `.npy` under `volumes/`. '
+                    if cfg.convert_images
+                    else "`volume_path` is the same file as `image_path`. "
+                )
+                + "`filtered.jsonl` lists the figures the CT filter left out and why."
+            ),
+            "extra_fields": {
+                "image_path": "the upstream figure, relative to this folder (through `source/images`)",
+                "choices": 'the four choice texts A-D, letter prefixes removed (`""` for an empty choice)',
+                "intensity": "`unit`: 8-bit grey scaled to [0, 1], not HU: no HU window",
+                "ct_evidence": "the CT keyword that kept the figure (empty without the filter)",
+                "upstream_split": "the upstream file the row comes from: `train` or `test`",
+                "source_row": "upstream CSV file and 1-based data row, e.g. `train_2.csv:12`",
+            },
+            "tags": ["pmc-vqa", "2d-figures", "multiple-choice"],
+        }
+
+
+def build_pmc_vqa_dataset(config: PMCVQABuildConfig, args: BuildArguments | None = None) -> BuildSummary:
+    """Build the CT subset of PMC-VQA into ``config.output_dir`` (see the module docstring).
+
+    Args:
+        config: see :class:`PMCVQABuildConfig`.
+        args: how to run (processes, shards, resume, strict, push).
+
+    Returns:
+        A :class:`~med3dqwen.data.builder.BuildSummary`.
+    """
+    return run_build(PMCVQABuilder(config), config.output_dir, args)
