@@ -205,6 +205,11 @@ class CTVolume:
         return tuple(self.array.shape)
 
     @property
+    def intensity(self) -> str:
+        """``"hu"`` (Hounsfield units, the default) or ``"unit"`` (already in [0, 1], e.g. a 2D figure)."""
+        return self.meta.get("intensity", "hu")
+
+    @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along (D, H, W)."""
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
@@ -261,6 +266,23 @@ def _validate_volume(array: np.ndarray, source: str | os.PathLike) -> np.ndarray
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Errors that a damaged or mislabelled file raises somewhere inside nibabel / gzip / numpy / pydicom.
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError)
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def _read_image(path: Path, spacing: tuple[float, float, float] | None) -> CTVolume:
+    """A 2D figure (PMC-VQA) as a one-slice volume: grey levels scaled to [0, 1], ``meta["intensity"] = "unit"``."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    try:
+        with Image.open(path) as image:
+            grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0  # colour figures → luminance
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise CorruptFileError(path, f"cannot read image ({type(err).__name__}: {err})") from err
+    array = _validate_volume(grey[None], path)
+    affine = standard_affine(spacing or (1.0, 1.0, 1.0))
+    return CTVolume(array=array, affine=affine, path=str(path), meta={"intensity": "unit"})
 
 
 def _is_nifti(path: Path) -> bool:
@@ -397,8 +419,10 @@ def load_volume(
     Args:
         path: a NIfTI file (``.nii``/``.nii.gz``; slope/intercept applied), a DICOM series folder or a single
             DICOM file (sorted by position along the slice normal; rescale applied; JPEG 2000 needs Pillow >= 10),
-            or a ``.npy`` array that is already (D, H, W) in canonical orientation.
-        spacing: voxel size in mm along (D, H, W) for ``.npy`` input (default 1 mm); ignored for other formats.
+            a ``.npy`` array that is already (D, H, W) in canonical orientation (a leading channel of 1 is
+            dropped), or a 2D figure (PNG/JPEG/TIFF/BMP) read as a one-slice volume of grey levels in [0, 1]
+            (``volume.intensity == "unit"``: not HU).
+        spacing: voxel size in mm along (D, H, W) for ``.npy`` and image input (default 1 mm); ignored for others.
         series_uid: which series to read when a DICOM folder holds several.
 
     Returns:
@@ -413,15 +437,22 @@ def load_volume(
         raise CorruptFileError(path, "file not found")
     meta: dict = {}
     if path.suffix.lower() == ".npy":
-        array = _validate_volume(_read_npy(path), path)
+        array = _read_npy(path)
+        if array.ndim == 4 and array.shape[0] == 1:
+            array = array[0]  # channel-first (1, D, H, W), as M3D's volumes are stored
+        array = _validate_volume(array, path)
         affine = standard_affine(spacing or (1.0, 1.0, 1.0))
         return CTVolume(array=array, affine=affine, path=str(path), meta={"source_axcodes": AXCODES_DHW})
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        return _read_image(path, spacing)
     if _is_nifti(path):
         data, affine, _ = _read_nifti(path, np.float32)
     elif path.is_dir() or path.suffix.lower() in ("", ".dcm", ".ima") or _has_dicom_magic(path):
         data, affine, meta = _read_dicom(path, series_uid)
     else:
-        raise CorruptFileError(path, "unknown format; expected .nii, .nii.gz, .npy, .dcm or a DICOM folder")
+        raise CorruptFileError(
+            path, "unknown format; expected .nii, .nii.gz, .npy, .dcm, a DICOM folder or a PNG/JPEG figure"
+        )
     data = _validate_volume(data, path)
     meta["source_axcodes"] = nib.aff2axcodes(affine)
     array, affine = _to_canonical(data, affine)

@@ -76,13 +76,15 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
     def num_channels(self) -> int:
         return _ENCODING_CHANNELS[self.prompt_encoding]
 
-    def _load(self, volume: VolumeInput, mask: MaskInput) -> tuple[np.ndarray, np.ndarray | None]:
+    def _load(self, volume: VolumeInput, mask: MaskInput) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+        """(values, mask, intensity of the file or None): loads paths and checks the mask against the volume."""
+        intensity = None
         if isinstance(volume, (str, os.PathLike)):
             volume = load_volume(volume)
         if isinstance(volume, CTVolume):
             if isinstance(mask, (str, os.PathLike)):
                 mask = load_mask(mask, like=volume)
-            hu = volume.array
+            hu, intensity = volume.array, volume.intensity
         else:
             if isinstance(mask, (str, os.PathLike)):
                 raise ValueError("a mask file needs the volume as a file or CTVolume, so its grid can be checked")
@@ -92,20 +94,28 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
             mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
             if mask.shape != hu.shape:
                 raise InvalidVolumeError("mask", f"mask shape {mask.shape} differs from volume shape {hu.shape}")
-        return hu, mask
+        return hu, mask, intensity
 
     def preprocess(
         self,
         volumes: VolumeInput | Sequence[VolumeInput],
         masks: MaskInput | Sequence[MaskInput] = None,
         return_tensors: str | None = "pt",
+        intensity: str | Sequence[str | None] | None = None,
+        rescale: tuple[float, float] | Sequence[tuple[float, float] | None] | None = None,
     ) -> BatchFeature:
         """Process one volume or a list of volumes.
 
         Args:
-            volumes: file paths (NIfTI, DICOM folder, `.npy`), :class:`CTVolume` objects or (D, H, W) HU arrays.
+            volumes: file paths (NIfTI, DICOM folder, `.npy`, 2D figure), :class:`CTVolume` objects or (D, H, W)
+                HU arrays.
             masks: one ROI mask per volume (path, array or None for no prompt), or None for none at all.
             return_tensors: `"pt"` or `"np"`.
+            intensity: per volume (or one for all) `"hu"` — windowed with `window` — or `"unit"` — already in
+                [0, 1] (M3D-VQA volumes, 2D figures), only clipped. Default: what the loaded file says (figures are
+                `"unit"`), else `"hu"`. Datasets record it in their `intensity` field.
+            rescale: per volume (or one for all) `(slope, intercept)` applied before windowing, for files whose
+                header lacks it (CT-RATE's `rescale_slope` / `rescale_intercept` fields).
 
         Returns:
             `BatchFeature` with `pixel_values` (B, C, D, H, W) float32 in [0, 1], `covered_fraction` (B,) — the
@@ -117,10 +127,19 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
         masks = [None] * len(volumes) if masks is None else list(masks)
         if len(masks) != len(volumes):
             raise ValueError(f"got {len(volumes)} volumes but {len(masks)} masks")
+        intensities = _per_volume(intensity, len(volumes), "intensity", lambda v: isinstance(v, str))
+        rescales = _per_volume(rescale, len(volumes), "rescale", _is_number_pair)
         pixel_values, covered, empty = [], [], []
-        for volume, mask in zip(volumes, masks, strict=True):
-            hu, roi = self._load(volume, mask)
-            image = resize_volume(window_hu(hu, self.window), self.volume_size)
+        for volume, mask, kind, scale in zip(volumes, masks, intensities, rescales, strict=True):
+            values, roi, file_kind = self._load(volume, mask)
+            kind = kind or file_kind or "hu"
+            if kind not in ("hu", "unit"):
+                raise ValueError(f"intensity must be 'hu' or 'unit', got {kind!r}")
+            if scale is not None:
+                slope, intercept = (float(v) for v in scale)
+                values = values * np.float32(slope) + np.float32(intercept)
+            window = self.window if kind == "hu" else (0.0, 1.0)
+            image = resize_volume(window_hu(values, window), self.volume_size)
             roi = None if roi is None else resize_mask(roi, self.volume_size)
             result = render_prompt(
                 image,
@@ -144,3 +163,17 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
 
     def __call__(self, volumes, masks=None, **kwargs) -> BatchFeature:
         return self.preprocess(volumes, masks, **kwargs)
+
+
+def _is_number_pair(value) -> bool:
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+
+
+def _per_volume(value, count: int, name: str, is_single) -> list:
+    """Broadcast one setting to every volume, or check a per-volume list's length."""
+    if value is None or is_single(value):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"got {count} volumes but {len(values)} {name} values")
+    return values

@@ -121,6 +121,8 @@ class Med3DQwenProcessor(ProcessorMixin):
         text: str | Sequence[str] | None = None,
         masks=None,
         return_tensors: str | None = "pt",
+        intensity=None,
+        rescale=None,
         **kwargs,
     ) -> BatchFeature:
         """Prepare model inputs.
@@ -130,6 +132,7 @@ class Med3DQwenProcessor(ProcessorMixin):
             text: prompts (e.g. from :meth:`apply_chat_template`), each with zero or more image blocks.
             masks: ROI masks, one per volume (or None), drawn as boundary prompts.
             return_tensors: `"pt"` (default) or `"np"`.
+            intensity, rescale: per-volume intensity kind and HU rescale, see `Med3DQwenImageProcessor.preprocess`.
             **kwargs: tokenizer arguments (`padding`, `padding_side`, `truncation` ...). Truncation can cut image
                 tokens; the model then raises a token/feature mismatch.
 
@@ -151,7 +154,9 @@ class Med3DQwenProcessor(ProcessorMixin):
             )
         data: dict = {}
         if volumes is not None:
-            image_inputs = self.image_processor(volumes, masks, return_tensors=return_tensors)
+            image_inputs = self.image_processor(
+                volumes, masks, return_tensors=return_tensors, intensity=intensity, rescale=rescale
+            )
             num_volumes = len(image_inputs["pixel_values"])
             data.update(image_inputs)
         else:

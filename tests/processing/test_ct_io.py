@@ -674,3 +674,22 @@ def test_truncated_gzip_really_is_truncated(tmp_path):
     with pytest.raises(EOFError):
         gzip.decompress(data[: len(data) // 2])
     assert gzip.decompress(data)[344:348] == b"n+1\x00"  # NIfTI-1 single-file magic
+
+
+def test_npy_with_a_leading_channel_and_2d_figures(tmp_path):
+    volume = np.arange(2 * 3 * 4, dtype=np.float32).reshape(1, 2, 3, 4)  # M3D-VQA stores (1, D, H, W)
+    np.save(tmp_path / "m3d.npy", volume)
+    loaded = load_volume(tmp_path / "m3d.npy")
+    assert loaded.shape == (2, 3, 4) and loaded.intensity == "hu"
+    np.testing.assert_array_equal(loaded.array, volume[0])
+
+    from PIL import Image
+
+    Image.fromarray(np.full((5, 7), 255, dtype=np.uint8)).save(tmp_path / "figure.png")
+    figure = load_volume(tmp_path / "figure.png")
+    assert figure.shape == (1, 5, 7) and figure.intensity == "unit"
+    np.testing.assert_allclose(figure.array, 1.0)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(CorruptFileError, match="cannot read image") as err:
+        load_volume(tmp_path / "broken.jpg")
+    assert str(tmp_path / "broken.jpg") in str(err.value)

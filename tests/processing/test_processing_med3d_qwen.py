@@ -244,3 +244,36 @@ def test_processor_remote_code_load_without_the_package(processor, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote-processor OK" in result.stdout
+
+
+def test_unit_intensity_volumes_skip_the_hu_window(tmp_path):
+    """M3D-VQA volumes ((1, D, H, W) .npy in [0, 1]) and PMC-VQA figures are not HU."""
+    rng = np.random.default_rng(0)
+    unit = rng.uniform(0.0, 1.0, size=(1, 8, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "m3d.npy", unit)
+    processor = Med3DQwenImageProcessor(volume_size=(8, 16, 16))
+    as_unit = processor(tmp_path / "m3d.npy", intensity="unit", return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(as_unit[0, 0], unit[0], atol=1e-6)  # no window: values kept
+    as_hu = processor(tmp_path / "m3d.npy", return_tensors="np")["pixel_values"]
+    assert as_hu.max() < 0.85  # [0, 1] read as HU lands in a narrow band of the chest window
+    from PIL import Image
+
+    figure = (rng.uniform(0, 255, size=(16, 16, 3))).astype(np.uint8)
+    Image.fromarray(figure).save(tmp_path / "fig.png")
+    out = processor(tmp_path / "fig.png", return_tensors="np")["pixel_values"]  # figures say "unit" themselves
+    grey = np.asarray(Image.fromarray(figure).convert("L"), dtype=np.float32) / 255.0
+    np.testing.assert_allclose(out[0, 0, 3], grey, atol=1e-6)  # one slice repeated along the depth
+    with pytest.raises(ValueError, match="intensity"):
+        processor(tmp_path / "m3d.npy", intensity="raw")
+
+
+def test_rescale_is_applied_before_the_window(case):
+    hu, _, _, _ = case
+    raw = hu + 1024.0  # a CT-RATE volume without its header rescale
+    processor = Med3DQwenImageProcessor(volume_size=SIZE)
+    expected = processor(hu, return_tensors="np")["pixel_values"]
+    fixed = processor([raw, raw], rescale=[(1.0, -1024.0), (1.0, -1024.0)], return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(fixed[0], expected[0], atol=1e-6)
+    np.testing.assert_allclose(processor(raw, rescale=(1, -1024), return_tensors="np")["pixel_values"], expected)
+    with pytest.raises(ValueError, match="2 volumes but 3 rescale"):
+        processor([raw, raw], rescale=[(1, 0)] * 3)
