@@ -40,18 +40,17 @@ train by patient. A re-run with the same arguments resumes where a killed build 
 4.0) forbids redistribution: --push_to_hub uploads only the JSONL and the card, to a private repo by default.
 """
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
-from med3dqwen.data.builder import BuildArguments
+from med3dqwen.data.builder import BuildArguments, parse_script_args, print_summary
 from med3dqwen.data.ctrate import CTRateBuildConfig, build_ctrate_dataset
 
 
 @dataclass
 class ScriptArguments:
+    """Options of :class:`CTRateBuildConfig`, with its field names."""
+
     data_root: str = field(metadata={"help": "The downloaded CT-RATE repository (holds dataset/)."})
     output_dir: str = field(metadata={"help": "Folder to write the dataset to (created)."})
     prompt: str = field(
@@ -113,52 +112,18 @@ class ScriptArguments:
 
 
 def main(script_args: ScriptArguments, build_args: BuildArguments) -> None:
-    config = CTRateBuildConfig(
-        data_root=script_args.data_root,
-        output_dir=script_args.output_dir,
-        prompt=script_args.prompt,
-        seed=script_args.seed,
-        split_ratios=tuple(script_args.split_ratios),
-        split_mode=script_args.split_mode,
-        reconstructions=script_args.reconstructions,
-        report_sections=script_args.report_sections,
-        volume_folders=script_args.volume_folders,
-        rescale=script_args.rescale,
-        convert_volumes=script_args.convert_volumes,
-        exclude_no_chest=script_args.exclude_no_chest,
-        validate_files=script_args.validate_files,
-        normalize_anatomy=script_args.normalize_anatomy,
-        reports_dir=script_args.reports_dir,
-        metadata_dir=script_args.metadata_dir,
-        no_chest_dir=script_args.no_chest_dir,
-        train_volume_dir=script_args.train_volume_dir,
-        valid_volume_dir=script_args.valid_volume_dir,
+    summary = build_ctrate_dataset(CTRateBuildConfig(**vars(script_args)), build_args)
+    no_chest = summary.counters.get("filtered", {}).get("no_chest", 0)
+    print_summary(
+        summary,
+        build_args,
+        "{questions:8d} reports from {patients:6d} patients",
+        units="scans",
+        rate_units="volumes",
+        notes=[f"not chest: {no_chest} volumes left out (filtered.jsonl)"] if no_chest else [],
     )
-    summary = build_ctrate_dataset(config, build_args)
-    if summary.units_processed:
-        print(
-            f"built {summary.units_processed} scans in {summary.seconds:.1f} s "
-            f"({summary.volumes_per_minute:.1f} volumes/min, {build_args.num_proc} processes)"
-        )
-    if not summary.merged:
-        print(f"shard {build_args.shard_index}/{build_args.num_shards} done; merge with --merge_only when all are")
-        return
-    print(f"wrote {summary.output_dir}")
-    for split, n in summary.questions.items():
-        print(f"  {split:<10} {n:8d} reports from {summary.patients[split]:6d} patients")
-    filtered = summary.counters.get("filtered", {}).get("no_chest", 0)
-    if filtered:
-        print(f"  not chest: {filtered} volumes left out (filtered.jsonl)")
-    if summary.skipped:
-        print("  skipped rows: " + ", ".join(f"{k} {v}" for k, v in summary.skipped.items()) + " (skipped.jsonl)")
-    print(f'load it with: datasets.load_dataset("{summary.output_dir}")')
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = HfArgumentParser((ScriptArguments, BuildArguments), description=__doc__, formatter_class=_HelpFormatter)
-    main(*parser.parse_args_into_dataclasses())
+    main(*parse_script_args(ScriptArguments, __doc__))

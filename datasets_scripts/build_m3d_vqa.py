@@ -39,18 +39,17 @@ the same arguments resumes where a killed build stopped. Licence: non-commercial
 (arXiv 2404.00578).
 """
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
-from med3dqwen.data.builder import BuildArguments
+from med3dqwen.data.builder import BuildArguments, parse_script_args, print_summary
 from med3dqwen.data.m3d_vqa import DEFAULT_CSVS, QUESTION_TYPES, M3DVQABuildConfig, build_m3d_vqa_dataset
 
 
 @dataclass
 class ScriptArguments:
+    """Options of :class:`M3DVQABuildConfig`, with its field names."""
+
     data_root: str = field(metadata={"help": "Folder with the M3D-VQA CSVs (the downloaded GoodBaiBai88/M3D-VQA)."})
     output_dir: str = field(metadata={"help": "Folder to write the dataset to (created)."})
     image_root: str | None = field(
@@ -98,51 +97,18 @@ class ScriptArguments:
 
 
 def main(script_args: ScriptArguments, build_args: BuildArguments) -> None:
-    config = M3DVQABuildConfig(
-        data_root=script_args.data_root,
-        output_dir=script_args.output_dir,
-        image_root=script_args.image_root,
-        mode=script_args.mode,
-        prompt=script_args.prompt,
-        write_png=script_args.write_png,
-        thickness=script_args.thickness,
-        mask_source=script_args.mask_source,
-        mask_dir=script_args.mask_dir,
-        case_overlap=script_args.case_overlap,
-        question_types=tuple(script_args.question_types),
-        validate_files=script_args.validate_files,
-        normalize_anatomy=script_args.normalize_anatomy,
-        train_csv=script_args.train_csv,
-        val_csv=script_args.val_csv,
-        test_csv=script_args.test_csv,
-    )
-    summary = build_m3d_vqa_dataset(config, build_args)
-    if summary.units_processed:
-        print(
-            f"built {summary.units_processed} images in {summary.seconds:.1f} s "
-            f"({summary.volumes_per_minute:.1f} images/min, {build_args.num_proc} processes)"
-        )
-    if not summary.merged:
-        print(f"shard {build_args.shard_index}/{build_args.num_shards} done; merge with --merge_only when all are")
-        return
-    print(f"wrote {summary.output_dir}")
-    for split, n in summary.questions.items():
-        images, cases = summary.volumes[split], summary.patients[split]
-        print(f"  {split:<10} {n:8d} questions from {images:6d} images, {cases} cases")
-    print("  question types: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.question_types.items())))
+    summary = build_m3d_vqa_dataset(M3DVQABuildConfig(**vars(script_args)), build_args)
     overlap = summary.counters.get("filtered", {}).get("case_overlap", 0)
-    if overlap:
-        print(f"  left out: {overlap} rows of cases shared between splits (filtered.jsonl)")
-    if summary.skipped:
-        print("  skipped rows: " + ", ".join(f"{k} {v}" for k, v in summary.skipped.items()) + " (skipped.jsonl)")
-    print(f'load it with: datasets.load_dataset("{summary.output_dir}")')
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    print_summary(
+        summary,
+        build_args,
+        "{questions:8d} questions from {volumes:6d} images, {patients} cases",
+        units="images",
+        question_types=True,
+        notes=[f"left out: {overlap} rows of cases shared between splits (filtered.jsonl)"] if overlap else [],
+    )
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = HfArgumentParser((ScriptArguments, BuildArguments), description=__doc__, formatter_class=_HelpFormatter)
-    main(*parser.parse_args_into_dataclasses())
+    main(*parse_script_args(ScriptArguments, __doc__))

@@ -22,18 +22,17 @@ are written once per (volume, ROI) and shared by its questions. A re-run with th
 volumes (OUT/.work/units/) are skipped, and the output is byte-identical to an uninterrupted build.
 """
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
-from med3dqwen.data.builder import BuildArguments
+from med3dqwen.data.builder import BuildArguments, parse_script_args, print_summary
 from med3dqwen.data.phantom_dataset import PhantomBuildConfig, build_phantom_dataset
 
 
 @dataclass
 class ScriptArguments:
+    """Options of :class:`PhantomBuildConfig`, with its field names."""
+
     output_dir: str = field(metadata={"help": "Folder to write the dataset to (created)."})
     num_volumes: int = field(default=20, metadata={"help": "Number of phantoms (one synthetic patient each)."})
     seed: int = field(default=0, metadata={"help": "Master seed of phantoms, templates and the patient split."})
@@ -51,42 +50,17 @@ class ScriptArguments:
 
 
 def main(script_args: ScriptArguments, build_args: BuildArguments) -> None:
-    summary = build_phantom_dataset(
-        PhantomBuildConfig(
-            output_dir=script_args.output_dir,
-            num_volumes=script_args.num_volumes,
-            seed=script_args.seed,
-            prompt=script_args.prompt,
-            write_png=script_args.write_png,
-            shape=tuple(script_args.shape),
-            thickness=script_args.thickness,
-            split_ratios=tuple(script_args.split_ratios),
-        ),
-        build_args,
-    )
-    if summary.units_processed:
-        print(
-            f"built {summary.units_processed} volumes in {summary.seconds:.1f} s "
-            f"({summary.volumes_per_minute:.1f} volumes/min, {build_args.num_proc} processes)"
-        )
-    if not summary.merged:
-        print(f"shard {build_args.shard_index}/{build_args.num_shards} done; merge with --merge_only when all are")
-        return
-    print(f"wrote {summary.output_dir}")
-    for split, n in summary.questions.items():
-        print(f"  {split:<10} {n:6d} questions from {summary.volumes[split]:4d} volumes")
-    print("  question types: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.question_types.items())))
+    summary = build_phantom_dataset(PhantomBuildConfig(**vars(script_args)), build_args)
     unknown = summary.counters.get("unknown_anatomy_terms")
-    if unknown:
-        print(f"  anatomy terms without a RadLex entry (kept as is): {unknown}")
-    print(f'load it with: datasets.load_dataset("{summary.output_dir}")')
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    print_summary(
+        summary,
+        build_args,
+        "{questions:6d} questions from {volumes:4d} volumes",
+        question_types=True,
+        notes=[f"anatomy terms without a RadLex entry (kept as is): {unknown}"] if unknown else [],
+    )
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = HfArgumentParser((ScriptArguments, BuildArguments), description=__doc__, formatter_class=_HelpFormatter)
-    main(*parser.parse_args_into_dataclasses())
+    main(*parse_script_args(ScriptArguments, __doc__))

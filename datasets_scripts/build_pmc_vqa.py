@@ -34,18 +34,17 @@ resumes where a killed build stopped. Licence: per article (PubMed Central Open 
 2305.10415).
 """
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
-from med3dqwen.data.builder import BuildArguments
+from med3dqwen.data.builder import BuildArguments, parse_script_args, print_summary
 from med3dqwen.data.pmc_vqa import PMCVQABuildConfig, build_pmc_vqa_dataset
 
 
 @dataclass
 class ScriptArguments:
+    """Options of :class:`PMCVQABuildConfig`, with its field names."""
+
     data_root: str = field(metadata={"help": "The downloaded PMC-VQA repository (holds the CSVs)."})
     output_dir: str = field(metadata={"help": "Folder to write the dataset to (created)."})
     version: str = field(
@@ -78,47 +77,17 @@ class ScriptArguments:
 
 
 def main(script_args: ScriptArguments, build_args: BuildArguments) -> None:
-    config = PMCVQABuildConfig(
-        data_root=script_args.data_root,
-        output_dir=script_args.output_dir,
-        version=script_args.version,
-        csv_files=tuple(script_args.csv_files) if script_args.csv_files else None,
-        image_dir=script_args.image_dir,
-        mode=script_args.mode,
-        prompt=script_args.prompt,
-        seed=script_args.seed,
-        split_ratios=tuple(script_args.split_ratios),
-        ct_filter=script_args.ct_filter,
-        convert_images=script_args.convert_images,
-        validate_files=script_args.validate_files,
-        normalize_anatomy=script_args.normalize_anatomy,
+    summary = build_pmc_vqa_dataset(PMCVQABuildConfig(**vars(script_args)), build_args)
+    left_out = ", ".join(f"{k} {v}" for k, v in summary.counters.get("filtered", {}).items())
+    print_summary(
+        summary,
+        build_args,
+        "{questions:8d} questions from {volumes:6d} figures, {patients} articles",
+        units="figures",
+        notes=[f"CT filter left out: {left_out} rows (filtered.jsonl)"] if left_out else [],
     )
-    summary = build_pmc_vqa_dataset(config, build_args)
-    if summary.units_processed:
-        print(
-            f"built {summary.units_processed} figures in {summary.seconds:.1f} s "
-            f"({summary.volumes_per_minute:.1f} figures/min, {build_args.num_proc} processes)"
-        )
-    if not summary.merged:
-        print(f"shard {build_args.shard_index}/{build_args.num_shards} done; merge with --merge_only when all are")
-        return
-    print(f"wrote {summary.output_dir}")
-    for split, n in summary.questions.items():
-        figures, articles = summary.volumes[split], summary.patients[split]
-        print(f"  {split:<10} {n:8d} questions from {figures:6d} figures, {articles} articles")
-    filtered = summary.counters.get("filtered", {})
-    if filtered:
-        print("  CT filter left out: " + ", ".join(f"{k} {v}" for k, v in filtered.items()) + " rows (filtered.jsonl)")
-    if summary.skipped:
-        print("  skipped rows: " + ", ".join(f"{k} {v}" for k, v in summary.skipped.items()) + " (skipped.jsonl)")
-    print(f'load it with: datasets.load_dataset("{summary.output_dir}")')
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = HfArgumentParser((ScriptArguments, BuildArguments), description=__doc__, formatter_class=_HelpFormatter)
-    main(*parser.parse_args_into_dataclasses())
+    main(*parse_script_args(ScriptArguments, __doc__))

@@ -34,18 +34,17 @@ resumes where a killed build stopped. The licence (CC BY-NC-SA 4.0, CT-RATE term
 --push_to_hub uploads only the JSONL and the card, to a private repo by default.
 """
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 
-from transformers import HfArgumentParser
-
-from med3dqwen.data.builder import BuildArguments
+from med3dqwen.data.builder import BuildArguments, parse_script_args, print_summary
 from med3dqwen.data.radgenome import QUESTION_TYPES, RadGenomeBuildConfig, build_radgenome_dataset
 
 
 @dataclass
 class ScriptArguments:
+    """Options of :class:`RadGenomeBuildConfig`, with its field names."""
+
     data_root: str = field(metadata={"help": "The downloaded RadGenome-ChestCT repository (holds dataset/)."})
     output_dir: str = field(metadata={"help": "Folder to write the dataset to (created)."})
     prompt: str = field(
@@ -90,48 +89,10 @@ class ScriptArguments:
 
 
 def main(script_args: ScriptArguments, build_args: BuildArguments) -> None:
-    config = RadGenomeBuildConfig(
-        data_root=script_args.data_root,
-        output_dir=script_args.output_dir,
-        prompt=script_args.prompt,
-        write_png=script_args.write_png,
-        thickness=script_args.thickness,
-        seed=script_args.seed,
-        split_ratios=tuple(script_args.split_ratios),
-        split_mode=script_args.split_mode,
-        question_types=tuple(script_args.question_types),
-        validate_files=script_args.validate_files,
-        csv_dir=script_args.csv_dir,
-        train_volume_dir=script_args.train_volume_dir,
-        valid_volume_dir=script_args.valid_volume_dir,
-        train_anatomy_mask_dir=script_args.train_anatomy_mask_dir,
-        valid_anatomy_mask_dir=script_args.valid_anatomy_mask_dir,
-        train_region_mask_dir=script_args.train_region_mask_dir,
-        valid_region_mask_dir=script_args.valid_region_mask_dir,
-    )
-    summary = build_radgenome_dataset(config, build_args)
-    if summary.units_processed:
-        print(
-            f"built {summary.units_processed} volumes in {summary.seconds:.1f} s "
-            f"({summary.volumes_per_minute:.1f} volumes/min, {build_args.num_proc} processes)"
-        )
-    if not summary.merged:
-        print(f"shard {build_args.shard_index}/{build_args.num_shards} done; merge with --merge_only when all are")
-        return
-    print(f"wrote {summary.output_dir}")
-    for split, n in summary.questions.items():
-        print(f"  {split:<10} {n:8d} questions from {summary.volumes[split]:6d} volumes")
-    print("  question types: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.question_types.items())))
-    if summary.skipped:
-        print("  skipped rows: " + ", ".join(f"{k} {v}" for k, v in summary.skipped.items()) + " (skipped.jsonl)")
-    print(f'load it with: datasets.load_dataset("{summary.output_dir}")')
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    summary = build_radgenome_dataset(RadGenomeBuildConfig(**vars(script_args)), build_args)
+    print_summary(summary, build_args, "{questions:8d} questions from {volumes:6d} volumes", question_types=True)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = HfArgumentParser((ScriptArguments, BuildArguments), description=__doc__, formatter_class=_HelpFormatter)
-    main(*parser.parse_args_into_dataclasses())
+    main(*parse_script_args(ScriptArguments, __doc__))

@@ -14,15 +14,17 @@ does the rest:
    ``OUT/.work/units/<unit_id>.json`` once the unit is complete: the file is the unit's done marker, so a killed
    build leaves no half-written unit and a re-run processes only the missing ones.
 3. With one shard, or with ``merge_only``, :func:`merge_build` reads the unit files **in plan order** (never in the
-   order the workers finished) and writes ``data/{train,validation,test}.jsonl``, ``skipped.jsonl`` and the dataset
-   card ``README.md`` (features, counts, skipped reasons). Output is therefore byte-identical whatever ``num_proc``,
-   however the work was sharded, and whether or not the build was interrupted and resumed.
+   order the workers finished) and writes ``data/{train,validation,test}.jsonl``, ``skipped.jsonl``,
+   ``filtered.jsonl`` (builders that leave rows out on purpose, see :class:`Plan`) and the dataset card ``README.md``
+   (features, counts, skipped reasons). Output is therefore byte-identical whatever ``num_proc``, however the work
+   was sharded, and whether or not the build was interrupted and resumed.
 
 Output folder::
 
     README.md                        dataset card: configs (train / validation / test), features, counts, skipped
     data/<split>.jsonl               one question per line, in plan order
     skipped.jsonl                    one line per skipped item: reason, unit_id, source (file:row), rows, detail
+    filtered.jsonl                   one line per item left out on purpose (same format); only builders that filter
     <builder files>                  e.g. prompts/<volume_id>/*.png, volumes/ (phantom), source/ (links, RadGenome)
     .work/config.json                the configuration the work was done with (a different one is refused)
     .work/units/<unit_id>.json       one finished unit: records, skipped entries, counters
@@ -42,7 +44,9 @@ and the unit (fresh RNGs and normalisers per unit) so that any worker gives the 
 from __future__ import annotations
 
 import abc
+import argparse
 import contextlib
+import csv
 import hashlib
 import json
 import logging
@@ -52,20 +56,24 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
 from med3dqwen.data.cards import DatasetStats, render_dataset_card
-from med3dqwen.data.rewrite import RECORD_FIELDS, RewriteConfig, read_jsonl
+from med3dqwen.data.radlex import RadLexNormalizer
+from med3dqwen.data.rewrite import RECORD_FIELDS, RewriteConfig, build_record, read_jsonl, rewrite_qa
 from med3dqwen.data.splits import SPLIT_NAMES
 from med3dqwen.processing.ct_io import atomic_output
 
 
 __all__ = [
+    "ANSWER_MODES",
+    "CHOICE_LETTERS",
+    "NA_VALUES",
     "PNG_MODES",
     "PROMPTS",
     "BuildArguments",
@@ -75,9 +83,15 @@ __all__ = [
     "Plan",
     "UnitResult",
     "UnsafePathError",
+    "UpstreamCSV",
     "WorkUnit",
+    "choice_key",
     "link_folder",
     "merge_build",
+    "multiple_choice_records",
+    "parse_script_args",
+    "path_unit_id",
+    "print_summary",
     "push_dataset_to_hub",
     "read_skipped",
     "read_unit",
@@ -257,6 +271,95 @@ def link_folder(out_dir: str | os.PathLike, link: str, target: str | os.PathLike
     return path
 
 
+class UpstreamCSV:
+    """An upstream CSV, read exactly as published and streamed row by row; use it as a context manager.
+
+    The file is UTF-8 (a BOM is accepted), cells may be of any length, header names are stripped and columns are
+    looked up by name (``names``: the stripped header), so extra columns (a pandas index, ``Note``) do not matter::
+
+        with UpstreamCSV(path, COLUMNS) as table:
+            for number, source, values in table.rows(COLUMNS, skipped):
+                ...  # values["VolumeName"], stripped
+
+    Args:
+        path: the CSV file.
+        required: columns the header must have (checked at once; :meth:`require` checks more later).
+        expected: what the header should hold, for the error on an empty file (default: ``the columns <required>``).
+
+    Raises:
+        BuildError: the file is empty, or a required column is missing.
+    """
+
+    def __init__(self, path: str | os.PathLike, required: Sequence[str] = (), *, expected: str | None = None):
+        csv.field_size_limit(2**31 - 1)  # report texts are long
+        self.path = Path(path)
+        self._file = open(self.path, newline="", encoding="utf-8-sig")  # closed by __exit__, or below on an error
+        try:
+            self._reader = csv.reader(self._file)
+            header = next(self._reader, None)
+            if header is None:
+                raise BuildError(f"{self.path}: empty file, expected {expected or f'the columns {tuple(required)}'}")
+            self.names = [name.strip() for name in header]
+            self.require(required)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def __enter__(self) -> UpstreamCSV:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._file.close()
+
+    def require(self, columns: Iterable[str]) -> None:
+        """Raise :class:`BuildError` naming the ``columns`` the header lacks (and what it has), if any."""
+        missing = [c for c in columns if c not in self.names]
+        if missing:
+            raise BuildError(f"{self.path}: missing columns {missing} (found {self.names})")
+
+    def ignored_columns(self, used: Iterable[str]) -> list[str]:
+        """The header names not in ``used``, in file order (``<unnamed>`` for a blank one), to name in the card."""
+        used = set(used)
+        return [name or "<unnamed>" for name in self.names if name not in used]
+
+    def rows(self, columns: Iterable[str], skipped: list[dict[str, Any]]) -> Iterator[tuple[int, str, dict[str, str]]]:
+        """The data rows as ``(number, source, values)``: ``number`` counts the rows after the header from 1,
+        ``source`` is ``"<file name>:<number>"`` and ``values`` maps each of ``columns`` to its stripped cell.
+        Blank lines are passed over; a line the ``csv`` module cannot parse, or with another number of fields than
+        the header, is appended to ``skipped`` as a ``malformed_row`` :func:`skip_entry` instead."""
+        index = {c: self.names.index(c) for c in columns}
+        number = 0
+        while True:
+            number += 1
+            source = f"{self.path.name}:{number}"
+            try:
+                cells = next(self._reader)
+            except StopIteration:
+                return
+            except csv.Error as err:  # the reader goes on with the next line
+                detail = f"unreadable CSV line {self._reader.line_num}: {err}"
+                skipped.append(skip_entry("malformed_row", detail, source=source))
+                continue
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) != len(self.names):
+                detail = f"expected {len(self.names)} fields, got {len(cells)}"
+                skipped.append(skip_entry("malformed_row", detail, source=source))
+                continue
+            yield number, source, {c: cells[i].strip() for c, i in index.items()}
+
+
+def path_unit_id(path: str, stem: str) -> str:
+    """A file-name safe unit id for an upstream file: ``stem`` (its path without the suffix) with ``/`` → ``__``.
+    If other characters had to be replaced, or the id would not start with a letter or digit, it becomes
+    ``v<slug>-<first 8 hex digits of sha256(path)>``, so that two paths never share an id."""
+    joined = stem.replace("/", "__")
+    slug = re.sub(r"[^A-Za-z0-9._-]", "_", joined)
+    if slug != joined or not slug[:1].isalnum():
+        slug = f"v{slug}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
+    return slug
+
+
 def record_features(extra: Mapping[str, Any] | None = None):
     """The ``datasets.Features`` of a JSONL record: ``messages`` + :data:`~med3dqwen.data.rewrite.RECORD_FIELDS`
     (+ ``extra``, the builder's own fields). Written into the card so ``load_dataset`` uses exactly these types."""
@@ -284,6 +387,75 @@ def record_features(extra: Mapping[str, Any] | None = None):
         raise ValueError(f"extra features {clashes} clash with the record's own fields")
     features.update(extra or {})
     return datasets.Features(features)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multiple-choice questions (M3D-VQA, PMC-VQA)
+# ---------------------------------------------------------------------------------------------------------------
+
+CHOICE_LETTERS = "ABCD"
+"""The letters of the four choices; a letter's index is the ``closed_label``."""
+ANSWER_MODES = ("closed", "open", "both")
+"""``--mode`` values of the multiple-choice builders: which records :func:`multiple_choice_records` writes."""
+NA_VALUES = ("", "na", "n/a", "nan", "none", "null")
+"""Cell texts (compared lower-cased) that mean "no value" in the multiple-choice CSVs."""
+
+
+def choice_key(text: str) -> str:
+    """Comparison key of a choice or answer text: whitespace collapsed, case-folded, a final full stop dropped
+    (``" Pleural  effusion."`` and ``"pleural effusion"`` match)."""
+    return " ".join(text.split()).casefold().removesuffix(".").rstrip()
+
+
+def multiple_choice_records(
+    question: str,
+    choices: Sequence[str],
+    letter: str,
+    answer: str,
+    *,
+    mode: str,
+    config: RewriteConfig,
+    normalizer: RadLexNormalizer,
+    source: str,
+    **fields: Any,
+) -> list[dict[str, Any]]:
+    """The records of one multiple-choice row: the closed one, the open one, or both in that order (``mode``).
+
+    Closed: ``"<question> Choices: A. ... B. ... C. ... D. ..."`` (an empty choice is left out of the list but keeps
+    its letter), answer ``"<letter>. <choice>"``, ``closed_label`` = the letter's index (A = 0). Open: the question
+    alone, answer ``answer``. Both are rewritten with :func:`~med3dqwen.data.rewrite.rewrite_qa`.
+
+    Args:
+        question: the question stem. choices: the four choice texts, ``""`` for an empty one. letter: the correct
+            choice, one of :data:`CHOICE_LETTERS`. answer: the answer of the open record. (Texts as they should
+            appear, i.e. already normalised.)
+        mode: one of :data:`ANSWER_MODES`. config, normalizer: passed to ``rewrite_qa``.
+        source: the upstream row (``"file.csv:12"``), named in the error.
+        fields: the other keyword arguments of :func:`~med3dqwen.data.rewrite.build_record` (``volume_path``,
+            ``split``, ``extra``, ...), the same for both records.
+
+    Raises:
+        BuildError: the closed label is not the letter's index (cannot happen: the labels hold the letters).
+    """
+    index = CHOICE_LETTERS.index(letter)
+    pairs = []
+    if mode in ("closed", "both"):
+        listed = " ".join(f"{x}. {c}" for x, c in zip(CHOICE_LETTERS, choices, strict=True) if c)
+        labels = [f"{x}. {c or 'NA'}" for x, c in zip(CHOICE_LETTERS, choices, strict=True)]
+        qa = rewrite_qa(
+            f"{question} Choices: {listed}",
+            f"{letter}. {choices[index]}",
+            answer_type="closed",
+            choices=labels,
+            config=config,
+            normalizer=normalizer,
+        )
+        if qa.closed_label != index:
+            raise BuildError(f"{source}: closed label {qa.closed_label} != letter {letter}")
+        pairs.append(qa)
+    if mode in ("open", "both"):
+        pairs.append(rewrite_qa(question, answer, answer_type="open", config=config, normalizer=normalizer))
+    return [build_record(qa, **fields) for qa in pairs]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,11 +498,24 @@ class UnitResult:
 
 @dataclass
 class Plan:
-    """The units of a dataset in canonical (output) order, and what was rejected before processing."""
+    """The units of a dataset in canonical (output) order, and what was left out before processing.
+
+    Args:
+        units: the work units.
+        skipped: rows rejected as bad data (:func:`skip_entry` dicts), written to ``skipped.jsonl``; ``--strict``
+            stops at the first.
+        counters: named counters, summed with the units' ones by the merge.
+        filtered: rows left out on purpose by a documented rule (not chest CTs, a case shared between splits, a
+            figure that is not CT): :func:`skip_entry` dicts whose reason names the rule. The merge writes them to
+            ``filtered.jsonl`` (the format of ``skipped.jsonl``) and counts their rows per reason in
+            ``counters["filtered"]``, which the card reports; ``--strict`` does not stop at them. ``None`` (a builder
+            without such a rule) writes no ``filtered.jsonl``; ``[]`` writes an empty one.
+    """
 
     units: list[WorkUnit]
     skipped: list[dict[str, Any]] = field(default_factory=list)
     counters: dict[str, dict[str, int]] = field(default_factory=dict)
+    filtered: list[dict[str, Any]] | None = None
 
 
 class DatasetBuilder(abc.ABC):
@@ -501,7 +686,7 @@ def _check_config(out: Path, builder: DatasetBuilder) -> None:
 
 
 def _clear_outputs(out: Path, builder: DatasetBuilder) -> None:
-    for name in (WORK_DIR, "data", "skipped.jsonl", "README.md", *builder.owned_paths):
+    for name in (WORK_DIR, "data", "skipped.jsonl", "filtered.jsonl", "README.md", *builder.owned_paths):
         path = out / name
         if path.is_symlink() or path.is_file():
             path.unlink()
@@ -634,7 +819,8 @@ def run_build(builder: DatasetBuilder, out_dir: str | os.PathLike, args: BuildAr
 
 
 def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan | None = None) -> BuildSummary:
-    """Assemble ``data/<split>.jsonl``, ``skipped.jsonl`` and ``README.md`` from the finished units, in plan order.
+    """Assemble ``data/<split>.jsonl``, ``skipped.jsonl``, ``filtered.jsonl`` (if the plan has a ``filtered`` list)
+    and ``README.md`` from the finished units, in plan order.
 
     Every record is checked against the builder's features (same field names), so a builder bug fails here and not
     in ``load_dataset``. Empty splits get no file (and no entry in the card's ``configs``).
@@ -660,6 +846,7 @@ def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan 
     data = out / "data"
     _remove_temporaries(data, ".")  # a merge killed half-way
     _remove_temporaries(out, ".skipped.jsonl.")
+    _remove_temporaries(out, ".filtered.jsonl.")
     _remove_temporaries(out, ".README.md.")
     with contextlib.ExitStack() as stack:
         files = {}
@@ -669,12 +856,18 @@ def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan 
         skipped_tmp = stack.enter_context(atomic_output(out / "skipped.jsonl"))
         skipped_file = stack.enter_context(open(skipped_tmp, "w", encoding="utf-8"))
 
-        def write_skipped(entries: Iterable[dict[str, Any]]) -> None:
+        def write_entries(file: TextIO, rows: Counter[str], entries: Iterable[dict[str, Any]]) -> None:
             for entry in entries:
-                skipped[entry["reason"]] += int(entry.get("rows", 1))
-                skipped_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                rows[entry["reason"]] += int(entry.get("rows", 1))
+                file.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-        write_skipped(plan.skipped)
+        write_entries(skipped_file, skipped, plan.skipped)
+        if plan.filtered is not None:
+            filtered: Counter[str] = Counter()
+            with open(stack.enter_context(atomic_output(out / "filtered.jsonl")), "w", encoding="utf-8") as file:
+                write_entries(file, filtered, plan.filtered)
+            if filtered:
+                _merge_counters(counters, {"filtered": filtered})
         for unit in plan.units:
             done = json.loads(_unit_path(out, unit.unit_id).read_text(encoding="utf-8"))
             for record in done["records"]:
@@ -685,7 +878,7 @@ def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan 
                     )
                 files[record["split"]].write(json.dumps(record, ensure_ascii=False) + "\n")
                 stats.add(record)
-            write_skipped(done["skipped"])
+            write_entries(skipped_file, skipped, done["skipped"])
             _merge_counters(counters, done["counters"])
     for split in SPLIT_NAMES:
         if not stats.questions[split]:
@@ -748,3 +941,72 @@ def read_unit(out_dir: str | os.PathLike, unit_id: str) -> dict[str, Any]:
 def read_skipped(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The entries of ``skipped.jsonl``."""
     return read_jsonl(Path(out_dir) / "skipped.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Build scripts (datasets_scripts/build_<name>.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written, and every option's default."""
+
+
+def parse_script_args(script_arguments: type, description: str | None) -> tuple[Any, BuildArguments]:
+    """Parse a build script's command line into its ``ScriptArguments`` (the dataset's options, an
+    ``HfArgumentParser`` dataclass) and :class:`BuildArguments` (how to run); ``--help`` shows ``description`` (the
+    script's docstring) as written and every default.
+
+    Returns:
+        ``(script_args, build_args)``.
+    """
+    from transformers import HfArgumentParser  # noqa: PLC0415 (only the scripts need it)
+
+    parser = HfArgumentParser(
+        (script_arguments, BuildArguments), description=description, formatter_class=_HelpFormatter
+    )
+    script_args, build_args = parser.parse_args_into_dataclasses()
+    return script_args, build_args
+
+
+def print_summary(
+    summary: BuildSummary,
+    args: BuildArguments,
+    split_line: str,
+    *,
+    units: str = "volumes",
+    rate_units: str | None = None,
+    question_types: bool = False,
+    notes: Iterable[str] = (),
+) -> None:
+    """Print what a build script's run did: how many units it built and how fast; then, if it merged, the output
+    folder, one line per split, the question types, ``notes``, the skipped rows per reason and how to load it.
+
+    Args:
+        summary: what :func:`run_build` returned. args: the run's :class:`BuildArguments`.
+        split_line: the line of a split after its name, a format string with the fields ``questions``, ``volumes``
+            and ``patients`` (the split's counts), e.g. ``"{questions:8d} questions from {volumes:6d} volumes"``.
+        units: what a unit is called (``volumes``, ``images``, ...). rate_units: the same in the rate (default
+            ``units``).
+        question_types: print the number of questions per type.
+        notes: builder-specific lines (e.g. what was left out on purpose), printed after the question types.
+    """
+    if summary.units_processed:
+        print(
+            f"built {summary.units_processed} {units} in {summary.seconds:.1f} s "
+            f"({summary.volumes_per_minute:.1f} {rate_units or units}/min, {args.num_proc} processes)"
+        )
+    if not summary.merged:
+        print(f"shard {args.shard_index}/{args.num_shards} done; merge with --merge_only when all are")
+        return
+    print(f"wrote {summary.output_dir}")
+    for split, n in summary.questions.items():
+        counts = {"questions": n, "volumes": summary.volumes[split], "patients": summary.patients[split]}
+        print(f"  {split:<10} " + split_line.format(**counts))
+    if question_types:
+        print("  question types: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.question_types.items())))
+    for note in notes:
+        print(f"  {note}")
+    if summary.skipped:
+        print("  skipped rows: " + ", ".join(f"{k} {v}" for k, v in summary.skipped.items()) + " (skipped.jsonl)")
+    print(f'load it with: datasets.load_dataset("{summary.output_dir}")')

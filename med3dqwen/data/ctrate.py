@@ -60,8 +60,6 @@ Decisions (documented in ``datasets_scripts/README.md`` too):
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import re
@@ -81,6 +79,7 @@ from med3dqwen.data.builder import (
     Plan,
     UnitResult,
     UnsafePathError,
+    UpstreamCSV,
     WorkUnit,
     link_folder,
     rewrite_configs,
@@ -92,7 +91,6 @@ from med3dqwen.data.radgenome import VolumeName, parse_volume_name, split_probab
 from med3dqwen.data.radlex import RadLexNormalizer
 from med3dqwen.data.rewrite import RewriteConfig, build_record, rewrite_qa
 from med3dqwen.data.splits import DEFAULT_RATIOS, assign_split
-from med3dqwen.processing.ct_io import atomic_output
 
 
 __all__ = [
@@ -235,25 +233,6 @@ def format_report(findings: str, impressions: str, sections: str = "findings_imp
     return f"Findings: {findings}" + (f"\nImpression: {impressions}" if impressions else "")
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> tuple[list[str], dict[str, int], list[list[str]]]:
-    """``(header, column → index, data rows)`` of a CSV read exactly as published (long cells allowed).
-
-    Raises:
-        BuildError: no header, or a required column is missing.
-    """
-    csv.field_size_limit(2**31 - 1)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise BuildError(f"{path}: empty file, expected the columns {required}")
-        names = [name.strip() for name in header]
-        missing = [c for c in required if c not in names]
-        if missing:
-            raise BuildError(f"{path}: missing columns {missing} (found {names})")
-        return names, {c: names.index(c) for c in required}, list(reader)
-
-
 def read_reports(
     path: Path, upstream_split: str
 ) -> tuple[list[tuple[VolumeName, ReportRow]], list[dict[str, Any]], int]:
@@ -262,43 +241,34 @@ def read_reports(
     Raises:
         BuildError: the file has no header or lacks a required column.
     """
-    names, index, data = _read_csv(path, REPORT_COLUMNS)
     _, folder_prefix = _UPSTREAM[upstream_split]
     rows: list[tuple[VolumeName, ReportRow]] = []
     skipped: list[dict[str, Any]] = []
     seen: set[str] = set()
     repeated = 0
-    for number, cells in enumerate(data, start=1):
-        source = f"{path.name}:{number}"
-        if not any(cell.strip() for cell in cells):
-            continue
-        if len(cells) != len(names):
-            skipped.append(
-                skip_entry("malformed_row", f"expected {len(names)} fields, got {len(cells)}", source=source)
-            )
-            continue
-        values = {c: cells[i].strip() for c, i in index.items()}
-        try:
-            volume = parse_volume_name(values["VolumeName"])
-        except UnsafePathError as err:
-            skipped.append(skip_entry("unsafe_path", str(err), source=source))
-            continue
-        except ValueError as err:
-            skipped.append(skip_entry("malformed_row", str(err), source=source))
-            continue
-        if volume.prefix != folder_prefix:
-            detail = f"volume {values['VolumeName']!r} in the {upstream_split} CSV"
-            skipped.append(skip_entry("malformed_row", detail, unit_id=volume.volume_id, source=source))
-            continue
-        if _is_missing(values["Findings_EN"]):
-            skipped.append(skip_entry("empty_report", "no Findings_EN", unit_id=volume.volume_id, source=source))
-            continue
-        if volume.volume_id in seen:
-            repeated += 1
-            continue
-        seen.add(volume.volume_id)
-        impressions = "" if _is_missing(values["Impressions_EN"]) else values["Impressions_EN"]
-        rows.append((volume, ReportRow(number, source, values["Findings_EN"], impressions)))
+    with UpstreamCSV(path, REPORT_COLUMNS) as table:
+        for number, source, values in table.rows(REPORT_COLUMNS, skipped):
+            try:
+                volume = parse_volume_name(values["VolumeName"])
+            except UnsafePathError as err:
+                skipped.append(skip_entry("unsafe_path", str(err), source=source))
+                continue
+            except ValueError as err:
+                skipped.append(skip_entry("malformed_row", str(err), source=source))
+                continue
+            if volume.prefix != folder_prefix:
+                detail = f"volume {values['VolumeName']!r} in the {upstream_split} CSV"
+                skipped.append(skip_entry("malformed_row", detail, unit_id=volume.volume_id, source=source))
+                continue
+            if _is_missing(values["Findings_EN"]):
+                skipped.append(skip_entry("empty_report", "no Findings_EN", unit_id=volume.volume_id, source=source))
+                continue
+            if volume.volume_id in seen:
+                repeated += 1
+                continue
+            seen.add(volume.volume_id)
+            impressions = "" if _is_missing(values["Impressions_EN"]) else values["Impressions_EN"]
+            rows.append((volume, ReportRow(number, source, values["Findings_EN"], impressions)))
     return rows, skipped, repeated
 
 
@@ -308,27 +278,25 @@ def read_metadata(path: Path) -> dict[str, VolumeMetadata | str]:
     Raises:
         BuildError: the file has no header or lacks a required column.
     """
-    names, index, data = _read_csv(path, METADATA_COLUMNS)
     found: dict[str, VolumeMetadata | str] = {}
-    for number, cells in enumerate(data, start=1):
-        if len(cells) != len(names):
-            continue  # no volume name we could trust: that volume will have no metadata
-        values = {c: cells[i].strip() for c, i in index.items()}
-        try:
-            volume_id = parse_volume_name(values["VolumeName"]).volume_id
-        except ValueError:
-            continue
-        if volume_id in found:
-            continue
-        try:
-            slope, intercept = float(values["RescaleSlope"]), float(values["RescaleIntercept"])
-            if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
-                raise ValueError(f"RescaleSlope {slope} / RescaleIntercept {intercept}")
-            spacing = parse_spacing(values["XYSpacing"], values["ZSpacing"])
-        except ValueError as err:
-            found[volume_id] = f"{path.name}:{number}: {err}"
-            continue
-        found[volume_id] = VolumeMetadata(slope, intercept, spacing)
+    malformed: list[dict[str, Any]] = []  # no volume name we could trust: that volume will have no metadata
+    with UpstreamCSV(path, METADATA_COLUMNS) as table:
+        for _, source, values in table.rows(METADATA_COLUMNS, malformed):
+            try:
+                volume_id = parse_volume_name(values["VolumeName"]).volume_id
+            except ValueError:
+                continue
+            if volume_id in found:
+                continue
+            try:
+                slope, intercept = float(values["RescaleSlope"]), float(values["RescaleIntercept"])
+                if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+                    raise ValueError(f"RescaleSlope {slope} / RescaleIntercept {intercept}")
+                spacing = parse_spacing(values["XYSpacing"], values["ZSpacing"])
+            except ValueError as err:
+                found[volume_id] = f"{source}: {err}"
+                continue
+            found[volume_id] = VolumeMetadata(slope, intercept, spacing)
     return found
 
 
@@ -364,11 +332,6 @@ def _hu_check(hu: np.ndarray) -> tuple[float, float]:
 
 def _scan_id(volume: VolumeName) -> str:
     return f"{volume.patient_id}_{volume.scan}"
-
-
-def _write_filtered(out_dir: Path, entries: list[dict[str, Any]]) -> None:
-    with atomic_output(out_dir / "filtered.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -462,30 +425,16 @@ class CTRateBuildConfig:
         return f"{prefix}_fixed" if self.volume_folders == "fixed" else prefix
 
 
-@dataclass
-class _Index:
-    units: list[WorkUnit]
-    skipped: list[dict[str, Any]]
-    filtered: list[dict[str, Any]]
-    counters: dict[str, dict[str, int]]
-
-
 class CTRateBuilder(DatasetBuilder):
     """CT-RATE report generation (one whole-volume question per scan)."""
 
     name = "ctrate_reports"
     script = "datasets_scripts/build_ctrate_reports.py"
-    owned_paths = ("source", "volumes", "filtered.jsonl")
+    owned_paths = ("source", "volumes")
     hub_ignore_patterns = ("source", "source/*", "volumes", "volumes/*")
 
     def __init__(self, config: CTRateBuildConfig):
         self.cfg = config
-        self._index_cache: _Index | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_index_cache"] = None  # workers get only their unit's payload
-        return state
 
     def config(self) -> dict[str, Any]:
         values = asdict(self.cfg)
@@ -511,20 +460,17 @@ class CTRateBuilder(DatasetBuilder):
 
     # -- planning --------------------------------------------------------------------------------------------------
 
-    def _index(self) -> _Index:
-        if self._index_cache is None:
-            self._index_cache = self._read_index()
-        return self._index_cache
+    def prepare(self, out_dir: Path) -> None:
+        for prefix in ("train", "valid"):
+            folder = self.cfg.folders[prefix]
+            if folder.is_dir():
+                link_folder(out_dir, f"source/{self.cfg.link_name(prefix)}", folder)
 
-    def _read_index(self) -> _Index:
+    def plan(self) -> Plan:
         cfg, folders = self.cfg, self.cfg.folders
         skipped: list[dict[str, Any]] = []
         filtered: list[dict[str, Any]] = []
-        counters: dict[str, Counter] = {
-            "reconstructions": Counter(),
-            "no_chest_list": Counter(),
-            "filtered": Counter(),
-        }
+        counters: dict[str, Counter] = {"reconstructions": Counter(), "no_chest_list": Counter()}
         scans: defaultdict[str, list[_Candidate]] = defaultdict(list)
         for upstream in ("train", "validation"):
             csv_prefix, folder_prefix = _UPSTREAM[upstream]
@@ -581,24 +527,12 @@ class CTRateBuilder(DatasetBuilder):
             else:
                 for candidate in candidates:
                     units.append(WorkUnit(candidate.volume.volume_id, first.patient_id, split, payload=[candidate]))
-        counters["filtered"]["no_chest"] = len(filtered)
-        return _Index(
+        return Plan(
             units=units,
             skipped=skipped,
-            filtered=filtered,
             counters={name: dict(values) for name, values in counters.items() if values},
+            filtered=filtered,
         )
-
-    def prepare(self, out_dir: Path) -> None:
-        for prefix in ("train", "valid"):
-            folder = self.cfg.folders[prefix]
-            if folder.is_dir():
-                link_folder(out_dir, f"source/{self.cfg.link_name(prefix)}", folder)
-        _write_filtered(out_dir, self._index().filtered)
-
-    def plan(self) -> Plan:
-        index = self._index()
-        return Plan(units=list(index.units), skipped=list(index.skipped), counters=dict(index.counters))
 
     # -- processing ------------------------------------------------------------------------------------------------
 

@@ -50,10 +50,7 @@ Decisions (documented in ``datasets_scripts/README.md`` too):
 
 from __future__ import annotations
 
-import csv
 import functools
-import hashlib
-import json
 import logging
 import re
 from collections import Counter, defaultdict
@@ -64,6 +61,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from med3dqwen.data.builder import (
+    ANSWER_MODES,
+    CHOICE_LETTERS,
+    NA_VALUES,
     PNG_MODES,
     PROMPTS,
     BuildArguments,
@@ -73,8 +73,12 @@ from med3dqwen.data.builder import (
     Plan,
     UnitResult,
     UnsafePathError,
+    UpstreamCSV,
     WorkUnit,
+    choice_key,
     link_folder,
+    multiple_choice_records,
+    path_unit_id,
     rewrite_configs,
     run_build,
     safe_relpath,
@@ -82,8 +86,7 @@ from med3dqwen.data.builder import (
     write_prompt_pngs,
 )
 from med3dqwen.data.radlex import RadLexNormalizer
-from med3dqwen.data.rewrite import RewriteConfig, build_record, rewrite_qa
-from med3dqwen.processing.ct_io import atomic_output
+from med3dqwen.data.rewrite import RewriteConfig
 
 
 __all__ = [
@@ -122,7 +125,8 @@ CSV_COLUMNS = (
 DEFAULT_CSVS = {"train": "M3D_VQA_train.csv", "validation": "M3D_VQA_val.csv", "test": "M3D_VQA_test.csv"}
 """Our split → the upstream CSV it comes from (file names in ``DATA_ROOT``)."""
 
-MODES = ("closed", "open", "both")
+MODES = ANSWER_MODES
+"""``mode`` values: closed, open or both records per row."""
 MASK_SOURCES = ("none", "totalsegmentator_files", "totalsegmentator_multilabel", "hu_threshold")
 CASE_OVERLAP = ("drop", "keep", "error")
 PROMPTABLE_TYPES = ("organ", "abnormality", "location")
@@ -139,8 +143,6 @@ M3D_CITATION = """@article{bai2024m3d,
 }"""
 
 _SPLIT_PRIORITY = {"test": 0, "validation": 1, "train": 2}
-_LETTERS = "ABCD"
-_ABSENT = ("", "na", "n/a", "nan", "none", "null")
 _KNOWN_OPTIONAL = ("Text",)  # used upstream for generation, not needed here
 
 
@@ -170,18 +172,9 @@ def case_id(image_path: str) -> str:
 
 
 def _volume_id(image_path: str) -> str:
-    """File-name safe id of an image: its path without ``.npy``, ``/`` → ``__``; a hash is added if other characters
-    had to be replaced, so that two paths never share an id."""
+    """File-name safe id of an image: :func:`~med3dqwen.data.builder.path_unit_id` of its path without ``.npy``."""
     stem = image_path[: -len(".npy")] if image_path.lower().endswith(".npy") else image_path
-    joined = stem.replace("/", "__")
-    slug = re.sub(r"[^A-Za-z0-9._-]", "_", joined)
-    if slug != joined or not slug[:1].isalnum():
-        slug = f"v{slug}-{hashlib.sha256(image_path.encode()).hexdigest()[:8]}"
-    return slug
-
-
-def _text_key(text: str) -> str:
-    return " ".join(text.split()).casefold().removesuffix(".").rstrip()
+    return path_unit_id(image_path, stem)
 
 
 def read_vqa_csv(path: Path, split: str) -> tuple[list[Row], list[dict[str, Any]], list[str]]:
@@ -190,29 +183,11 @@ def read_vqa_csv(path: Path, split: str) -> tuple[list[Row], list[dict[str, Any]
     Raises:
         BuildError: the file has no header or lacks a required column.
     """
-    csv.field_size_limit(2**31 - 1)  # the report column holds long texts
     rows: list[Row] = []
     skipped: list[dict[str, Any]] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise BuildError(f"{path}: empty file, expected the columns {CSV_COLUMNS}")
-        names = [name.strip() for name in header]
-        missing = [c for c in CSV_COLUMNS if c not in names]
-        if missing:
-            raise BuildError(f"{path}: missing columns {missing} (found {names})")
-        ignored = [n or "<unnamed>" for n in names if n not in CSV_COLUMNS and n not in _KNOWN_OPTIONAL]
-        index = {c: names.index(c) for c in CSV_COLUMNS}
-        for number, cells in enumerate(reader, start=1):
-            source = f"{path.name}:{number}"
-            if not any(cell.strip() for cell in cells):
-                continue
-            if len(cells) != len(names):
-                detail = f"expected {len(names)} fields, got {len(cells)}"
-                skipped.append(skip_entry("malformed_row", detail, source=source))
-                continue
-            values = {c: cells[i].strip() for c, i in index.items()}
+    with UpstreamCSV(path, CSV_COLUMNS) as table:
+        ignored = table.ignored_columns((*CSV_COLUMNS, *_KNOWN_OPTIONAL))
+        for number, source, values in table.rows(CSV_COLUMNS, skipped):
             try:
                 image_path = safe_relpath(values["Image Path"])
             except UnsafePathError as err:
@@ -237,16 +212,17 @@ def read_vqa_csv(path: Path, split: str) -> tuple[list[Row], list[dict[str, Any]
                 bad("empty Question")
                 continue
             choices = tuple(
-                "" if values[f"Choice {x}"].lower() in _ABSENT else values[f"Choice {x}"] for x in _LETTERS
+                "" if values[f"Choice {x}"].lower() in NA_VALUES else values[f"Choice {x}"] for x in CHOICE_LETTERS
             )
             letter = values["Answer Choice"].strip().strip("().:").upper()
-            if len(letter) != 1 or letter not in _LETTERS:
+            if len(letter) != 1 or letter not in CHOICE_LETTERS:
                 bad(f"Answer Choice {values['Answer Choice']!r} is not A-D")
                 continue
-            if not choices[_LETTERS.index(letter)]:
+            choice = choices[CHOICE_LETTERS.index(letter)]
+            if not choice:
                 bad(f"Answer Choice {letter} points at an empty (NA) choice")
                 continue
-            answer = values["Answer"] if values["Answer"].lower() not in _ABSENT else choices[_LETTERS.index(letter)]
+            answer = values["Answer"] if values["Answer"].lower() not in NA_VALUES else choice
             rows.append(
                 Row(
                     number,
@@ -283,11 +259,6 @@ def find_structure(text: str) -> str | None:
     kidney"``."""
     match = _structure_pattern().search(text)
     return match.group(1).lower() if match else None
-
-
-def _write_filtered(out_dir: Path, entries: list[dict[str, Any]]) -> None:
-    with atomic_output(out_dir / "filtered.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,14 +339,6 @@ class M3DVQABuildConfig:
         return {key: Path(value) for key, value in self._paths.items() if value}
 
 
-@dataclass
-class _Index:
-    units: list[WorkUnit]
-    skipped: list[dict[str, Any]]
-    filtered: list[dict[str, Any]]
-    counters: dict[str, dict[str, int]]
-
-
 class _Masks:
     """The mask source of one image: each structure is looked up, written and drawn once."""
 
@@ -446,17 +409,11 @@ class M3DVQABuilder(DatasetBuilder):
 
     name = "m3d_vqa"
     script = "datasets_scripts/build_m3d_vqa.py"
-    owned_paths = ("prompts", "masks", "source", "filtered.jsonl")
+    owned_paths = ("prompts", "masks", "source")
     hub_ignore_patterns = ("source", "source/*")
 
     def __init__(self, config: M3DVQABuildConfig):
         self.cfg = config
-        self._index_cache: _Index | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_index_cache"] = None
-        return state
 
     def config(self) -> dict[str, Any]:
         values = asdict(self.cfg)
@@ -479,12 +436,13 @@ class M3DVQABuilder(DatasetBuilder):
 
     # -- planning --------------------------------------------------------------------------------------------------
 
-    def _index(self) -> _Index:
-        if self._index_cache is None:
-            self._index_cache = self._read_index()
-        return self._index_cache
+    def prepare(self, out_dir: Path) -> None:
+        image_root = self.cfg.paths["image_root"]
+        if not image_root.is_dir():
+            raise BuildError(f"image folder {image_root} not found (--image_root)")
+        link_folder(out_dir, "source/images", image_root)
 
-    def _read_index(self) -> _Index:
+    def plan(self) -> Plan:
         cfg, paths = self.cfg, self.cfg.paths
         skipped: list[dict[str, Any]] = []
         filtered: list[dict[str, Any]] = []
@@ -533,22 +491,15 @@ class M3DVQABuilder(DatasetBuilder):
                             rows=len(group),
                         )
                     )
-                    counters["filtered"]["case_overlap"] += len(group)
                     continue
                 unit_id = f"{split}.{_volume_id(image_path)}"
                 units.append(WorkUnit(unit_id, case, split, payload=(image_path, group)))
-        return _Index(units, skipped, filtered, {k: dict(v) for k, v in counters.items() if v})
-
-    def prepare(self, out_dir: Path) -> None:
-        image_root = self.cfg.paths["image_root"]
-        if not image_root.is_dir():
-            raise BuildError(f"image folder {image_root} not found (--image_root)")
-        link_folder(out_dir, "source/images", image_root)
-        _write_filtered(out_dir, self._index().filtered)
-
-    def plan(self) -> Plan:
-        index = self._index()
-        return Plan(units=list(index.units), skipped=list(index.skipped), counters=dict(index.counters))
+        return Plan(
+            units=units,
+            skipped=skipped,
+            counters={name: dict(values) for name, values in counters.items() if values},
+            filtered=filtered,
+        )
 
     # -- processing ------------------------------------------------------------------------------------------------
 
@@ -614,47 +565,29 @@ class M3DVQABuilder(DatasetBuilder):
                     else:
                         mask = (*found, structure)
                         counters["prompted"][row.question_type] += 1
-            choices = [normalize(c) for c in row.choices]
-            index = _LETTERS.index(row.letter)
-            if _text_key(row.answer) != _text_key(row.choices[index]):
+            if choice_key(row.answer) != choice_key(row.choices[CHOICE_LETTERS.index(row.letter)]):
                 counters["answers"]["Answer differs from the choice text"] += 1
-            config = roi_config if mask else whole_config
-            extra = {"choices": choices, "intensity": "unit", "source_row": row.source}
-            pairs = []
-            if cfg.mode in ("closed", "both"):
-                listed = " ".join(f"{x}. {c}" for x, c in zip(_LETTERS, choices, strict=True) if c)
-                labels = [f"{x}. {c or 'NA'}" for x, c in zip(_LETTERS, choices, strict=True)]
-                qa = rewrite_qa(
-                    f"{stem} Choices: {listed}",
-                    f"{row.letter}. {choices[index]}",
-                    answer_type="closed",
-                    choices=labels,
-                    config=config,
-                    normalizer=normalizer,
-                )
-                if qa.closed_label != index:  # the label set has the letters in it: cannot happen
-                    raise BuildError(f"{row.source}: closed label {qa.closed_label} != letter {row.letter}")
-                pairs.append(qa)
-            if cfg.mode in ("open", "both"):
-                pairs.append(
-                    rewrite_qa(stem, normalize(row.answer), answer_type="open", config=config, normalizer=normalizer)
-                )
-            for qa in pairs:
-                result.records.append(
-                    build_record(
-                        qa,
-                        volume_path=volume_path,
-                        mask_path=mask[0] if mask else None,
-                        mask_source=mask[1] if mask else None,
-                        roi=mask[3] if mask else None,
-                        question_type=row.question_type,
-                        split=unit.split,
-                        patient_id=unit.patient_id,
-                        volume_id=_volume_id(image_path),
-                        prompt_pngs=mask[2] if mask else [],
-                        extra=extra,
-                    )
-                )
+            choices = [normalize(c) for c in row.choices]
+            result.records += multiple_choice_records(
+                stem,
+                choices,
+                row.letter,
+                normalize(row.answer),
+                mode=cfg.mode,
+                config=roi_config if mask else whole_config,
+                normalizer=normalizer,
+                source=row.source,
+                volume_path=volume_path,
+                mask_path=mask[0] if mask else None,
+                mask_source=mask[1] if mask else None,
+                roi=mask[3] if mask else None,
+                question_type=row.question_type,
+                split=unit.split,
+                patient_id=unit.patient_id,
+                volume_id=_volume_id(image_path),
+                prompt_pngs=mask[2] if mask else [],
+                extra={"choices": choices, "intensity": "unit", "source_row": row.source},
+            )
         result.counters = {name: dict(values) for name, values in counters.items()}
         return result
 

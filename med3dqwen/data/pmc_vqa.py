@@ -55,9 +55,6 @@ Decisions (documented in ``datasets_scripts/README.md`` too):
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import logging
 import re
 from collections import Counter, defaultdict
@@ -68,6 +65,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from med3dqwen.data.builder import (
+    ANSWER_MODES,
+    CHOICE_LETTERS,
+    NA_VALUES,
     PROMPTS,
     BuildArguments,
     BuildError,
@@ -76,15 +76,19 @@ from med3dqwen.data.builder import (
     Plan,
     UnitResult,
     UnsafePathError,
+    UpstreamCSV,
     WorkUnit,
+    choice_key,
     link_folder,
+    multiple_choice_records,
+    path_unit_id,
     rewrite_configs,
     run_build,
     safe_relpath,
     skip_entry,
 )
 from med3dqwen.data.radlex import RadLexNormalizer
-from med3dqwen.data.rewrite import RewriteConfig, build_record, rewrite_qa
+from med3dqwen.data.rewrite import RewriteConfig
 from med3dqwen.data.splits import assign_split
 from med3dqwen.processing.ct_io import atomic_output
 
@@ -114,7 +118,6 @@ DEFAULT_CSV_FILES = {"v1": ("train.csv", "test.csv"), "v2": ("train_2.csv", "tes
 """The CSVs read by default (``test_clean.csv`` is a subset of ``test.csv``)."""
 DEFAULT_IMAGE_DIRS = {"v1": "images", "v2": "images_2"}
 """Where the extracted figures are by default, relative to the root."""
-MODES = ("closed", "open", "both")
 FILTER_REASONS = ("pet_spect_ct", "cbct_or_micro_ct", "not_ct", "mixed_modality")
 """Why a figure is left out by the CT filter, in the order the rule checks them."""
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)
@@ -127,9 +130,7 @@ PMC_VQA_CITATION = """@article{zhang2023pmcvqa,
   year    = {2023}
 }"""
 
-_LETTERS = "ABCD"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_ABSENT = ("", "nan", "none", "null", "na", "n/a")
 _CHOICE_PREFIX = re.compile(r"^\s*(?:\(([A-Da-d])\)|([A-Da-d])\s*[:.)])\s*")
 
 # The CT filter (see the module docstring). Abbreviations are case-sensitive ("CT", not "ct" in a word).
@@ -204,16 +205,7 @@ def ct_filter(text: str) -> tuple[str | None, str]:
 
 
 def _volume_id(figure: str) -> str:
-    stem = figure.rsplit(".", 1)[0]
-    joined = stem.replace("/", "__")
-    slug = re.sub(r"[^A-Za-z0-9._-]", "_", joined)
-    if slug != joined or not slug[:1].isalnum():
-        slug = f"v{slug}-{hashlib.sha256(figure.encode()).hexdigest()[:8]}"
-    return slug
-
-
-def _text_key(text: str) -> str:
-    return " ".join(text.split()).casefold().removesuffix(".").rstrip()
+    return path_unit_id(figure, figure.rsplit(".", 1)[0])
 
 
 def read_pmc_csv(path: Path) -> tuple[list[Row], list[dict[str, Any]], str, list[str]]:
@@ -225,37 +217,21 @@ def read_pmc_csv(path: Path) -> tuple[list[Row], list[dict[str, Any]], str, list
     Raises:
         BuildError: no header, or a required column is missing.
     """
-    csv.field_size_limit(2**31 - 1)
     upstream_split = "test" if "test" in path.stem.lower() else "train"
     rows: list[Row] = []
     skipped: list[dict[str, Any]] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise BuildError(f"{path}: empty file, expected a PMC-VQA header")
-        names = [name.strip() for name in header]
+    with UpstreamCSV(path, expected="a PMC-VQA header") as table:
+        names = table.names
         answer_text = next((c for c in ("Answer", "Anwser") if c in names), None)
         if "Answer_label" in names:
             schema, letter_column = "v1", "Answer_label"
         else:
             schema, letter_column, answer_text = "v2", answer_text, None
-        required = ["Figure_path", "Question", *(f"Choice {x}" for x in _LETTERS)]
-        missing = [c for c in required if c not in names] + ([] if letter_column else ["Answer"])
-        if missing:
-            raise BuildError(f"{path}: missing columns {missing} (found {names})")
+        required = ["Figure_path", "Question", *(f"Choice {x}" for x in CHOICE_LETTERS)]
+        table.require([*required, letter_column or "Answer"])
         used = {*required, letter_column, answer_text, "Caption"}
-        ignored = [n or "<unnamed>" for n in names if n not in used]
-        index = {c: names.index(c) for c in used if c in names}
-        for number, cells in enumerate(reader, start=1):
-            source = f"{path.name}:{number}"
-            if not any(cell.strip() for cell in cells):
-                continue
-            if len(cells) != len(names):
-                detail = f"expected {len(names)} fields, got {len(cells)}"
-                skipped.append(skip_entry("malformed_row", detail, source=source))
-                continue
-            values = {c: cells[i].strip() for c, i in index.items()}
+        ignored = table.ignored_columns(used)
+        for number, source, values in table.rows([c for c in used if c in names], skipped):
             try:
                 figure = safe_relpath(values["Figure_path"])
             except UnsafePathError as err:
@@ -273,39 +249,34 @@ def read_pmc_csv(path: Path) -> tuple[list[Row], list[dict[str, Any]], str, list
                 bad("empty Question")
                 continue
             choices = tuple(
-                "" if c.lower() in _ABSENT else c
-                for c in (strip_choice_letter(values[f"Choice {x}"], x) for x in _LETTERS)
+                "" if c.lower() in NA_VALUES else c
+                for c in (strip_choice_letter(values[f"Choice {x}"], x) for x in CHOICE_LETTERS)
             )
             raw_letter = values[letter_column]
             letter = raw_letter.strip("().:").strip().upper()
             if len(letter) != 1 and _CHOICE_PREFIX.match(raw_letter):  # "B:Focal uptake" style
                 match = _CHOICE_PREFIX.match(raw_letter)
                 letter = (match.group(1) or match.group(2)).upper()
-            if len(letter) != 1 or letter not in _LETTERS:
-                keys = [_text_key(c) for c in choices]
-                wanted = _text_key(strip_choice_letter(raw_letter))
-                letter = _LETTERS[keys.index(wanted)] if wanted and wanted in keys else ""
+            if len(letter) != 1 or letter not in CHOICE_LETTERS:
+                keys = [choice_key(c) for c in choices]
+                wanted = choice_key(strip_choice_letter(raw_letter))
+                letter = CHOICE_LETTERS[keys.index(wanted)] if wanted and wanted in keys else ""
             if not letter:
                 bad(f"{letter_column} {raw_letter!r} is neither A-D nor a choice text")
                 continue
-            choice = choices[_LETTERS.index(letter)]
+            choice = choices[CHOICE_LETTERS.index(letter)]
             if not choice:
                 bad(f"{letter_column} {letter} points at an empty choice")
                 continue
             answer = strip_choice_letter(values[answer_text], letter) if answer_text else ""
-            if answer.lower() in _ABSENT:
+            if answer.lower() in NA_VALUES:
                 answer = choice
             caption = values.get("Caption", "")
-            caption = "" if caption.lower() in _ABSENT else caption
+            caption = "" if caption.lower() in NA_VALUES else caption
             rows.append(
                 Row(number, source, upstream_split, figure, caption, values["Question"], choices, letter, answer)
             )
     return rows, skipped, schema, ignored
-
-
-def _write_filtered(out_dir: Path, entries: list[dict[str, Any]]) -> None:
-    with atomic_output(out_dir / "filtered.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,7 +321,7 @@ class PMCVQABuildConfig:
     _paths: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("version", self.version, VERSIONS), ("mode", self.mode, MODES)):
+        for name, value, allowed in (("version", self.version, VERSIONS), ("mode", self.mode, ANSWER_MODES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if self.prompt not in PROMPTS:
@@ -372,30 +343,16 @@ class PMCVQABuildConfig:
         return {key: Path(value) for key, value in self._paths.items()}
 
 
-@dataclass
-class _Index:
-    units: list[WorkUnit]
-    skipped: list[dict[str, Any]]
-    filtered: list[dict[str, Any]]
-    counters: dict[str, dict[str, int]]
-
-
 class PMCVQABuilder(DatasetBuilder):
     """PMC-VQA multiple-choice and open questions on CT figures (2D, single-slice volumes)."""
 
     name = "pmc_vqa"
     script = "datasets_scripts/build_pmc_vqa.py"
-    owned_paths = ("source", "volumes", "filtered.jsonl")
+    owned_paths = ("source", "volumes")
     hub_ignore_patterns = ("source", "source/*", "volumes", "volumes/*")
 
     def __init__(self, config: PMCVQABuildConfig):
         self.cfg = config
-        self._index_cache: _Index | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_index_cache"] = None
-        return state
 
     def config(self) -> dict[str, Any]:
         values = asdict(self.cfg)
@@ -422,12 +379,15 @@ class PMCVQABuilder(DatasetBuilder):
 
     # -- planning --------------------------------------------------------------------------------------------------
 
-    def _index(self) -> _Index:
-        if self._index_cache is None:
-            self._index_cache = self._read_index()
-        return self._index_cache
+    def prepare(self, out_dir: Path) -> None:
+        image_dir = self.cfg.paths["image_dir"]
+        if not image_dir.is_dir():
+            raise BuildError(
+                f"image folder {image_dir} not found: extract the image archive there or pass --image_dir"
+            )
+        link_folder(out_dir, "source/images", image_dir)
 
-    def _read_index(self) -> _Index:
+    def plan(self) -> Plan:
         cfg = self.cfg
         skipped: list[dict[str, Any]] = []
         filtered: list[dict[str, Any]] = []
@@ -443,7 +403,7 @@ class PMCVQABuilder(DatasetBuilder):
             counters["schemas"][f"{name}: {schema}"] = len(rows)
             counters["ignored_columns"].update(f"{name}: {c}" for c in ignored)
             for row in rows:
-                key = (row.figure, _text_key(row.question), tuple(_text_key(c) for c in row.choices), row.letter)
+                key = (row.figure, choice_key(row.question), tuple(choice_key(c) for c in row.choices), row.letter)
                 if key in seen:
                     counters["rows"]["repeated"] += 1
                     continue
@@ -456,14 +416,15 @@ class PMCVQABuilder(DatasetBuilder):
             if not cfg.ct_filter:
                 kept.append((figure, rows, ""))
                 continue
-            texts = [t for r in rows for t in (r.caption, r.question, r.choices[_LETTERS.index(r.letter)], r.answer)]
+            texts = [
+                t for r in rows for t in (r.caption, r.question, r.choices[CHOICE_LETTERS.index(r.letter)], r.answer)
+            ]
             reason, detail = ct_filter("\n".join(dict.fromkeys(t for t in texts if t)))
             if reason is None:
                 kept.append((figure, rows, detail))
                 counters["ct_filter"]["kept figures"] += 1
                 counters["ct_filter"]["kept rows"] += len(rows)
                 continue
-            counters["filtered"][reason] += len(rows)
             counters["filtered figures"][reason] += 1
             filtered.append(
                 skip_entry(reason, detail, unit_id=_volume_id(figure), source=rows[0].source, rows=len(rows))
@@ -474,20 +435,12 @@ class PMCVQABuilder(DatasetBuilder):
             article = pmcid(figure)
             split = assign_split(article, cfg.seed, cfg.split_ratios)
             units.append(WorkUnit(_volume_id(figure), article, split, payload=(figure, rows, evidence)))
-        return _Index(units, skipped, filtered, {k: dict(v) for k, v in counters.items() if v})
-
-    def prepare(self, out_dir: Path) -> None:
-        image_dir = self.cfg.paths["image_dir"]
-        if not image_dir.is_dir():
-            raise BuildError(
-                f"image folder {image_dir} not found: extract the image archive there or pass --image_dir"
-            )
-        link_folder(out_dir, "source/images", image_dir)
-        _write_filtered(out_dir, self._index().filtered)
-
-    def plan(self) -> Plan:
-        index = self._index()
-        return Plan(units=list(index.units), skipped=list(index.skipped), counters=dict(index.counters))
+        return Plan(
+            units=units,
+            skipped=skipped,
+            counters={name: dict(values) for name, values in counters.items() if values},
+            filtered=filtered,
+        )
 
     # -- processing ------------------------------------------------------------------------------------------------
 
@@ -526,53 +479,35 @@ class PMCVQABuilder(DatasetBuilder):
 
         answers: Counter[str] = Counter()
         for row in rows:
-            stem = normalize(row.question)
-            choices = [normalize(c) for c in row.choices]
-            index = _LETTERS.index(row.letter)
-            if _text_key(row.answer) != _text_key(row.choices[index]):
+            if choice_key(row.answer) != choice_key(row.choices[CHOICE_LETTERS.index(row.letter)]):
                 answers["answer text differs from the choice text"] += 1
-            extra = {
-                "image_path": image_path,
-                "choices": choices,
-                "intensity": "unit",
-                "ct_evidence": evidence,
-                "upstream_split": row.upstream_split,
-                "source_row": row.source,
-            }
-            pairs = []
-            if cfg.mode in ("closed", "both"):
-                listed = " ".join(f"{x}. {c}" for x, c in zip(_LETTERS, choices, strict=True) if c)
-                labels = [f"{x}. {c or 'NA'}" for x, c in zip(_LETTERS, choices, strict=True)]
-                qa = rewrite_qa(
-                    f"{stem} Choices: {listed}",
-                    f"{row.letter}. {choices[index]}",
-                    answer_type="closed",
-                    choices=labels,
-                    config=config,
-                    normalizer=normalizer,
-                )
-                if qa.closed_label != index:  # the label set has the letters in it: cannot happen
-                    raise BuildError(f"{row.source}: closed label {qa.closed_label} != letter {row.letter}")
-                pairs.append(qa)
-            if cfg.mode in ("open", "both"):
-                pairs.append(
-                    rewrite_qa(stem, normalize(row.answer), answer_type="open", config=config, normalizer=normalizer)
-                )
-            for qa in pairs:
-                result.records.append(
-                    build_record(
-                        qa,
-                        volume_path=volume_path,
-                        mask_path=None,
-                        mask_source=None,
-                        roi=None,
-                        question_type=QUESTION_TYPE,
-                        split=unit.split,
-                        patient_id=unit.patient_id,
-                        volume_id=unit.unit_id,
-                        extra=extra,
-                    )
-                )
+            choices = [normalize(c) for c in row.choices]
+            result.records += multiple_choice_records(
+                normalize(row.question),
+                choices,
+                row.letter,
+                normalize(row.answer),
+                mode=cfg.mode,
+                config=config,
+                normalizer=normalizer,
+                source=row.source,
+                volume_path=volume_path,
+                mask_path=None,
+                mask_source=None,
+                roi=None,
+                question_type=QUESTION_TYPE,
+                split=unit.split,
+                patient_id=unit.patient_id,
+                volume_id=unit.unit_id,
+                extra={
+                    "image_path": image_path,
+                    "choices": choices,
+                    "intensity": "unit",
+                    "ct_evidence": evidence,
+                    "upstream_split": row.upstream_split,
+                    "source_row": row.source,
+                },
+            )
         if answers:
             result.counters["answers"] = dict(answers)
         return result

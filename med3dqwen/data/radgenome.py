@@ -68,7 +68,6 @@ Decisions (documented in ``datasets_scripts/README.md`` too):
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from collections import Counter, defaultdict
@@ -86,6 +85,7 @@ from med3dqwen.data.builder import (
     Plan,
     UnitResult,
     UnsafePathError,
+    UpstreamCSV,
     WorkUnit,
     link_folder,
     rewrite_configs,
@@ -348,37 +348,9 @@ def read_csv_rows(
     csv_prefix, folder_prefix = _UPSTREAM[upstream_split]
     rows: list[tuple[VolumeName, Row]] = []
     skipped: list[dict[str, Any]] = []
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))  # whole-report cells can be long
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise BuildError(f"{path}: empty file, expected the columns {CSV_COLUMNS[question_type]}")
-        names = [name.strip() for name in header]
-        missing = [c for c in CSV_COLUMNS[question_type] if c not in names]
-        if missing:
-            raise BuildError(f"{path}: missing columns {missing} (found {names})")
-        index = {c: names.index(c) for c in CSV_COLUMNS[question_type]}
-        number = 0
-        while True:
-            number += 1
-            source = f"{path.name}:{number}"
-            try:
-                cells = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as err:  # e.g. a NUL byte; the reader goes on with the next line
-                skipped.append(
-                    skip_entry("malformed_row", f"unreadable CSV line {reader.line_num}: {err}", source=source)
-                )
-                continue
-            if not any(cell.strip() for cell in cells):
-                continue  # blank line
-            if len(cells) != len(names):
-                detail = f"expected {len(names)} fields, got {len(cells)}"
-                skipped.append(skip_entry("malformed_row", detail, source=source))
-                continue
-            values = {c: cells[i].strip() for c, i in index.items()}
+    columns = CSV_COLUMNS[question_type]
+    with UpstreamCSV(path, columns) as table:
+        for number, source, values in table.rows(columns, skipped):
             try:
                 volume = parse_volume_name(values["Volumename"])
             except UnsafePathError as err:

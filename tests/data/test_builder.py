@@ -11,6 +11,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from helpers import QUIET, REPO, file_tree, read_lines
 
 from med3dqwen.data import builder as builder_module
 from med3dqwen.data.builder import (
@@ -32,8 +33,6 @@ from med3dqwen.data.phantom_dataset import PhantomBuildConfig, build_phantom_dat
 from med3dqwen.data.rewrite import build_record, rewrite_qa
 
 
-REPO = Path(__file__).resolve().parents[2]
-QUIET = BuildArguments(progress=False)
 SMALL = (32, 64, 64)
 
 
@@ -94,14 +93,6 @@ class ToyBuilder(DatasetBuilder):
         }
 
 
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_safe_relpath():
     assert (
         safe_relpath("seg_train_1_a_1", "right lung upper lobe.nii.gz")
@@ -143,11 +134,11 @@ def test_bad_build_arguments(kwargs, match):
 def test_build_writes_splits_in_plan_order_with_skips_and_card(tmp_path):
     out = tmp_path / "toy"
     summary = run_build(ToyBuilder(), out, QUIET)
-    train = _lines(out / "data" / "train.jsonl")
+    train = read_lines(out / "data" / "train.jsonl")
     assert [r["volume_id"] for r in train] == ["toy_0", "toy_0", "toy_1", "toy_1", "toy_3", "toy_3"]
     assert [r["closed_label"] for r in train[:2]] == [1, 0]
     assert not (out / "data" / "validation.jsonl").exists()  # empty split: no file, no config
-    skipped = _lines(out / "skipped.jsonl")
+    skipped = read_lines(out / "skipped.jsonl")
     assert [(s["reason"], s["rows"]) for s in skipped] == [("malformed_row", 1), ("missing_mask", 2)]
     assert summary.skipped == {"malformed_row": 1, "missing_mask": 2}
     assert summary.counters == {"seen": {"volumes": 5}}
@@ -194,9 +185,9 @@ def test_resume_processes_only_missing_units_and_gives_identical_output(tmp_path
     again = ToyBuilder()
     summary = run_build(again, out, QUIET)
     assert again.calls == ["toy_3", "toy_4"] and summary.units_reused == 3
-    assert _tree(out) == _tree(ref)
+    assert file_tree(out) == file_tree(ref)
     # A finished build re-run only re-merges.
-    assert run_build(ToyBuilder(), out, QUIET).units_processed == 0 and _tree(out) == _tree(ref)
+    assert run_build(ToyBuilder(), out, QUIET).units_processed == 0 and file_tree(out) == file_tree(ref)
 
 
 def test_configuration_change_and_overwrite(tmp_path):
@@ -259,7 +250,7 @@ def test_worker_pool_gives_the_same_bytes(tmp_path):
     build_phantom_dataset(
         PhantomBuildConfig(output_dir=str(tmp_path / "pool"), **config), BuildArguments(progress=False, num_proc=2)
     )
-    serial, pool = _tree(tmp_path / "serial"), _tree(tmp_path / "pool")
+    serial, pool = file_tree(tmp_path / "serial"), file_tree(tmp_path / "pool")
     serial.pop("README.md"), pool.pop("README.md")  # the card names its own folder
     assert serial == pool
 
@@ -294,9 +285,31 @@ def test_killed_build_resumes_to_identical_output(tmp_path):
     result = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     assert f"built {24 - done} volumes" in result.stdout
     # README included (same folder name); no temporary file of the killed unit survives.
-    assert _tree(out) == _tree(tmp_path / "ref")
+    assert file_tree(out) == file_tree(tmp_path / "ref")
 
 
 def test_module_exports_are_documented():
     for name in builder_module.__all__:
         assert getattr(builder_module, name).__doc__, name
+
+
+def test_upstream_csv_reads_by_name_and_skips_malformed_rows(tmp_path):
+    from med3dqwen.data.builder import BuildError, UpstreamCSV
+
+    path = tmp_path / "table.csv"
+    # A BOM, padded header names, an extra column, a blank line and a row with a missing field.
+    path.write_text('\ufeff Volumename ,Anatomy,Note\nv1, lung ,x\n\nv2,heart\nv3,"liver, left",y\n', encoding="utf-8")
+    skipped: list[dict] = []
+    with UpstreamCSV(path, ["Volumename", "Anatomy"]) as table:
+        rows = list(table.rows(["Volumename", "Anatomy"], skipped))
+        assert table.ignored_columns(["Volumename", "Anatomy"]) == ["Note"]
+    assert [(n, s, v) for n, s, v in rows] == [
+        (1, "table.csv:1", {"Volumename": "v1", "Anatomy": "lung"}),
+        (4, "table.csv:4", {"Volumename": "v3", "Anatomy": "liver, left"}),
+    ]
+    assert [(e["reason"], e["source"]) for e in skipped] == [("malformed_row", "table.csv:3")]
+    with pytest.raises(BuildError, match=r"missing columns \['Finding'\]"):
+        UpstreamCSV(path, ["Volumename", "Finding"])
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(BuildError, match="empty file"):
+        UpstreamCSV(tmp_path / "empty.csv", ["Volumename"])

@@ -5,12 +5,8 @@ blank headers (raw values = HU + 1024, as the originals: the slope / intercept a
 one volume whose header carries the scaling and the geometry, reports and metadata CSVs, and the no-chest lists.
 """
 
-import csv
-import json
 import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +14,17 @@ import datasets
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import (
+    QUIET,
+    file_tree,
+    killed_after,
+    read_lines,
+    read_records,
+    rows_per_reason,
+    run_script,
+    script_help,
+    write_csv,
+)
 
 from med3dqwen.data.builder import BuildArguments, BuildError
 from med3dqwen.data.ctrate import (
@@ -34,8 +41,6 @@ from med3dqwen.data.splits import assign_split
 from med3dqwen.processing.ct_io import load_volume
 
 
-REPO = Path(__file__).resolve().parents[2]
-QUIET = BuildArguments(progress=False)
 RATIOS = (0.5, 0.5, 0.0)
 USABLE_TRAIN = ("train_1", "train_2", "train_4", "train_10", "train_11")
 SEED = next(
@@ -128,14 +133,6 @@ def _hu_phantom() -> np.ndarray:
     return hu
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def _metadata_row(volume: str, xy: str = "[0.75, 0.75]", z: str = "1.5") -> list[str]:
     values = dict.fromkeys(METADATA_HEADER, "")
     values.update(
@@ -155,12 +152,12 @@ def _make_root(root: Path, bad: bool = True) -> Path:
     reports = (
         TRAIN_REPORTS if bad else [r for r in TRAIN_REPORTS if r[0] in ("train_1_a_1.nii.gz", "train_6_a_1.nii.gz")]
     )
-    _write_csv(dataset / "radiology_text_reports" / "train_reports.csv", REPORT_HEADER, reports)
-    _write_csv(dataset / "radiology_text_reports" / "validation_reports.csv", REPORT_HEADER, VALID_REPORTS)
+    write_csv(dataset / "radiology_text_reports" / "train_reports.csv", REPORT_HEADER, reports)
+    write_csv(dataset / "radiology_text_reports" / "validation_reports.csv", REPORT_HEADER, VALID_REPORTS)
     train_meta = [_metadata_row(v) for v in FILES if v.startswith("train") and v not in ("train_7_a_1", "train_8_a_1")]
     train_meta.append(_metadata_row("train_8_a_1", xy="[0.75; 0.75; 1]"))  # malformed XYSpacing
-    _write_csv(dataset / "metadata" / "train_metadata.csv", METADATA_HEADER, train_meta)
-    _write_csv(
+    write_csv(dataset / "metadata" / "train_metadata.csv", METADATA_HEADER, train_meta)
+    write_csv(
         dataset / "metadata" / "validation_metadata.csv",
         METADATA_HEADER,
         [_metadata_row(v, z="2.0") for v in FILES if v.startswith("valid")],
@@ -204,20 +201,6 @@ def build(data_root, tmp_path_factory):
     return out, summary
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted((out / "data").glob("*.jsonl")) for line in f.read_text().splitlines()]
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    files = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
-        for name in filenames:
-            path = Path(dirpath) / name
-            files[path.relative_to(folder).as_posix()] = path.read_bytes()
-    return files
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Parsing
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +232,7 @@ def test_load_dataset_and_one_record_per_scan(build):
     out, summary = build
     ds = datasets.load_dataset(str(out))
     assert set(ds) == {"train", "validation", "test"}
-    records = _records(out)
+    records = read_records(out)
     assert {r["volume_id"] for r in records} == EXPECTED_VOLUMES and len(records) == len(EXPECTED_VOLUMES)
     assert set(ds["test"]["volume_id"]) == {"valid_1_a_1", "valid_1_b_1", "valid_2_a_1"}
     assert ds["train"].features["spacing"].feature.dtype == "float64"
@@ -262,7 +245,7 @@ def test_load_dataset_and_one_record_per_scan(build):
 
 def test_question_answer_and_no_prompt_wording(build):
     out, _ = build
-    by_volume = {r["volume_id"]: r for r in _records(out)}
+    by_volume = {r["volume_id"]: r for r in read_records(out)}
     record = by_volume["train_1_a_1"]
     system, question, vision, answer = (m["content"] for m in record["messages"])
     assert system == system_prompt(prompt=False)  # a --prompt red build, but a whole-volume question
@@ -277,7 +260,7 @@ def test_question_answer_and_no_prompt_wording(build):
 
 def test_rescale_and_spacing_are_recorded(build):
     out, summary = build
-    by_volume = {r["volume_id"]: r for r in _records(out)}
+    by_volume = {r["volume_id"]: r for r in read_records(out)}
     blank = by_volume["train_1_a_1"]
     assert (blank["rescale_slope"], blank["rescale_intercept"], blank["intensity"]) == (1.0, -1024.0, "hu")
     assert blank["spacing"] == [1.5, 0.75, 0.75]
@@ -298,7 +281,7 @@ def test_rescale_and_spacing_are_recorded(build):
 def test_splits_are_disjoint_by_patient(build):
     out, _ = build
     split_of: dict[str, set] = {}
-    for r in _records(out):
+    for r in read_records(out):
         split_of.setdefault(r["patient_id"], set()).add(r["split"])
         assert r["patient_id"] == "_".join(r["volume_id"].split("_")[:2])
     assert all(len(s) == 1 for s in split_of.values())
@@ -311,7 +294,7 @@ def test_splits_are_disjoint_by_patient(build):
 def test_paths_are_relative_and_stay_in_the_data_root(build, data_root):
     out, _ = build
     root = os.path.realpath(data_root)
-    for r in _records(out):
+    for r in read_records(out):
         path = r["volume_path"]
         assert path.startswith("source/") and not Path(path).is_absolute() and ".." not in Path(path).parts
         assert os.path.realpath(out / path).startswith(root + os.sep) and (out / path).is_file()
@@ -319,15 +302,13 @@ def test_paths_are_relative_and_stay_in_the_data_root(build, data_root):
 
 
 def by_path(out: Path, volume_id: str) -> str:
-    return next(r["volume_path"] for r in _records(out) if r["volume_id"] == volume_id)
+    return next(r["volume_path"] for r in read_records(out) if r["volume_id"] == volume_id)
 
 
 def test_skipped_and_filtered_rows_are_counted(build):
     out, summary = build
-    entries = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
-    counts = Counter()
-    for entry in entries:
-        counts[entry["reason"]] += entry["rows"]
+    entries = read_lines(out / "skipped.jsonl")
+    counts = rows_per_reason(entries)
     assert counts == Counter(EXPECTED_SKIPPED) and summary.skipped == EXPECTED_SKIPPED
     by_source = {e["source"]: e for e in entries if e["source"]}
     assert by_source["train_reports.csv:11"]["reason"] == "unsafe_path"
@@ -335,7 +316,7 @@ def test_skipped_and_filtered_rows_are_counted(build):
     by_unit = {e["unit_id"]: e for e in entries if e["unit_id"]}
     assert by_unit["train_3_a"]["reason"] == "missing_volume"
     assert by_unit["train_8_a"]["reason"] == "malformed_metadata" and "XYSpacing" in by_unit["train_8_a"]["detail"]
-    filtered = [json.loads(line) for line in (out / "filtered.jsonl").read_text().splitlines()]
+    filtered = read_lines(out / "filtered.jsonl")
     assert {(e["reason"], e["unit_id"]) for e in filtered} == {
         ("no_chest", "train_6_a_1"),
         ("no_chest", "valid_2_b_1"),
@@ -352,10 +333,10 @@ def test_skipped_and_filtered_rows_are_counted(build):
 def test_all_reconstructions(data_root, tmp_path):
     out = tmp_path / "all"
     summary = build_ctrate_dataset(_config(data_root, out, reconstructions="all", report_sections="findings"), QUIET)
-    volumes = {r["volume_id"] for r in _records(out)}
+    volumes = {r["volume_id"] for r in read_records(out)}
     assert volumes == EXPECTED_VOLUMES | {"train_1_a_2"}
     assert summary.skipped["missing_volume"] == 2  # train_3_a_1 and now train_4_a_1 on its own
-    for r in _records(out):
+    for r in read_records(out):
         assert r["messages"][1]["content"] in TEMPLATES["findings"]
         assert not r["messages"][3]["content"].startswith("Findings:")
 
@@ -363,7 +344,7 @@ def test_all_reconstructions(data_root, tmp_path):
 def test_convert_volumes_writes_hu_copies(data_root, tmp_path):
     out = tmp_path / "convert"
     build_ctrate_dataset(_config(data_root, out, convert_volumes=True), QUIET)
-    by_volume = {r["volume_id"]: r for r in _records(out)}
+    by_volume = {r["volume_id"]: r for r in read_records(out)}
     record = by_volume["train_1_a_1"]
     assert record["volume_path"] == "volumes/train_1_a/train_1_a_1.nii.gz"
     assert (record["rescale_slope"], record["rescale_intercept"]) == (1.0, 0.0)
@@ -385,23 +366,12 @@ def test_interrupted_build_resumes_to_identical_output(data_root, tmp_path, monk
     out, ref = tmp_path / "out", tmp_path / "ref"
     build_ctrate_dataset(_config(data_root, out, convert_volumes=True), QUIET)
     out.rename(ref)
-    calls = []
-    process = CTRateBuilder.process
-
-    def dying(self, unit, out_dir):
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        calls.append(unit.unit_id)
-        return process(self, unit, out_dir)
-
-    monkeypatch.setattr(CTRateBuilder, "process", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(monkeypatch, CTRateBuilder, 3), pytest.raises(KeyboardInterrupt):
         build_ctrate_dataset(_config(data_root, out, convert_volumes=True), QUIET)
     assert not (out / "data").exists() and len(list((out / ".work" / "units").iterdir())) == 3
-    monkeypatch.setattr(CTRateBuilder, "process", process)
     summary = build_ctrate_dataset(_config(data_root, out, convert_volumes=True), QUIET)
     assert (summary.units_reused, summary.units_processed) == (3, summary.units_total - 3)
-    assert _tree(out) == _tree(ref)
+    assert file_tree(out) == file_tree(ref)
 
 
 def test_missing_csv_and_fixed_folders(data_root, tmp_path):
@@ -413,27 +383,21 @@ def test_missing_csv_and_fixed_folders(data_root, tmp_path):
     (fixed / "dataset" / "valid").rename(fixed / "dataset" / "valid_fixed")
     out = tmp_path / "fixed_out"
     build_ctrate_dataset(_config(fixed, out, volume_folders="fixed", validate_files=False), QUIET)
-    paths = {r["volume_path"] for r in _records(out)}
+    paths = {r["volume_path"] for r in read_records(out)}
     assert "source/train_fixed/train_1/train_1_a/train_1_a_1.nii.gz" in paths
     assert all((out / p).is_file() for p in paths)
 
 
 def test_script_command_line(data_root, tmp_path):
     out = tmp_path / "cli"
-    script = str(REPO / "datasets_scripts" / "build_ctrate_reports.py")
-    result = subprocess.run(
-        [sys.executable, script, "--data_root", str(data_root), "--output_dir", str(out), "--no_progress"]
-        + ["--seed", str(SEED), "--split_ratios", *map(str, RATIOS), "--report_sections", "findings"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_script(
+        "build_ctrate_reports.py",
+        *["--data_root", str(data_root), "--output_dir", str(out), "--no_progress"],
+        *["--seed", str(SEED), "--split_ratios", *map(str, RATIOS), "--report_sections", "findings"],
     )
     assert result.returncode == 0, result.stderr
     assert "load it with" in result.stdout and "not chest: 2 volumes" in result.stdout
     ds = datasets.load_dataset(str(out))
     assert set(ds) == {"train", "validation", "test"}
-    help_text = subprocess.run(
-        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=300, check=True
-    ).stdout
+    help_text = script_help("build_ctrate_reports.py")
     assert "Expected upstream folder ROOT" in help_text and "--convert_volumes" in help_text

@@ -5,17 +5,24 @@ CSVs (the test one with its extra ``Note`` column), small (1, 8, 32, 32) ``.npy`
 ``M3D_Cap_npy/<source>/<case>/``, and TotalSegmentator-style per-class masks for one image.
 """
 
-import csv
-import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+from helpers import (
+    QUIET,
+    file_tree,
+    find_record,
+    killed_after,
+    read_lines,
+    read_records,
+    rows_per_reason,
+    run_script,
+    script_help,
+    write_csv,
+)
 
 from med3dqwen.data.builder import BuildArguments, BuildError
 from med3dqwen.data.m3d_vqa import (
@@ -29,8 +36,6 @@ from med3dqwen.data.rewrite import parse_vision_content, system_prompt
 from med3dqwen.processing.ct_io import load_mask, save_nifti
 
 
-REPO = Path(__file__).resolve().parents[2]
-QUIET = BuildArguments(progress=False)
 HEADER = [
     "Image Path",
     "Text",
@@ -99,18 +104,11 @@ EXPECTED_SKIPPED = {"unsafe_path": 2, "malformed_row": 5, "missing_volume": 1, "
 SHAPE = (1, 8, 32, 32)
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def _make_root(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    _write_csv(root / "M3D_VQA_train.csv", HEADER, TRAIN)
-    _write_csv(root / "M3D_VQA_val.csv", HEADER, VAL)
-    _write_csv(root / "M3D_VQA_test.csv", [*HEADER, "Note"], TEST)
+    write_csv(root / "M3D_VQA_train.csv", HEADER, TRAIN)
+    write_csv(root / "M3D_VQA_val.csv", HEADER, VAL)
+    write_csv(root / "M3D_VQA_test.csv", [*HEADER, "Note"], TEST)
     rng = np.random.default_rng(0)
     paths = {r[0] for r in TRAIN + VAL + TEST if r[0].endswith(".npy") and not r[0].startswith(("..", "/"))}
     for rel in sorted(paths):
@@ -158,24 +156,6 @@ def masked(data_root, tmp_path_factory):
     return out, build_m3d_vqa_dataset(_config(data_root, out, mask_dir=str(data_root / "ts_masks"), **MASKED), QUIET)
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted((out / "data").glob("*.jsonl")) for line in f.read_text().splitlines()]
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    files = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
-        for name in filenames:
-            path = Path(dirpath) / name
-            files[path.relative_to(folder).as_posix()] = path.read_bytes()
-    return files
-
-
-def _by(records, source, answer_type):
-    return next(r for r in records if r["source_row"] == source and r["answer_type"] == answer_type)
-
-
 def test_case_ids_and_structure_names():
     assert case_id("M3D_Cap_npy/ct_quizze/005749/Axial_non_contrast.npy") == "ct_quizze/005749"
     assert case_id("005749/a.npy") == "005749"
@@ -191,14 +171,14 @@ def test_load_dataset_and_counts(plain):
     assert {name: len(split) for name, split in ds.items()} == {k: 2 * v for k, v in GOOD_ROWS.items()}  # both modes
     assert ds["train"].features["choices"].feature.dtype == "string"
     assert summary.question_types == {"abnormality": 2, "location": 4, "organ": 2, "phase": 4, "plane": 10}
-    for r in _records(out):
+    for r in read_records(out):
         assert r["intensity"] == "unit" and r["mask_path"] is None and len(r["choices"]) == 4
 
 
 def test_closed_and_open_records(plain):
     out, _ = plain
-    records = _records(out)
-    closed = _by(records, "M3D_VQA_train.csv:2", "closed")
+    records = read_records(out)
+    closed = find_record(records, "M3D_VQA_train.csv:2", "closed")
     system, question, vision, answer = (m["content"] for m in closed["messages"])
     assert system == system_prompt(prompt=False)  # --prompt red, but no mask source: never outlined
     assert question == "What abnormality is seen in the liver? Choices: A. Cyst B. Mass C. Abscess"  # NA left out
@@ -206,35 +186,35 @@ def test_closed_and_open_records(plain):
     assert closed["choices"] == ["Cyst", "Mass", "Abscess", ""]
     assert parse_vision_content(vision) == (closed["volume_path"], [])
     assert closed["volume_path"] == f"source/images/{IMG1}"
-    open_ = _by(records, "M3D_VQA_train.csv:2", "open")
+    open_ = find_record(records, "M3D_VQA_train.csv:2", "open")
     assert open_["messages"][1]["content"] == "What abnormality is seen in the liver?"
     assert (open_["messages"][3]["content"], open_["closed_label"]) == ("Mass", -1)
-    assert _by(records, "M3D_VQA_train.csv:1", "closed")["closed_label"] == 0
-    assert _by(records, "M3D_VQA_train.csv:3", "closed")["messages"][3]["content"] == "C. Upper pole"
-    organ = _by(records, "M3D_VQA_train.csv:4", "closed")
+    assert find_record(records, "M3D_VQA_train.csv:1", "closed")["closed_label"] == 0
+    assert find_record(records, "M3D_VQA_train.csv:3", "closed")["messages"][3]["content"] == "C. Upper pole"
+    organ = find_record(records, "M3D_VQA_train.csv:4", "closed")
     assert (organ["messages"][3]["content"], organ["closed_label"]) == ("A. Spleen", 0)  # the choice text
-    window = _by(records, "M3D_VQA_train.csv:7", "open")
+    window = find_record(records, "M3D_VQA_train.csv:7", "open")
     assert window["messages"][3]["content"] == "Bone window"  # open: the Answer text
-    assert _by(records, "M3D_VQA_train.csv:7", "closed")["messages"][3]["content"] == "C. Bone"
+    assert find_record(records, "M3D_VQA_train.csv:7", "closed")["messages"][3]["content"] == "C. Bone"
 
 
 def test_modes(data_root, tmp_path):
     build_m3d_vqa_dataset(_config(data_root, tmp_path / "closed", mode="closed"), QUIET)
     build_m3d_vqa_dataset(_config(data_root, tmp_path / "open", mode="open"), QUIET)
-    assert {r["answer_type"] for r in _records(tmp_path / "closed")} == {"closed"}
-    assert {r["answer_type"] for r in _records(tmp_path / "open")} == {"open"}
-    assert len(_records(tmp_path / "closed")) == sum(GOOD_ROWS.values())
+    assert {r["answer_type"] for r in read_records(tmp_path / "closed")} == {"closed"}
+    assert {r["answer_type"] for r in read_records(tmp_path / "open")} == {"open"}
+    assert len(read_records(tmp_path / "closed")) == sum(GOOD_ROWS.values())
 
 
 def test_splits_follow_upstream_and_cases_are_disjoint(plain):
     out, summary = plain
     split_of: dict[str, set] = {}
-    for r in _records(out):
+    for r in read_records(out):
         split_of.setdefault(r["patient_id"], set()).add(r["split"])
     assert all(len(s) == 1 for s in split_of.values())
     assert split_of["ct_case/000100"] == {"test"}  # shared with train: kept in test only
     assert split_of["ct_case/000050"] == {"validation"} and split_of["ct_case/000001"] == {"train"}
-    filtered = [json.loads(line) for line in (out / "filtered.jsonl").read_text().splitlines()]
+    filtered = read_lines(out / "filtered.jsonl")
     assert [(e["reason"], e["rows"]) for e in filtered] == [("case_overlap", 2)]
     assert summary.counters["case_overlap"] == {"cases": 1}
 
@@ -243,16 +223,14 @@ def test_case_overlap_keep_and_error(data_root, tmp_path):
     with pytest.raises(BuildError, match="1 cases appear in more than one split"):
         build_m3d_vqa_dataset(_config(data_root, tmp_path / "e", case_overlap="error"), QUIET)
     build_m3d_vqa_dataset(_config(data_root, tmp_path / "k", case_overlap="keep", mode="closed"), QUIET)
-    splits = {r["split"] for r in _records(tmp_path / "k") if r["patient_id"] == "ct_case/000100"}
+    splits = {r["split"] for r in read_records(tmp_path / "k") if r["patient_id"] == "ct_case/000100"}
     assert splits == {"train", "test"}
 
 
 def test_skipped_rows_and_card(plain):
     out, summary = plain
-    entries = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
-    counts = Counter()
-    for entry in entries:
-        counts[entry["reason"]] += entry["rows"]
+    entries = read_lines(out / "skipped.jsonl")
+    counts = rows_per_reason(entries)
     assert counts == Counter(EXPECTED_SKIPPED) and summary.skipped == EXPECTED_SKIPPED
     by_source = {e["source"]: e for e in entries if e["source"]}
     assert by_source["M3D_VQA_train.csv:11"]["reason"] == "unsafe_path"
@@ -273,8 +251,8 @@ def test_skipped_rows_and_card(plain):
 
 def test_mask_source_outlines_named_structures(masked):
     out, summary = masked
-    records = _records(out)
-    liver = _by(records, "M3D_VQA_train.csv:2", "closed")
+    records = read_records(out)
+    liver = find_record(records, "M3D_VQA_train.csv:2", "closed")
     question = liver["messages"][1]["content"]
     assert question.startswith("Within the red-outlined area of the CT volume, what abnormality is seen in the liver?")
     assert liver["messages"][0]["content"] == system_prompt("red")
@@ -284,10 +262,10 @@ def test_mask_source_outlines_named_structures(masked):
     assert mask.shape == SHAPE[1:] and mask.sum() == 4 * 12 * 14
     _, pngs = parse_vision_content(liver["messages"][2]["content"])
     assert len(pngs) == 1 and (out / pngs[0]).is_file()
-    open_ = _by(records, "M3D_VQA_train.csv:2", "open")
+    open_ = find_record(records, "M3D_VQA_train.csv:2", "open")
     assert open_["messages"][3]["content"] == "Within the red boundary, mass"
     for source in ("M3D_VQA_train.csv:1", "M3D_VQA_train.csv:3", "M3D_VQA_train.csv:4"):
-        record = _by(records, source, "closed")  # plane; right kidney (no file); no structure named
+        record = find_record(records, source, "closed")  # plane; right kidney (no file); no structure named
         assert record["mask_path"] is None and record["messages"][0]["content"] == system_prompt(prompt=False)
     assert summary.counters["prompted"] == {"abnormality": 1}
     unprompted = summary.counters["unprompted"]
@@ -313,22 +291,11 @@ def test_interrupted_build_resumes_to_identical_output(data_root, tmp_path, monk
     config = {"mask_dir": str(data_root / "ts_masks"), **MASKED}
     build_m3d_vqa_dataset(_config(data_root, out, **config), QUIET)
     out.rename(ref)
-    calls = []
-    process = M3DVQABuilder.process
-
-    def dying(self, unit, out_dir):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(unit.unit_id)
-        return process(self, unit, out_dir)
-
-    monkeypatch.setattr(M3DVQABuilder, "process", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(monkeypatch, M3DVQABuilder, 2), pytest.raises(KeyboardInterrupt):
         build_m3d_vqa_dataset(_config(data_root, out, **config), QUIET)
-    monkeypatch.setattr(M3DVQABuilder, "process", process)
     summary = build_m3d_vqa_dataset(_config(data_root, out, **config), QUIET)
     assert (summary.units_reused, summary.units_processed) == (2, summary.units_total - 2)
-    assert _tree(out) == _tree(ref)
+    assert file_tree(out) == file_tree(ref)
 
 
 def test_missing_csv_and_bad_options(data_root, tmp_path):
@@ -342,19 +309,13 @@ def test_missing_csv_and_bad_options(data_root, tmp_path):
 
 def test_script_command_line(data_root, tmp_path):
     out = tmp_path / "cli"
-    script = str(REPO / "datasets_scripts" / "build_m3d_vqa.py")
-    result = subprocess.run(
-        [sys.executable, script, "--data_root", str(data_root), "--output_dir", str(out), "--no_progress"]
-        + ["--mode", "closed"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_script(
+        "build_m3d_vqa.py",
+        *["--data_root", str(data_root), "--output_dir", str(out), "--no_progress"],
+        *["--mode", "closed"],
     )
     assert result.returncode == 0, result.stderr
     assert "load it with" in result.stdout and "skipped rows" in result.stdout and "left out: 2 rows" in result.stdout
     assert set(datasets.load_dataset(str(out))) == {"train", "validation", "test"}
-    help_text = subprocess.run(
-        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=300, check=True
-    ).stdout
+    help_text = script_help("build_m3d_vqa.py")
     assert "Expected upstream folders" in help_text and "--mask_source" in help_text

@@ -1,13 +1,11 @@
 """Tests for the phantom dataset builder (med3dqwen.data.phantom_dataset and datasets_scripts/build_phantom.py)."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+from helpers import read_records, run_script
 from PIL import Image
 
 from med3dqwen.data.builder import BuildArguments
@@ -16,7 +14,6 @@ from med3dqwen.data.rewrite import parse_vision_content, system_prompt
 from med3dqwen.processing.ct_io import load_mask, load_volume
 
 
-REPO = Path(__file__).resolve().parents[2]
 SMALL = (32, 64, 64)
 
 
@@ -25,10 +22,6 @@ def red_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom_red")
     summary = build_phantom_dataset(PhantomBuildConfig(output_dir=str(out), num_volumes=6, seed=1, shape=SMALL))
     return out, summary
-
-
-def _lines(folder: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted((folder / "data").glob("*.jsonl")) for line in f.read_text().splitlines()]
 
 
 def test_load_dataset_gives_the_splits(red_build):
@@ -43,7 +36,7 @@ def test_load_dataset_gives_the_splits(red_build):
 
 def test_records_are_consistent_with_files_and_rewriting(red_build):
     out, _ = red_build
-    records = _lines(out)
+    records = read_records(out)
     assert records
     by_patient = {}
     for r in records:
@@ -71,7 +64,7 @@ def test_records_are_consistent_with_files_and_rewriting(red_build):
 
 def test_saved_volume_and_masks_load_on_one_grid(red_build):
     out, _ = red_build
-    record = next(r for r in _lines(out) if r["mask_path"])
+    record = next(r for r in read_records(out) if r["mask_path"])
     volume = load_volume(out / record["volume_path"])
     mask = load_mask(out / record["mask_path"], like=volume)
     assert volume.shape == SMALL and mask.any()
@@ -79,7 +72,7 @@ def test_saved_volume_and_masks_load_on_one_grid(red_build):
 
 def test_png_once_per_volume_and_roi(red_build):
     out, _ = red_build
-    records = _lines(out)
+    records = read_records(out)
     expected = {(r["volume_id"], r["roi"]) for r in records if r["roi"]}
     written = {(p.parent.name, p.name.removesuffix("_montage.png")) for p in (out / "prompts").glob("*/*.png")}
     assert written == expected
@@ -133,7 +126,7 @@ def test_build_is_deterministic(tmp_path, red_build):
 def test_no_prompt_variant(tmp_path):
     out = tmp_path / "none"
     build_phantom_dataset(PhantomBuildConfig(output_dir=str(out), num_volumes=2, seed=1, shape=SMALL, prompt="none"))
-    records = _lines(out)
+    records = read_records(out)
     assert not (out / "prompts").exists()
     for r in records:
         assert r["messages"][0]["content"] == system_prompt(prompt=False)
@@ -157,24 +150,12 @@ def test_bad_config(kwargs, match):
 
 def test_script_command_line(tmp_path):
     out = tmp_path / "cli"
-    cmd = [
-        sys.executable,
-        str(REPO / "datasets_scripts" / "build_phantom.py"),
-        "--output_dir",
-        str(out),
-        "--num_volumes",
-        "2",
-        "--seed",
-        "0",
-        "--prompt",
-        "blue",
-        "--shape",
-        "32",
-        "64",
-        "64",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    result = run_script(
+        "build_phantom.py",
+        *["--output_dir", str(out), "--num_volumes", "2", "--seed", "0", "--prompt", "blue"],
+        *["--shape", "32", "64", "64"],
+    )
     assert result.returncode == 0, result.stderr
     assert "load it with" in result.stdout
-    records = _lines(out)
+    records = read_records(out)
     assert any(r["messages"][1]["content"].startswith("Within the blue-outlined area") for r in records)

@@ -5,17 +5,25 @@ The fixtures are miniature PMC-VQA downloads built here with the real layouts an
 the ``Anwser`` spelling, ``test.csv``, ``Answer_label``, ``images/``), with tiny JPEG / PNG figures written with PIL.
 """
 
-import csv
-import json
 import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+from helpers import (
+    QUIET,
+    file_tree,
+    find_record,
+    killed_after,
+    read_lines,
+    read_records,
+    rows_per_reason,
+    run_script,
+    script_help,
+    write_csv,
+)
 from PIL import Image
 
 from med3dqwen.data.builder import BuildArguments, BuildError
@@ -32,8 +40,6 @@ from med3dqwen.data.splits import assign_split
 from med3dqwen.processing.ct_io import load_volume
 
 
-REPO = Path(__file__).resolve().parents[2]
-QUIET = BuildArguments(progress=False)
 V2_HEADER = ["index", "Figure_path", "Caption", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer"]
 V2_HEADER += ["split"]
 CT = "Axial CT of the chest."
@@ -90,13 +96,6 @@ SEED = next(
 )
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def _figure(path: Path, size=(24, 20), mode="RGB") -> None:
     rng = np.random.default_rng(len(path.name))
     array = rng.integers(0, 256, (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0]), dtype=np.uint8)
@@ -106,8 +105,8 @@ def _figure(path: Path, size=(24, 20), mode="RGB") -> None:
 def _make_v2(root: Path) -> Path:
     images = root / "images_2"
     images.mkdir(parents=True)
-    _write_csv(root / "train_2.csv", V2_HEADER, TRAIN_2)
-    _write_csv(root / "test_2.csv", V2_HEADER, TEST_2)
+    write_csv(root / "train_2.csv", V2_HEADER, TRAIN_2)
+    write_csv(root / "test_2.csv", V2_HEADER, TEST_2)
     names = {row[1] for row in TRAIN_2 + TEST_2 if "/" not in row[1] and row[1].endswith((".jpg", ".png"))}
     for name in names - {"PMC206_F1.jpg"}:
         _figure(images / name)
@@ -119,7 +118,7 @@ def _make_v1(root: Path) -> Path:
     images = root / "images"
     images.mkdir(parents=True)
     header = ["Figure_path", "Question", "Anwser", "Choice A", "Choice B", "Choice C", "Choice D", "Answer_label"]
-    _write_csv(
+    write_csv(
         root / "train.csv",
         header,
         [
@@ -129,7 +128,7 @@ def _make_v1(root: Path) -> Path:
             + ["B:Pleural effusion", "C:Nodule", "D:Normal", "B"],
         ],
     )
-    _write_csv(
+    write_csv(
         root / "test.csv",
         [h if h != "Anwser" else "Answer" for h in header],
         [
@@ -161,24 +160,6 @@ def _config(root: Path, out: Path, **kwargs) -> PMCVQABuildConfig:
 def build(v2_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("pmc_out") / "out"
     return out, build_pmc_vqa_dataset(_config(v2_root, out, prompt="red"), QUIET)
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted((out / "data").glob("*.jsonl")) for line in f.read_text().splitlines()]
-
-
-def _by(records, source, answer_type):
-    return next(r for r in records if r["source_row"] == source and r["answer_type"] == answer_type)
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    files = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
-        for name in filenames:
-            path = Path(dirpath) / name
-            files[path.relative_to(folder).as_posix()] = path.read_bytes()
-    return files
 
 
 def test_filter_rule_and_parsing_helpers():
@@ -217,8 +198,8 @@ def test_load_dataset_and_counts(build):
 
 def test_closed_and_open_records(build):
     out, _ = build
-    records = _records(out)
-    closed = _by(records, "train_2.csv:1", "closed")
+    records = read_records(out)
+    closed = find_record(records, "train_2.csv:1", "closed")
     system, question, vision, answer = (m["content"] for m in closed["messages"])
     assert system == system_prompt(prompt=False)  # --prompt red, but no masks
     assert question == "What is seen in the right lung? Choices: A. Nodule B. Mass C. Cavity D. Normal"
@@ -226,18 +207,19 @@ def test_closed_and_open_records(build):
     assert closed["image_path"] == closed["volume_path"] == "source/images/PMC100_F1.jpg"
     assert parse_vision_content(vision) == ("source/images/PMC100_F1.jpg", [])
     assert (closed["intensity"], closed["ct_evidence"], closed["upstream_split"]) == ("unit", "CT", "train")
-    where = _by(records, "train_2.csv:2", "closed")  # choices with " A:" prefixes; "Windpipe" normalised
+    where = find_record(records, "train_2.csv:2", "closed")  # choices with " A:" prefixes; "Windpipe" normalised
     assert where["choices"][3] == "Trachea" and where["closed_label"] == 1
     assert where["messages"][3]["content"] == f"B. {where['choices'][1]}"
-    assert _by(records, "train_2.csv:2", "open")["messages"][3]["content"] == where["choices"][1]  # v2: choice text
-    assert _by(records, "train_2.csv:3", "closed")["closed_label"] == 2
-    assert _by(records, "train_2.csv:8", "open")["ct_evidence"] == "CT"  # found in the question, no caption
+    # v2: the open answer is the choice text
+    assert find_record(records, "train_2.csv:2", "open")["messages"][3]["content"] == where["choices"][1]
+    assert find_record(records, "train_2.csv:3", "closed")["closed_label"] == 2
+    assert find_record(records, "train_2.csv:8", "open")["ct_evidence"] == "CT"  # found in the question, no caption
 
 
 def test_splits_are_disjoint_by_article(build):
     out, _ = build
     split_of: dict[str, set] = {}
-    for r in _records(out):
+    for r in read_records(out):
         assert r["patient_id"] == pmcid(r["image_path"])
         split_of.setdefault(r["patient_id"], set()).add(r["split"])
     assert all(len(s) == 1 for s in split_of.values())
@@ -245,18 +227,16 @@ def test_splits_are_disjoint_by_article(build):
     for article, (split,) in split_of.items():
         assert split == assign_split(article, SEED, RATIOS)
     assert {s for (s,) in split_of.values()} == {"train", "validation", "test"}
-    assert len({r["volume_id"] for r in _records(out) if r["patient_id"] == "PMC100"}) == 2  # two figures
+    assert len({r["volume_id"] for r in read_records(out) if r["patient_id"] == "PMC100"}) == 2  # two figures
 
 
 def test_filtered_and_skipped_are_counted(build):
     out, summary = build
-    filtered = [json.loads(line) for line in (out / "filtered.jsonl").read_text().splitlines()]
+    filtered = read_lines(out / "filtered.jsonl")
     assert {e["unit_id"]: e["reason"] for e in filtered} == EXPECTED_FILTERED
     assert summary.counters["filtered"] == {"pet_spect_ct": 1, "cbct_or_micro_ct": 1, "not_ct": 2, "mixed_modality": 1}
-    entries = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
-    counts = Counter()
-    for entry in entries:
-        counts[entry["reason"]] += entry["rows"]
+    entries = read_lines(out / "skipped.jsonl")
+    counts = rows_per_reason(entries)
     assert counts == Counter(EXPECTED_SKIPPED) and summary.skipped == EXPECTED_SKIPPED
     by_source = {e["source"]: e for e in entries if e["source"]}
     assert by_source["train_2.csv:12"]["reason"] == by_source["train_2.csv:13"]["reason"] == "unsafe_path"
@@ -272,7 +252,7 @@ def test_filtered_and_skipped_are_counted(build):
 def test_paths_stay_in_the_image_folder(build, v2_root):
     out, _ = build
     root = os.path.realpath(v2_root / "images_2")
-    for r in _records(out):
+    for r in read_records(out):
         for path in (r["image_path"], r["volume_path"]):
             assert not Path(path).is_absolute() and ".." not in Path(path).parts
             assert os.path.realpath(out / path).startswith(root + os.sep) and (out / path).is_file()
@@ -286,12 +266,12 @@ def test_v1_schema_and_converted_images(v1_root, tmp_path):
     )
     assert summary.skipped == {} and summary.counters["filtered"] == {"not_ct": 1}
     assert summary.counters["schemas"] == {"train.csv: v1": 2, "test.csv: v1": 1}
-    records = _records(out)
-    open_ = _by(records, "train.csv:2", "open")
+    records = read_records(out)
+    open_ = find_record(records, "train.csv:2", "open")
     assert open_["messages"][3]["content"] == "Pleural effusion"  # the "Anwser" column
-    closed = _by(records, "train.csv:2", "closed")
+    closed = find_record(records, "train.csv:2", "closed")
     assert (closed["messages"][3]["content"], closed["closed_label"]) == ("B. Pleural effusion", 1)
-    trachea = _by(records, "test.csv:1", "closed")
+    trachea = find_record(records, "test.csv:1", "closed")
     assert (trachea["messages"][3]["content"], trachea["closed_label"], trachea["upstream_split"]) == (
         "C. Trachea",
         2,
@@ -307,7 +287,7 @@ def test_v1_schema_and_converted_images(v1_root, tmp_path):
 
 def test_modes_and_no_filter(v2_root, tmp_path):
     build_pmc_vqa_dataset(_config(v2_root, tmp_path / "c", mode="closed"), QUIET)
-    assert {r["answer_type"] for r in _records(tmp_path / "c")} == {"closed"}
+    assert {r["answer_type"] for r in read_records(tmp_path / "c")} == {"closed"}
     summary = build_pmc_vqa_dataset(_config(v2_root, tmp_path / "all", mode="open", ct_filter=False), QUIET)
     assert sum(summary.questions.values()) == KEPT_ROWS + 5  # every figure's rows
     assert (tmp_path / "all" / "filtered.jsonl").read_text() == ""
@@ -322,22 +302,11 @@ def test_interrupted_build_resumes_to_identical_output(v2_root, tmp_path, monkey
     out, ref = tmp_path / "out", tmp_path / "ref"
     build_pmc_vqa_dataset(_config(v2_root, out, convert_images=True), QUIET)
     out.rename(ref)
-    calls = []
-    process = PMCVQABuilder.process
-
-    def dying(self, unit, out_dir):
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        calls.append(unit.unit_id)
-        return process(self, unit, out_dir)
-
-    monkeypatch.setattr(PMCVQABuilder, "process", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(monkeypatch, PMCVQABuilder, 4), pytest.raises(KeyboardInterrupt):
         build_pmc_vqa_dataset(_config(v2_root, out, convert_images=True), QUIET)
-    monkeypatch.setattr(PMCVQABuilder, "process", process)
     summary = build_pmc_vqa_dataset(_config(v2_root, out, convert_images=True), QUIET)
     assert (summary.units_reused, summary.units_processed) == (4, summary.units_total - 4)
-    assert _tree(out) == _tree(ref)
+    assert file_tree(out) == file_tree(ref)
 
 
 def test_missing_inputs(v2_root, tmp_path):
@@ -349,19 +318,13 @@ def test_missing_inputs(v2_root, tmp_path):
 
 def test_script_command_line(v1_root, tmp_path):
     out = tmp_path / "cli"
-    script = str(REPO / "datasets_scripts" / "build_pmc_vqa.py")
-    result = subprocess.run(
-        [sys.executable, script, "--data_root", str(v1_root), "--output_dir", str(out), "--version", "v1"]
-        + ["--no_progress", "--split_ratios", "1", "0", "0", "--mode", "closed"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_script(
+        "build_pmc_vqa.py",
+        *["--data_root", str(v1_root), "--output_dir", str(out), "--version", "v1"],
+        *["--no_progress", "--split_ratios", "1", "0", "0", "--mode", "closed"],
     )
     assert result.returncode == 0, result.stderr
     assert "load it with" in result.stdout and "CT filter left out: not_ct 1 rows" in result.stdout
     assert len(datasets.load_dataset(str(out))["train"]) == 2
-    help_text = subprocess.run(
-        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=300, check=True
-    ).stdout
+    help_text = script_help("build_pmc_vqa.py")
     assert "Expected upstream folder ROOT" in help_text and "--no_ct_filter" in help_text

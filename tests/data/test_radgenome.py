@@ -5,18 +5,25 @@ train volumes are a 32x64x64 phantom (masks renamed to RadGenome leaves), the up
 TotalSegmentator example CT with its per-structure masks renamed into ``seg_<volume>/``.
 """
 
-import csv
-import json
 import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
+from helpers import (
+    QUIET,
+    file_tree,
+    killed_after,
+    read_lines,
+    read_records,
+    rows_per_reason,
+    run_script,
+    script_help,
+    write_csv,
+)
 
 from med3dqwen.data.builder import BuildArguments, BuildError, UnsafePathError
 from med3dqwen.data.phantom import PhantomConfig, generate_phantom
@@ -35,7 +42,6 @@ from med3dqwen.data.splits import assign_split
 from med3dqwen.processing.ct_io import load_mask, load_volume, save_nifti
 
 
-REPO = Path(__file__).resolve().parents[2]
 TRAIN_PATIENTS = ("train_1", "train_2", "train_3", "train_4")
 RATIOS = (0.5, 0.5, 0.0)
 # A seed that puts the four usable train patients into both train and validation (dev).
@@ -180,13 +186,6 @@ PHANTOM_ANATOMY = {
 }
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)  # pandas-like quoting: comma-joined lists get quotes
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def _make_root(root: Path, real_ct: Path) -> Path:
     """A RadGenome-ChestCT download in miniature (see the module docstring)."""
     dataset = root / "dataset"
@@ -194,7 +193,7 @@ def _make_root(root: Path, real_ct: Path) -> Path:
     files.mkdir(parents=True)
     for stem, (header, by_split) in CSVS.items():
         for split, rows in by_split.items():
-            _write_csv(files / f"{split}_{stem}.csv", header, rows)
+            write_csv(files / f"{split}_{stem}.csv", header, rows)
 
     # Upstream train: one phantom, saved once and copied per volume.
     phantom = generate_phantom(7, PhantomConfig(shape=(32, 64, 64)))
@@ -270,7 +269,6 @@ def _config(root: Path, out: Path, **kwargs) -> RadGenomeBuildConfig:
     return RadGenomeBuildConfig(data_root=str(root), output_dir=str(out), **kwargs)
 
 
-QUIET = BuildArguments(progress=False)
 # PNG builds use 1-px contours: boundary_mask(thickness=3) raises on ROIs 2-3 px thin in-plane (the phantom trachea
 # on this 64x64 grid), a ct_transforms bug reported to its owner.
 PNG = {"write_png": "montage", "thickness": 1}
@@ -281,21 +279,6 @@ def red_build(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("radgenome_red") / "out"
     summary = build_radgenome_dataset(_config(data_root, out), QUIET)
     return out, summary
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted((out / "data").glob("*.jsonl")) for line in f.read_text().splitlines()]
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    """Every regular file under ``folder`` (not following the source/ links) → its bytes."""
-    files = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
-        for name in filenames:
-            path = Path(dirpath) / name
-            files[path.relative_to(folder).as_posix()] = path.read_bytes()
-    return files
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,7 +365,7 @@ def test_load_dataset_gives_train_validation_test(red_build):
 def test_row_counts_per_volume_and_type(red_build):
     out, summary = red_build
     counts: dict[str, Counter] = {}
-    for r in _records(out):
+    for r in read_records(out):
         counts.setdefault(r["volume_id"], Counter())[r["question_type"]] += 1
     assert counts == {k: Counter(v) for k, v in EXPECTED_RECORDS.items()}
     assert summary.counters["deduplicated"] == {
@@ -398,7 +381,7 @@ def test_row_counts_per_volume_and_type(red_build):
 def test_splits_are_disjoint_by_patient(red_build):
     out, _ = red_build
     split_of: dict[str, set] = {}
-    for r in _records(out):
+    for r in read_records(out):
         split_of.setdefault(r["patient_id"], set()).add(r["split"])
         assert r["patient_id"] == "_".join(r["volume_id"].split("_")[:2])
     assert all(len(s) == 1 for s in split_of.values())
@@ -410,7 +393,7 @@ def test_splits_are_disjoint_by_patient(red_build):
 
 def test_rewritten_text_labels_and_masks(red_build):
     out, _ = red_build
-    records = {(r["volume_id"], r["source_row"]): r for r in _records(out)}
+    records = {(r["volume_id"], r["source_row"]): r for r in read_records(out)}
     red = system_prompt("red")
 
     deepest = records[("train_1_a_1", "train_vqa_presence.csv:6")]
@@ -462,23 +445,21 @@ def test_rewritten_text_labels_and_masks(red_build):
 def test_paths_are_relative_and_stay_in_the_data_root(red_build, data_root):
     out, _ = red_build
     root = os.path.realpath(data_root)
-    for r in _records(out):
+    for r in read_records(out):
         volume, pngs = parse_vision_content(r["messages"][2]["content"])
         assert volume == r["volume_path"] and pngs == []
         for path in filter(None, (r["volume_path"], r["mask_path"])):
             assert not Path(path).is_absolute() and ".." not in Path(path).parts
             assert os.path.realpath(out / path).startswith(root + os.sep) and (out / path).is_file()
-    record = next(r for r in _records(out) if r["volume_id"] == "valid_1_a_1" and r["mask_path"])
+    record = next(r for r in read_records(out) if r["volume_id"] == "valid_1_a_1" and r["mask_path"])
     volume = load_volume(out / record["volume_path"])
     assert load_mask(out / record["mask_path"], like=volume).any()
 
 
 def test_skipped_rows_are_counted_with_reasons(red_build):
     out, summary = red_build
-    entries = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
-    counts = Counter()
-    for entry in entries:
-        counts[entry["reason"]] += entry["rows"]
+    entries = read_lines(out / "skipped.jsonl")
+    counts = rows_per_reason(entries)
     assert counts == Counter(EXPECTED_SKIPPED) and summary.skipped == EXPECTED_SKIPPED
     by_source = {e["source"]: e for e in entries}
     assert by_source["train_vqa_presence.csv:10"]["reason"] == "unsafe_path"
@@ -512,7 +493,7 @@ def test_strict_stops_at_the_first_bad_row(data_root, tmp_path):
 def test_no_prompt_variant(data_root, tmp_path):
     out = tmp_path / "none"
     build_radgenome_dataset(_config(data_root, out, prompt="none", question_types=("presence", "size")), QUIET)
-    records = _records(out)
+    records = read_records(out)
     assert {r["question_type"] for r in records} == {"presence", "size"}
     for r in records:
         assert r["messages"][0]["content"] == system_prompt(prompt=False)
@@ -523,7 +504,7 @@ def test_no_prompt_variant(data_root, tmp_path):
 def test_pngs_once_per_volume_and_roi(data_root, tmp_path):
     out = tmp_path / "png"
     build_radgenome_dataset(_config(data_root, out, prompt="blue", **PNG), QUIET)
-    records = _records(out)
+    records = read_records(out)
     rois = {(r["volume_id"], r["mask_path"]) for r in records if r["mask_path"]}
     written = sorted((out / "prompts").glob("*/*.png"))
     assert len(written) == len(rois)
@@ -537,24 +518,12 @@ def test_interrupted_build_resumes_to_identical_output(data_root, tmp_path, monk
     out, ref = tmp_path / "out", tmp_path / "ref"
     build_radgenome_dataset(_config(data_root, out, **PNG), QUIET)
     out.rename(ref)
-
-    calls = []
-    process = RadGenomeBuilder.process
-
-    def dying(self, unit, out_dir):
-        if len(calls) == 4:
-            raise KeyboardInterrupt  # "killed" after 4 volumes
-        calls.append(unit.unit_id)
-        return process(self, unit, out_dir)
-
-    monkeypatch.setattr(RadGenomeBuilder, "process", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(monkeypatch, RadGenomeBuilder, 4), pytest.raises(KeyboardInterrupt):
         build_radgenome_dataset(_config(data_root, out, **PNG), QUIET)
     assert not (out / "data").exists() and len(list((out / ".work" / "units").iterdir())) == 4
-    monkeypatch.setattr(RadGenomeBuilder, "process", process)
     summary = build_radgenome_dataset(_config(data_root, out, **PNG), QUIET)
     assert (summary.units_reused, summary.units_processed) == (4, summary.units_total - 4)
-    assert _tree(out) == _tree(ref)
+    assert file_tree(out) == file_tree(ref)
 
 
 def test_shards_merge_to_the_same_dataset(data_root, red_build, tmp_path):
@@ -605,14 +574,10 @@ def test_missing_csv_is_an_error(data_root, tmp_path):
 
 def test_script_command_line(data_root, tmp_path):
     out = tmp_path / "cli"
-    script = str(REPO / "datasets_scripts" / "build_radgenome.py")
-    result = subprocess.run(
-        [sys.executable, script, "--data_root", str(data_root), "--output_dir", str(out), "--prompt", "blue"]
-        + ["--no_progress", "--seed", str(SEED), "--split_ratios", *map(str, RATIOS)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_script(
+        "build_radgenome.py",
+        *["--data_root", str(data_root), "--output_dir", str(out), "--prompt", "blue"],
+        *["--no_progress", "--seed", str(SEED), "--split_ratios", *map(str, RATIOS)],
     )
     assert result.returncode == 0, result.stderr
     assert "load it with" in result.stdout and "skipped rows" in result.stdout
@@ -620,9 +585,4 @@ def test_script_command_line(data_root, tmp_path):
     assert set(ds) == {"train", "validation", "test"}
     questions = [m[1]["content"] for split in ds.values() for m in split["messages"]]
     assert any(q.startswith("Within the blue-outlined area") for q in questions)
-    assert (
-        "Expected upstream folder ROOT"
-        in subprocess.run(
-            [sys.executable, script, "--help"], capture_output=True, text=True, timeout=300, check=True
-        ).stdout
-    )
+    assert "Expected upstream folder ROOT" in script_help("build_radgenome.py")
