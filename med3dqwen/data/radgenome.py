@@ -98,6 +98,7 @@ from med3dqwen.data.builder import (
 from med3dqwen.data.radlex import RadLexNormalizer
 from med3dqwen.data.rewrite import build_record, rewrite_qa
 from med3dqwen.data.splits import DEFAULT_RATIOS, assign_split
+from med3dqwen.segmentation.labels import RADGENOME_NO_CONTOUR, RADGENOME_REGIONS
 
 
 __all__ = [
@@ -143,22 +144,10 @@ CSV_COLUMNS = {
 }
 """The columns each CSV must have (exact upstream spelling)."""
 
-REGIONS = (
-    "abdomen",
-    "bone",
-    "breast",
-    "esophagus",
-    "heart",
-    "lung",
-    "mediastinum",
-    "pleura",
-    "thyroid",
-    "trachea and bronchie",
-)
-"""The 10 region masks (``*_region_mask/seg_<volume>/<region>.nii.gz``): the allowed heads of an anatomy path."""
-
-WHOLE_VOLUME_ANATOMY = ("others", "whole scan")
-"""Anatomy heads/leaves that mean "no specific structure": whole-volume question, no contour."""
+# The 10 region masks (``*_region_mask/seg_<volume>/<region>.nii.gz``: the allowed heads of an anatomy path) and the
+# heads/leaves meaning "no specific structure" (whole-volume question, no contour), shared with the mask sources.
+REGIONS = RADGENOME_REGIONS
+WHOLE_VOLUME_ANATOMY = RADGENOME_NO_CONTOUR
 
 # Our template sets. {region} = anatomy leaf, {finding} = upstream text as is.
 TEMPLATES: dict[str, tuple[str, ...]] = {
