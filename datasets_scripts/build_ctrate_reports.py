@@ -43,8 +43,9 @@ train by patient. A re-run with the same arguments resumes where a killed build 
 import logging
 from dataclasses import dataclass, field
 
-from med3dqwen.data.builder import BuildArguments, parse_script_args, print_summary
-from med3dqwen.data.ctrate import CTRateBuildConfig, build_ctrate_dataset
+from med3dqwen.builders.cli import parse_script_args, print_summary
+from med3dqwen.builders.ctrate import CTRateBuildConfig, build_ctrate_dataset
+from med3dqwen.builders.engine import BuildArguments
 
 
 @dataclass

@@ -42,8 +42,9 @@ the same arguments resumes where a killed build stopped. Licence: non-commercial
 import logging
 from dataclasses import dataclass, field
 
-from med3dqwen.data.builder import BuildArguments, parse_script_args, print_summary
-from med3dqwen.data.m3d_vqa import DEFAULT_CSVS, QUESTION_TYPES, M3DVQABuildConfig, build_m3d_vqa_dataset
+from med3dqwen.builders.cli import parse_script_args, print_summary
+from med3dqwen.builders.engine import BuildArguments
+from med3dqwen.builders.m3d_vqa import DEFAULT_CSVS, QUESTION_TYPES, M3DVQABuildConfig, build_m3d_vqa_dataset
 
 
 @dataclass

@@ -25,8 +25,9 @@ volumes (OUT/.work/units/) are skipped, and the output is byte-identical to an u
 import logging
 from dataclasses import dataclass, field
 
-from med3dqwen.data.builder import BuildArguments, parse_script_args, print_summary
-from med3dqwen.data.phantom_dataset import PhantomBuildConfig, build_phantom_dataset
+from med3dqwen.builders.cli import parse_script_args, print_summary
+from med3dqwen.builders.engine import BuildArguments
+from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, build_phantom_dataset
 
 
 @dataclass

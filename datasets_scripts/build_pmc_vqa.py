@@ -37,8 +37,9 @@ resumes where a killed build stopped. Licence: per article (PubMed Central Open 
 import logging
 from dataclasses import dataclass, field
 
-from med3dqwen.data.builder import BuildArguments, parse_script_args, print_summary
-from med3dqwen.data.pmc_vqa import PMCVQABuildConfig, build_pmc_vqa_dataset
+from med3dqwen.builders.cli import parse_script_args, print_summary
+from med3dqwen.builders.engine import BuildArguments
+from med3dqwen.builders.pmc_vqa import PMCVQABuildConfig, build_pmc_vqa_dataset
 
 
 @dataclass

@@ -37,8 +37,9 @@ resumes where a killed build stopped. The licence (CC BY-NC-SA 4.0, CT-RATE term
 import logging
 from dataclasses import dataclass, field
 
-from med3dqwen.data.builder import BuildArguments, parse_script_args, print_summary
-from med3dqwen.data.radgenome import QUESTION_TYPES, RadGenomeBuildConfig, build_radgenome_dataset
+from med3dqwen.builders.cli import parse_script_args, print_summary
+from med3dqwen.builders.engine import BuildArguments
+from med3dqwen.builders.radgenome import QUESTION_TYPES, RadGenomeBuildConfig, build_radgenome_dataset
 
 
 @dataclass

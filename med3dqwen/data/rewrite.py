@@ -12,20 +12,16 @@ One JSONL line holds the paper's message list ``[system, user, vision, assistant
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from med3dqwen.data.radlex import RadLexNormalizer
-from med3dqwen.processing.ct_io import atomic_output
+from med3dqwen.anatomy.radlex import RadLexNormalizer
 
 
 __all__ = [
-    "RECORD_FIELDS",
     "WH_WORDS",
     "YES_NO_LABELS",
     "RewriteConfig",
@@ -33,13 +29,11 @@ __all__ = [
     "build_record",
     "closed_label",
     "parse_vision_content",
-    "read_jsonl",
     "rewrite_answer",
     "rewrite_qa",
     "rewrite_question",
     "system_prompt",
     "vision_content",
-    "write_jsonl",
 ]
 
 WH_WORDS = ("what", "which", "where", "when", "who", "whom", "whose", "why", "how")
@@ -47,21 +41,6 @@ WH_WORDS = ("what", "which", "where", "when", "who", "whom", "whose", "why", "ho
 
 YES_NO_LABELS = ("No.", "Yes.")
 """Label set of Yes/No closed questions; the label index is the position in this tuple."""
-
-RECORD_FIELDS = (
-    "volume_path",
-    "mask_path",
-    "mask_source",
-    "roi",
-    "question_type",
-    "answer_type",
-    "closed_label",
-    "split",
-    "patient_id",
-    "volume_id",
-    "roi_empty",
-)
-"""Structured fields of a JSONL record, next to ``messages``."""
 
 _SYSTEM_PROMPT = (
     "You are a vision-language model that receives (1) a 3-D CT volume in NIfTI format and (2) {article} {color}, "
@@ -426,54 +405,6 @@ def build_record(
         raise ValueError(f"extra fields {clashes} clash with the record's own fields")
     record.update(extra or {})
     return record
-
-
-def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> int:
-    """Write records as JSON lines (UTF-8), atomically.
-
-    The lines go to a temporary file in the destination's folder, which replaces ``path`` only once every record is
-    written: if ``records`` raises, the previous file (if any) is left as it was and the temporary file is removed.
-
-    Args:
-        path: destination ``.jsonl`` file; parent folders are created.
-        records: JSON-serialisable dicts, e.g. from :func:`build_record`; may be a generator.
-
-    Returns:
-        The number of records written.
-    """
-    count = 0
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
-    return count
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSON-lines file written by :func:`write_jsonl`; blank lines are skipped.
-
-    Args:
-        path: the ``.jsonl`` file.
-
-    Returns:
-        The records, in file order.
-
-    Raises:
-        ValueError: if a line is not a JSON object; the message names the file and the 1-based line number.
-    """
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{Path(path)}, line {number}: malformed JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{Path(path)}, line {number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
 
 
 def _check_color(color: str) -> str:

@@ -17,12 +17,10 @@ This file imports only third-party packages so that it can be copied next to a s
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
-import tempfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,12 +36,9 @@ __all__ = [
     "LabelMap",
     "MaskMismatchError",
     "UnknownLabelError",
-    "TOTALSEGMENTATOR_V2_LABELS",
-    "atomic_output",
     "load_label_map",
     "load_mask",
     "load_volume",
-    "save_nifti",
     "select_label",
     "standard_affine",
 ]
@@ -115,68 +110,6 @@ def standard_affine(
     affine[:3, 3] = origin
     affine[3, 3] = 1.0
     return affine
-
-
-# The process umask, read once at import (reading it means setting it, which is not thread-safe later).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
-
-    Readers never see a half-written file and a crash leaves the previous file (if any) in place.
-
-    Args:
-        path: final destination. Parent folders are created.
-        suffix: suffix of the temporary file (default: the destination's full suffix, so that writers that infer
-            the format from the name, like nibabel and PIL, still work).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix is None:
-        suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def save_nifti(
-    path: str | os.PathLike, array: np.ndarray, affine: np.ndarray | None = None, dtype: np.dtype | str | None = None
-) -> Path:
-    """Write a (D, H, W) array as NIfTI so that :func:`load_volume` / :func:`load_mask` give it back unchanged.
-
-    Args:
-        path: destination ``.nii`` or ``.nii.gz``; written atomically.
-        array: (D, H, W) array in this module's orientation.
-        affine: (4, 4) index → RAS+ mm affine of ``array`` (default: :func:`standard_affine` with 1 mm voxels).
-        dtype: on-disk dtype (default: the array's; bool is stored as uint8).
-
-    Returns:
-        The written path.
-    """
-    array = np.asarray(array)
-    if array.ndim != 3:
-        raise InvalidVolumeError(path, f"expected a 3D (D, H, W) array, got shape {array.shape}")
-    if dtype is None:
-        dtype = np.uint8 if array.dtype == bool else array.dtype
-    affine = standard_affine() if affine is None else np.asarray(affine, dtype=np.float64)
-    # NIfTI data axes are (i, j, k) = (W, H, D); permute the affine's columns the same way.
-    image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)).astype(dtype), affine[:, [2, 1, 0, 3]])
-    image.header.set_xyzt_units("mm")
-    image.set_qform(image.affine, code=1)
-    image.set_sform(image.affine, code=1)
-    with atomic_output(path) as tmp:
-        nib.save(image, tmp)
-    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -464,32 +397,6 @@ def load_volume(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _totalsegmentator_v2_names() -> tuple[str, ...]:
-    """Class names of TotalSegmentator v2's ``total`` task, in label-id order (ids 1-117)."""
-    head = (
-        "spleen kidney_right kidney_left gallbladder liver stomach pancreas adrenal_gland_right adrenal_gland_left "
-        "lung_upper_lobe_left lung_lower_lobe_left lung_upper_lobe_right lung_middle_lobe_right lung_lower_lobe_right "
-        "esophagus trachea thyroid_gland small_bowel duodenum colon urinary_bladder prostate kidney_cyst_left "
-        "kidney_cyst_right sacrum"
-    ).split()
-    vertebrae = ["S1", *(f"L{i}" for i in range(5, 0, -1)), *(f"T{i}" for i in range(12, 0, -1))]
-    vertebrae += [f"C{i}" for i in range(7, 0, -1)]
-    middle = (
-        "heart aorta pulmonary_vein brachiocephalic_trunk subclavian_artery_right subclavian_artery_left "
-        "common_carotid_artery_right common_carotid_artery_left brachiocephalic_vein_left brachiocephalic_vein_right "
-        "atrial_appendage_left superior_vena_cava inferior_vena_cava portal_vein_and_splenic_vein iliac_artery_left "
-        "iliac_artery_right iliac_vena_left iliac_vena_right humerus_left humerus_right scapula_left scapula_right "
-        "clavicula_left clavicula_right femur_left femur_right hip_left hip_right spinal_cord gluteus_maximus_left "
-        "gluteus_maximus_right gluteus_medius_left gluteus_medius_right gluteus_minimus_left gluteus_minimus_right "
-        "autochthon_left autochthon_right iliopsoas_left iliopsoas_right brain skull"
-    ).split()
-    ribs = [f"rib_{side}_{i}" for side in ("left", "right") for i in range(1, 13)]
-    return (*head, *(f"vertebrae_{v}" for v in vertebrae), *middle, *ribs, "sternum", "costal_cartilages")
-
-
-TOTALSEGMENTATOR_V2_LABELS: dict[int, str] = dict(enumerate(_totalsegmentator_v2_names(), start=1))
-
-
 def _label_table_from_header(image: nib.Nifti1Image) -> dict[int, str]:
     """Label names stored in a NIfTI header extension (the XML label table TotalSegmentator writes), if any."""
     import re  # noqa: PLC0415
@@ -581,7 +488,7 @@ def load_mask(
             :class:`MaskMismatchError`. Omit it only when there is no volume to check against.
         label: ``None`` for a binary file (any non-zero voxel), an integer label id, or a label name. Names are
             looked up in ``label_map``, else in the table stored in the file's header (TotalSegmentator writes
-            one), else in TotalSegmentator v2's ``total`` class map.
+            one); ``med3dqwen.anatomy.TOTALSEGMENTATOR_V2_LABELS`` is TotalSegmentator v2's ``total`` class map.
         label_map: id → name table for ``label`` names.
         atol: tolerance in mm when comparing affines.
 
@@ -609,8 +516,14 @@ def select_label(labels: LabelMap, label: int | str | None, label_map: Mapping[i
             shown = np.unique(array[roi])[:10].tolist()
             raise UnknownLabelError(path, f"multilabel mask (labels {shown}...); pass label=<id or name>")
         return roi
-    table = label_map or header_table or TOTALSEGMENTATOR_V2_LABELS
+    table = label_map or header_table
     if isinstance(label, str):
+        if not table:
+            raise UnknownLabelError(
+                path,
+                f"label name {label!r} given but the file has no label table; pass label_map= (for TotalSegmentator "
+                "output, med3dqwen.anatomy.TOTALSEGMENTATOR_V2_LABELS) or an integer label id",
+            )
         ids = [k for k, v in table.items() if v == label]
         if not ids:
             import difflib  # noqa: PLC0415

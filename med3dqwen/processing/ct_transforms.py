@@ -10,36 +10,24 @@ processor (``trust_remote_code``) and work without the ``med3dqwen`` package.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from scipy import sparse
 from scipy.sparse import csgraph
 
-from .ct_io import InvalidVolumeError, atomic_output
+from .ct_io import InvalidVolumeError
 
 
 __all__ = [
-    "BoundaryMask",
-    "BoundaryMaskd",
     "COLORS",
     "DEFAULT_SIZE",
-    "PromptPNGs",
     "PromptResult",
-    "RenderPrompt",
-    "RenderPromptd",
-    "ResizeVolume",
-    "ResizeVolumed",
     "WINDOW_PRESETS",
-    "WindowHU",
-    "WindowHUd",
     "boundary_mask",
     "parse_color",
-    "prompt_png_stack",
     "render_prompt",
     "resize_mask",
     "resize_volume",
@@ -158,17 +146,6 @@ def window_hu(volume, window: str | tuple[float, float] = "chest", dtype=np.floa
     return _like(out.astype(dtype, copy=False), reference)
 
 
-class WindowHU:
-    """Clip HU to a window and scale it to [0, 1] (see :func:`window_hu`)."""
-
-    def __init__(self, window: str | tuple[float, float] = "chest", dtype=np.float32) -> None:
-        self.window = _window_range(window)
-        self.dtype = dtype
-
-    def __call__(self, volume):
-        return window_hu(volume, self.window, self.dtype)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Geometry
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,20 +204,6 @@ def resized_affine(affine: np.ndarray, in_shape: Sequence[int], out_shape: Seque
     index_map[:3, :3] = np.diag(scale)
     index_map[:3, 3] = 0.5 * (scale - 1.0)  # centre of output voxel 0 in input index space
     return np.asarray(affine, dtype=np.float64) @ index_map
-
-
-class ResizeVolume:
-    """Resize a volume (trilinear) or a mask (nearest) to a fixed (D, H, W)."""
-
-    def __init__(self, size: Sequence[int] = DEFAULT_SIZE, is_mask: bool = False, dtype=np.float32) -> None:
-        if len(size) != 3 or any(int(s) < 1 for s in size):
-            raise ValueError(f"size must be three positive ints (D, H, W), got {size!r}")
-        self.size = tuple(int(s) for s in size)
-        self.is_mask = is_mask
-        self.dtype = dtype
-
-    def __call__(self, array):
-        return resize_mask(array, self.size) if self.is_mask else resize_volume(array, self.size, self.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,18 +420,6 @@ def boundary_mask(
     return _like(band, reference)
 
 
-class BoundaryMask:
-    """Callable form of :func:`boundary_mask` with fixed settings."""
-
-    def __init__(self, thickness: int = 3, mode: BoundaryMode = "inner", keep_largest: bool = True) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        self.thickness, self.mode, self.keep_largest = thickness, mode, keep_largest
-
-    def __call__(self, mask):
-        return boundary_mask(mask, self.thickness, self.mode, self.keep_largest)
-
-
 @dataclass
 class PromptResult:
     """What :func:`render_prompt` returns.
@@ -587,240 +538,3 @@ def render_prompt(
         band=band,
         _reference=reference,
     )
-
-
-class RenderPrompt:
-    """Callable form of :func:`render_prompt`; returns only ``pixel_values``."""
-
-    def __init__(
-        self,
-        color: str | Sequence[int] = "red",
-        encoding: PromptEncoding = "burn_in",
-        thickness: int = 3,
-        mode: BoundaryMode = "inner",
-        keep_largest: bool = True,
-        dtype=np.float32,
-    ) -> None:
-        if encoding not in _ENCODINGS:
-            raise ValueError(f"encoding must be one of {_ENCODINGS}, got {encoding!r}")
-        parse_color(color)
-        self.kwargs = dict(
-            color=color, encoding=encoding, thickness=thickness, mode=mode, keep_largest=keep_largest, dtype=dtype
-        )
-
-    def __call__(self, volume01, mask):
-        return render_prompt(volume01, mask, **self.kwargs).pixel_values
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Human-visible PNGs
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PromptPNGs:
-    """Files written by :func:`prompt_png_stack`: one PNG per ROI slice and a montage (paths, in slice order)."""
-
-    slices: list[Path]
-    montage: Path | None
-    slice_indices: list[int]
-    covered_fraction: float
-    roi_empty: bool
-
-
-def _overlay_rgb(volume_hu: np.ndarray, band: np.ndarray, window, color) -> np.ndarray:
-    """(D, H, W) HU + band → (D, H, W, 3) uint8: windowed grey with the band painted in ``color``."""
-    grey = np.rint(window_hu(volume_hu, window) * 255.0).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    rgb[band] = parse_color(color)
-    return rgb
-
-
-def _montage(tiles: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """(N, H, W, 3) tiles → one (rows*H, cols*W, 3) image, row-major, black padding."""
-    n, h, w, _ = tiles.shape
-    cols = columns or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = tiles[i]
-    return grid
-
-
-def _save_png(path: Path, rgb: np.ndarray) -> Path:
-    from PIL import Image  # noqa: PLC0415
-
-    with atomic_output(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)  # zlib level 1: ~5x faster, ~8 % larger
-    return path
-
-
-def prompt_png_stack(
-    volume_hu,
-    mask,
-    out_dir: str | os.PathLike,
-    color: str | Sequence[int] = "red",
-    window: str | tuple[float, float] = "chest",
-    thickness: int = 3,
-    mode: BoundaryMode = "inner",
-    keep_largest: bool = True,
-    write_slices: bool = True,
-    montage: bool = True,
-    max_montage_tiles: int = 16,
-    prefix: str = "slice",
-) -> PromptPNGs:
-    """Write the human-visible prompt: HU-windowed grey slices with the coloured contour, and a montage.
-
-    One PNG per axial slice that carries a contour (``{prefix}_{d:04d}.png``) and ``{prefix}_montage.png`` with at
-    most ``max_montage_tiles`` evenly spaced contour slices (inferior first). Images keep the radiological view of
-    :mod:`ct_io` (patient's right on the image's left, anterior up). Files are written atomically.
-
-    Args:
-        volume_hu: (D, H, W) HU volume, numpy or torch.
-        mask: (D, H, W) ROI mask on the same grid.
-        out_dir: folder for the PNGs (created).
-        color: contour colour. window: display window (preset name or ``(low, high)`` HU).
-        thickness, mode, keep_largest: passed to :func:`boundary_mask`.
-        write_slices: write the per-slice PNGs. montage: write the montage.
-        max_montage_tiles: the montage's tile budget.
-        prefix: file name prefix.
-
-    Returns:
-        A :class:`PromptPNGs`. An empty ROI writes nothing and says so (``roi_empty=True``).
-    """
-    image, _ = _to_numpy(volume_hu)
-    roi, _ = _to_numpy(mask)
-    _check_3d(image, "volume")
-    if roi.shape != image.shape:
-        raise InvalidVolumeError("mask", f"mask shape {tuple(roi.shape)} differs from volume shape {image.shape}")
-    roi = roi.astype(bool, copy=False)
-    band = boundary_mask(roi, thickness, mode, keep_largest)
-    indices = np.flatnonzero(band.any(axis=(1, 2)))
-    roi_voxels = int(np.count_nonzero(roi))
-    covered = float(np.count_nonzero(band & roi) / roi_voxels) if roi_voxels else 0.0
-    if indices.size == 0:
-        return PromptPNGs(slices=[], montage=None, slice_indices=[], covered_fraction=0.0, roi_empty=True)
-
-    out_dir = Path(out_dir)
-    rgb = _overlay_rgb(image[indices], band[indices], window, color)  # (N, H, W, 3)
-    written = []
-    if write_slices:
-        written = [_save_png(out_dir / f"{prefix}_{d:04d}.png", tile) for d, tile in zip(indices, rgb, strict=True)]
-    montage_path = None
-    if montage:
-        count = min(max_montage_tiles, len(indices))
-        pick = np.unique(np.linspace(0, len(indices) - 1, num=count).round().astype(int))
-        montage_path = _save_png(out_dir / f"{prefix}_montage.png", _montage(rgb[pick]))
-    return PromptPNGs(
-        slices=written,
-        montage=montage_path,
-        slice_indices=indices.tolist(),
-        covered_fraction=covered,
-        roi_empty=False,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# MONAI-style dictionary wrappers
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class _MapTransform:
-    """Apply a transform to selected keys of a dict (MONAI's ``MapTransform`` contract, without MONAI)."""
-
-    def __init__(self, keys: Hashable | Sequence[Hashable], allow_missing_keys: bool = False) -> None:
-        self.keys = tuple(keys) if isinstance(keys, (list, tuple)) else (keys,)
-        self.allow_missing_keys = allow_missing_keys
-
-    def key_iterator(self, data: Mapping) -> Iterator[Hashable]:
-        for key in self.keys:
-            if key in data:
-                yield key
-            elif not self.allow_missing_keys:
-                raise KeyError(f"key {key!r} is not in the data ({sorted(map(str, data))}); allow_missing_keys=False")
-
-
-class WindowHUd(_MapTransform):
-    """Dictionary wrapper of :class:`WindowHU`."""
-
-    def __init__(self, keys, window: str | tuple[float, float] = "chest", dtype=np.float32, allow_missing_keys=False):
-        super().__init__(keys, allow_missing_keys)
-        self.transform = WindowHU(window, dtype)
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key])
-        return d
-
-
-class ResizeVolumed(_MapTransform):
-    """Dictionary wrapper of :class:`ResizeVolume`: images trilinear, ``mask_keys`` nearest-neighbour."""
-
-    def __init__(
-        self,
-        keys,
-        size: Sequence[int] = DEFAULT_SIZE,
-        mask_keys: Sequence[Hashable] = (),
-        dtype=np.float32,
-        allow_missing_keys=False,
-    ):
-        super().__init__(keys, allow_missing_keys)
-        self.image = ResizeVolume(size, is_mask=False, dtype=dtype)
-        self.mask = ResizeVolume(size, is_mask=True)
-        self.mask_keys = set(mask_keys)
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = (self.mask if key in self.mask_keys else self.image)(d[key])
-        return d
-
-
-class BoundaryMaskd(_MapTransform):
-    """Dictionary wrapper of :class:`BoundaryMask`; writes the band to ``{key}{suffix}``."""
-
-    def __init__(
-        self,
-        keys,
-        thickness: int = 3,
-        mode: BoundaryMode = "inner",
-        keep_largest: bool = True,
-        suffix: str = "_boundary",
-        allow_missing_keys=False,
-    ):
-        super().__init__(keys, allow_missing_keys)
-        self.transform = BoundaryMask(thickness, mode, keep_largest)
-        self.suffix = suffix
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[f"{key}{self.suffix}"] = self.transform(d[key])
-        return d
-
-
-class RenderPromptd(_MapTransform):
-    """Dictionary wrapper of :func:`render_prompt`: draws ``mask_key`` into each image key.
-
-    Also stores ``{key}_covered_fraction`` and ``{key}_roi_empty`` so a data pipeline can report occlusion and
-    empty ROIs. A missing ``mask_key`` (with ``allow_missing_keys``) draws nothing.
-    """
-
-    def __init__(self, keys, mask_key: Hashable = "mask", allow_missing_keys=False, **kwargs):
-        super().__init__(keys, allow_missing_keys)
-        self.mask_key = mask_key
-        self.kwargs = kwargs
-        RenderPrompt(**kwargs)  # validate settings early
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        if self.mask_key not in d and not self.allow_missing_keys:
-            raise KeyError(f"mask key {self.mask_key!r} is not in the data")
-        for key in self.key_iterator(d):
-            result = render_prompt(d[key], d.get(self.mask_key), **self.kwargs)
-            d[key] = result.pixel_values
-            d[f"{key}_covered_fraction"] = result.covered_fraction
-            d[f"{key}_roi_empty"] = result.roi_empty
-        return d

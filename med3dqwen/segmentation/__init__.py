@@ -11,24 +11,15 @@ volume's grid::
     result = source.get_mask(volume, "lung/lung/right lung/right lung upper lobe")
     result.mask, result.fallback, result.has_contour
 
-Names are translated between VISTA-3D, TotalSegmentator, RadGenome-ChestCT and RadLex by :class:`Vocabulary`
-(canonical keys are TotalSegmentator-style snake_case names). ``Vista3DSource`` needs ``monai`` (the ``seg`` extra)
-and is imported on first use.
+Names are translated between VISTA-3D, TotalSegmentator, RadGenome-ChestCT and RadLex by
+:class:`med3dqwen.anatomy.Vocabulary` (canonical keys are TotalSegmentator-style snake_case names).
+``Vista3DSource`` needs ``monai`` (the ``seg`` extra) and is imported on first use.
 """
 
 from .base import MaskResult, MaskSource, UnknownStructureError, UnsafePathError
 from .files import FLAT_LAYOUT, FOLDER_LAYOUT, RADGENOME_LAYOUT, PerStructureFileSource, Resolution
-from .labels import (
-    RADGENOME_REGIONS,
-    RADGENOME_SUBSET_LEAVES,
-    VISTA3D_EVERYTHING_LABELS,
-    VISTA3D_LABELS,
-    VISTA3D_SUBCLASS,
-    VISTA3D_SUPPORTED,
-)
 from .multilabel import MultilabelFileSource
 from .threshold import HUThresholdSource
-from .vocabulary import Vocabulary, VocabularyEntry, default_vocabulary
 
 
 __all__ = [
@@ -41,19 +32,10 @@ __all__ = [
     "MultilabelFileSource",
     "PerStructureFileSource",
     "RADGENOME_LAYOUT",
-    "RADGENOME_REGIONS",
-    "RADGENOME_SUBSET_LEAVES",
     "Resolution",
     "UnknownStructureError",
     "UnsafePathError",
-    "VISTA3D_EVERYTHING_LABELS",
-    "VISTA3D_LABELS",
-    "VISTA3D_SUBCLASS",
-    "VISTA3D_SUPPORTED",
     "Vista3DSource",
-    "Vocabulary",
-    "VocabularyEntry",
-    "default_vocabulary",
     "get_mask_source",
 ]
 

@@ -26,11 +26,11 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from med3dqwen.anatomy.labels import RADGENOME_NO_CONTOUR
+from med3dqwen.anatomy.vocabulary import Vocabulary, default_vocabulary
 from med3dqwen.processing.ct_io import CorruptFileError, CTVolume, load_mask
 
 from .base import MaskResult, MaskSource, UnknownStructureError, UnsafePathError, check_path_component, close_matches
-from .labels import RADGENOME_NO_CONTOUR
-from .vocabulary import Vocabulary, default_vocabulary
 
 
 __all__ = [

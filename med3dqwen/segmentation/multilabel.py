@@ -17,17 +17,12 @@ from typing import Literal
 
 import numpy as np
 
-from med3dqwen.processing.ct_io import (
-    TOTALSEGMENTATOR_V2_LABELS,
-    CorruptFileError,
-    CTVolume,
-    LabelMap,
-    load_label_map,
-)
+from med3dqwen.anatomy.labels import TOTALSEGMENTATOR_V2_LABELS
+from med3dqwen.anatomy.vocabulary import Vocabulary, default_vocabulary
+from med3dqwen.processing.ct_io import CorruptFileError, CTVolume, LabelMap, load_label_map
 
 from .base import MaskResult, MaskSource, UnknownStructureError, check_path_component, close_matches
 from .files import strip_image_suffix, volume_id_from_path
-from .vocabulary import Vocabulary, default_vocabulary
 
 
 __all__ = ["MultilabelFileSource"]

@@ -30,10 +30,10 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from med3dqwen.anatomy.vocabulary import Vocabulary, default_vocabulary
 from med3dqwen.processing.ct_io import CTVolume
 
 from .base import MaskResult, MaskSource, UnknownStructureError, close_matches
-from .vocabulary import Vocabulary, default_vocabulary
 
 
 __all__ = ["HUThresholdSource"]

@@ -37,11 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from med3dqwen.anatomy.labels import VISTA3D_EVERYTHING_LABELS, VISTA3D_LABELS, VISTA3D_SUBCLASS, VISTA3D_SUPPORTED
+from med3dqwen.anatomy.vocabulary import Vocabulary, default_vocabulary, name_key
 from med3dqwen.processing.ct_io import CorruptFileError, CTVolume
 
 from .base import MaskResult, MaskSource, UnknownStructureError, close_matches
-from .labels import VISTA3D_EVERYTHING_LABELS, VISTA3D_LABELS, VISTA3D_SUBCLASS, VISTA3D_SUPPORTED
-from .vocabulary import Vocabulary, default_vocabulary, name_key
 
 
 __all__ = [

@@ -2,23 +2,22 @@ import json
 
 import pytest
 
-from med3dqwen.data.radlex import RadLexNormalizer
+from med3dqwen.anatomy.radlex import RadLexNormalizer
 from med3dqwen.data.rewrite import (
-    RECORD_FIELDS,
     YES_NO_LABELS,
     RewriteConfig,
     RewrittenQA,
     build_record,
     closed_label,
     parse_vision_content,
-    read_jsonl,
     rewrite_answer,
     rewrite_qa,
     rewrite_question,
     system_prompt,
     vision_content,
-    write_jsonl,
 )
+from med3dqwen.data.schema import RECORD_FIELDS
+from med3dqwen.io import read_jsonl, write_jsonl
 
 
 RED_SYSTEM_PROMPT = (

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from med3dqwen.modeling.convert_med3dvlm import (
+from med3dqwen.convert_med3dvlm import (
     ENCODER_FILE,
     PROJECTOR_FILE,
     REPORT_FILE,

@@ -19,8 +19,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from med3dqwen.anatomy.labels import TOTALSEGMENTATOR_V2_LABELS
+from med3dqwen.io import atomic_output, save_nifti
 from med3dqwen.processing.ct_io import (
-    TOTALSEGMENTATOR_V2_LABELS,
     CorruptFileError,
     CTInputError,
     CTVolume,
@@ -28,10 +29,8 @@ from med3dqwen.processing.ct_io import (
     MaskMismatchError,
     UnknownLabelError,
     _label_table_from_header,
-    atomic_output,
     load_mask,
     load_volume,
-    save_nifti,
     standard_affine,
 )
 

@@ -9,16 +9,12 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from med3dqwen.io import prompt_png_stack
 from med3dqwen.processing import ct_transforms
 from med3dqwen.processing.ct_io import InvalidVolumeError, load_mask, load_volume
 from med3dqwen.processing.ct_transforms import (
-    BoundaryMaskd,
-    RenderPromptd,
-    ResizeVolumed,
-    WindowHUd,
     boundary_mask,
     parse_color,
-    prompt_png_stack,
     render_prompt,
     resize_mask,
     resize_volume,
@@ -456,33 +452,6 @@ def test_parse_color(color, rgb):
 def test_parse_color_rejects(color):
     with pytest.raises(ValueError):
         parse_color(color)
-
-
-def test_dictionary_pipeline():
-    hu = np.random.default_rng(0).normal(-500.0, 300.0, size=(6, 20, 22)).astype(np.float32)
-    mask = np.zeros(hu.shape, dtype=bool)
-    mask[2:5, 4:16, 6:18] = True
-    data = {"image": hu, "mask": mask, "id": "case-1"}
-    data = WindowHUd("image", window="chest")(data)
-    data = ResizeVolumed(["image", "mask"], size=(6, 40, 44), mask_keys=["mask"])(data)
-    assert data["image"].shape == data["mask"].shape == (6, 40, 44) and data["mask"].dtype == bool
-    data = BoundaryMaskd("mask", thickness=2)(data)
-    np.testing.assert_array_equal(data["mask_boundary"], boundary_mask(data["mask"], thickness=2))
-    data = RenderPromptd("image", mask_key="mask", thickness=2)(data)
-    assert data["image"].shape == (1, 6, 40, 44)
-    assert (data["image"][0][data["mask_boundary"]] == 1.0).all()
-    assert 0.0 < data["image_covered_fraction"] < 1.0 and data["image_roi_empty"] is False
-    assert data["id"] == "case-1"
-
-
-def test_dictionary_wrappers_missing_keys():
-    with pytest.raises(KeyError, match="label"):
-        WindowHUd("label")({"image": np.zeros(3)})
-    assert WindowHUd("label", allow_missing_keys=True)({"image": np.zeros(3)}).keys() == {"image"}
-    out = RenderPromptd("image", mask_key="mask", allow_missing_keys=True)({"image": np.zeros((2, 6, 6))})
-    assert out["image_roi_empty"] is True
-    with pytest.raises(KeyError, match="mask"):
-        RenderPromptd("image", mask_key="mask")({"image": np.zeros((2, 6, 6))})
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):

@@ -12,7 +12,8 @@ from transformers import AutoProcessor
 
 import med3dqwen  # noqa: F401  (registers the Auto classes)
 from med3dqwen import Med3DQwenConfig, Med3DQwenForConditionalGeneration
-from med3dqwen.processing.ct_io import CTInputError, save_nifti, standard_affine
+from med3dqwen.io import save_nifti
+from med3dqwen.processing.ct_io import CTInputError, standard_affine
 from med3dqwen.processing.image_processing_med3d_qwen import Med3DQwenImageProcessor
 from med3dqwen.processing.processing_med3d_qwen import IMAGE_BLOCK, Med3DQwenProcessor
 from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from med3dqwen.data.phantom import PhantomConfig, generate_phantom
+from med3dqwen.builders.phantom.generator import PhantomConfig, generate_phantom
 from med3dqwen.processing.ct_io import CTVolume, load_mask, load_volume
 from med3dqwen.segmentation import HUThresholdSource, UnknownStructureError
 

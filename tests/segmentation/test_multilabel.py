@@ -6,14 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from med3dqwen.processing.ct_io import (
-    CorruptFileError,
-    CTVolume,
-    MaskMismatchError,
-    load_mask,
-    load_volume,
-    save_nifti,
-)
+from med3dqwen.io import save_nifti
+from med3dqwen.processing.ct_io import CorruptFileError, CTVolume, MaskMismatchError, load_mask, load_volume
 from med3dqwen.segmentation import MultilabelFileSource, UnknownStructureError, get_mask_source
 from med3dqwen.segmentation import multilabel as multilabel_module
 

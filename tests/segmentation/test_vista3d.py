@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from med3dqwen.anatomy import VISTA3D_EVERYTHING_LABELS, VISTA3D_LABELS, VISTA3D_SUBCLASS, VISTA3D_SUPPORTED
 from med3dqwen.processing.ct_io import CorruptFileError, CTVolume, load_volume
-from med3dqwen.segmentation import (
-    VISTA3D_EVERYTHING_LABELS,
-    VISTA3D_LABELS,
-    VISTA3D_SUBCLASS,
-    VISTA3D_SUPPORTED,
-    UnknownStructureError,
-    get_mask_source,
-)
+from med3dqwen.segmentation import UnknownStructureError, get_mask_source
 from med3dqwen.segmentation.vista3d import VISTA3D_BUNDLE_DEFAULTS, Vista3DSource
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from med3dqwen.data.radlex import RADLEX_PREFERRED, RADLEX_TABLE, RadLexNormalizer
+from med3dqwen.anatomy.radlex import RADLEX_PREFERRED, RADLEX_TABLE, RadLexNormalizer
 
 
 TERM_CASES = [

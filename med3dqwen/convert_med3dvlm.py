@@ -3,14 +3,14 @@
 Usage::
 
     # DCFormer encoder from the contrastive (SigLIP) stage, for any decoder size
-    python -m med3dqwen.modeling.convert_med3dvlm --checkpoint path/to/DCFormer_SigLIP --output_dir converted/
+    python -m med3dqwen.convert_med3dvlm --checkpoint path/to/DCFormer_SigLIP --output_dir converted/
 
     # encoder + projector of the 7B VLM (the projector only fits hidden size 3584, Qwen2.5-7B)
-    python -m med3dqwen.modeling.convert_med3dvlm --checkpoint path/to/Med3DVLM-Qwen-2.5-7B \\
+    python -m med3dqwen.convert_med3dvlm --checkpoint path/to/Med3DVLM-Qwen-2.5-7B \\
         --output_dir converted/ --hidden_size 3584
 
     # two-channel stem for the ``channel`` prompt encoding (zero kernels for the contour channel)
-    python -m med3dqwen.modeling.convert_med3dvlm --checkpoint ... --output_dir ... --in_channels 2
+    python -m med3dqwen.convert_med3dvlm --checkpoint ... --output_dir ... --in_channels 2
 
 ``--checkpoint`` is a ``.bin`` / ``.pt`` (loaded with ``weights_only=True``), a ``.safetensors`` file, or a folder
 with ``model.safetensors(.index.json)`` / ``pytorch_model.bin(.index.json)``; sharded safetensors are read lazily,
@@ -47,10 +47,9 @@ from typing import Any
 
 import torch
 
-from med3dqwen.processing.ct_io import atomic_output
-
-from .dcformer_med3d_qwen import DCFORMER_PRESETS, Med3DQwenVisionEncoder, expand_stem_input_channels
-from .projector_med3d_qwen import Med3DQwenMultiModalProjector
+from med3dqwen.io import atomic_output
+from med3dqwen.modeling.dcformer_med3d_qwen import DCFORMER_PRESETS, Med3DQwenVisionEncoder, expand_stem_input_channels
+from med3dqwen.modeling.projector_med3d_qwen import Med3DQwenMultiModalProjector
 
 
 __all__ = ["ConversionResult", "convert_med3dvlm_checkpoint", "load_checkpoint_state_dict", "main"]

@@ -38,15 +38,13 @@ not depend on the shard count, so a different ``N`` on a re-run reuses finished 
 Writing a new builder (CT-RATE, M3D-VQA, PMC-VQA): subclass :class:`DatasetBuilder`; it must be picklable (a plain
 object holding its configuration, defined at module level) and ``process`` must depend only on the configuration
 and the unit (fresh RNGs and normalisers per unit) so that any worker gives the same bytes. See
-:mod:`med3dqwen.data.radgenome` for a full example and ``datasets_scripts/README.md`` for the command lines.
+:mod:`med3dqwen.builders.radgenome` for a full example and ``datasets_scripts/README.md`` for the command lines.
 """
 
 from __future__ import annotations
 
 import abc
-import argparse
 import contextlib
-import csv
 import hashlib
 import json
 import logging
@@ -56,24 +54,22 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
-from med3dqwen.data.cards import DatasetStats, render_dataset_card
-from med3dqwen.data.radlex import RadLexNormalizer
-from med3dqwen.data.rewrite import RECORD_FIELDS, RewriteConfig, build_record, read_jsonl, rewrite_qa
+from med3dqwen.builders.cards import DatasetStats, render_dataset_card
+from med3dqwen.builders.hub import push_dataset_to_hub
+from med3dqwen.data.rewrite import RewriteConfig
+from med3dqwen.data.schema import record_features
 from med3dqwen.data.splits import SPLIT_NAMES
-from med3dqwen.processing.ct_io import atomic_output
+from med3dqwen.io import atomic_output, read_jsonl, safe_relpath
 
 
 __all__ = [
-    "ANSWER_MODES",
-    "CHOICE_LETTERS",
-    "NA_VALUES",
     "PNG_MODES",
     "PROMPTS",
     "BuildArguments",
@@ -82,28 +78,19 @@ __all__ = [
     "DatasetBuilder",
     "Plan",
     "UnitResult",
-    "UnsafePathError",
-    "UpstreamCSV",
     "WorkUnit",
-    "choice_key",
     "link_folder",
     "merge_build",
-    "multiple_choice_records",
-    "parse_script_args",
-    "path_unit_id",
-    "print_summary",
-    "push_dataset_to_hub",
     "read_skipped",
     "read_unit",
-    "record_features",
     "rewrite_configs",
     "run_build",
-    "safe_relpath",
     "shard_of",
     "skip_entry",
     "stable_index",
     "write_prompt_pngs",
 ]
+
 
 logger = logging.getLogger(__name__)
 
@@ -119,44 +106,6 @@ _FORMAT_VERSION = 1
 
 class BuildError(RuntimeError):
     """A build cannot go on: ``--strict`` met a bad row, a merge found unfinished units, a configuration changed."""
-
-
-class UnsafePathError(ValueError):
-    """A path taken from upstream data (a CSV cell) is absolute or would leave its base folder."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Small helpers for builders
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def safe_relpath(*parts: str) -> str:
-    """Join path pieces from untrusted input into a relative POSIX path that stays inside its base folder.
-
-    Every ``/``-separated component must be non-empty and neither ``.`` nor ``..``; backslashes, NUL bytes, a
-    leading ``/`` and Windows drive prefixes (``C:``) are refused. Spaces and other characters are kept (RadGenome
-    mask names have spaces).
-
-    Args:
-        parts: path pieces, each may hold ``/`` separators (``"train_1/train_1a"``, ``"right lung.nii.gz"``).
-
-    Returns:
-        ``"a/b/c"``.
-
-    Raises:
-        UnsafePathError: naming the offending piece.
-    """
-    components: list[str] = []
-    for part in parts:
-        if not isinstance(part, str) or not part:
-            raise UnsafePathError(f"empty path component in {parts!r}")
-        if part.startswith("/") or re.match(r"^[A-Za-z]:", part) or "\\" in part or "\x00" in part:
-            raise UnsafePathError(f"absolute or malformed path {part!r}")
-        for component in part.split("/"):
-            if component in ("", ".", ".."):
-                raise UnsafePathError(f"path {part!r} has an empty, '.' or '..' component")
-            components.append(component)
-    return "/".join(components)
 
 
 def skip_entry(
@@ -227,7 +176,7 @@ def write_prompt_pngs(
         out_dir: the dataset folder. volume_id: sub-folder. name: file prefix (letters, digits, ``_``, ``-``).
         prompt: contour colour or ``none``. write_png: ``none`` | ``montage`` | ``stack``. thickness: contour px.
     """
-    from med3dqwen.processing.ct_transforms import prompt_png_stack  # noqa: PLC0415 (heavy import, only when used)
+    from med3dqwen.io import prompt_png_stack  # noqa: PLC0415 (heavy import, only when used)
 
     if write_png not in PNG_MODES:
         raise ValueError(f"write_png must be one of {PNG_MODES}, got {write_png!r}")
@@ -269,193 +218,6 @@ def link_folder(out_dir: str | os.PathLike, link: str, target: str | os.PathLike
     os.symlink(target, tmp, target_is_directory=True)
     os.replace(tmp, path)
     return path
-
-
-class UpstreamCSV:
-    """An upstream CSV, read exactly as published and streamed row by row; use it as a context manager.
-
-    The file is UTF-8 (a BOM is accepted), cells may be of any length, header names are stripped and columns are
-    looked up by name (``names``: the stripped header), so extra columns (a pandas index, ``Note``) do not matter::
-
-        with UpstreamCSV(path, COLUMNS) as table:
-            for number, source, values in table.rows(COLUMNS, skipped):
-                ...  # values["VolumeName"], stripped
-
-    Args:
-        path: the CSV file.
-        required: columns the header must have (checked at once; :meth:`require` checks more later).
-        expected: what the header should hold, for the error on an empty file (default: ``the columns <required>``).
-
-    Raises:
-        BuildError: the file is empty, or a required column is missing.
-    """
-
-    def __init__(self, path: str | os.PathLike, required: Sequence[str] = (), *, expected: str | None = None):
-        csv.field_size_limit(2**31 - 1)  # report texts are long
-        self.path = Path(path)
-        self._file = open(self.path, newline="", encoding="utf-8-sig")  # closed by __exit__, or below on an error
-        try:
-            self._reader = csv.reader(self._file)
-            header = next(self._reader, None)
-            if header is None:
-                raise BuildError(f"{self.path}: empty file, expected {expected or f'the columns {tuple(required)}'}")
-            self.names = [name.strip() for name in header]
-            self.require(required)
-        except BaseException:
-            self._file.close()
-            raise
-
-    def __enter__(self) -> UpstreamCSV:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._file.close()
-
-    def require(self, columns: Iterable[str]) -> None:
-        """Raise :class:`BuildError` naming the ``columns`` the header lacks (and what it has), if any."""
-        missing = [c for c in columns if c not in self.names]
-        if missing:
-            raise BuildError(f"{self.path}: missing columns {missing} (found {self.names})")
-
-    def ignored_columns(self, used: Iterable[str]) -> list[str]:
-        """The header names not in ``used``, in file order (``<unnamed>`` for a blank one), to name in the card."""
-        used = set(used)
-        return [name or "<unnamed>" for name in self.names if name not in used]
-
-    def rows(self, columns: Iterable[str], skipped: list[dict[str, Any]]) -> Iterator[tuple[int, str, dict[str, str]]]:
-        """The data rows as ``(number, source, values)``: ``number`` counts the rows after the header from 1,
-        ``source`` is ``"<file name>:<number>"`` and ``values`` maps each of ``columns`` to its stripped cell.
-        Blank lines are passed over; a line the ``csv`` module cannot parse, or with another number of fields than
-        the header, is appended to ``skipped`` as a ``malformed_row`` :func:`skip_entry` instead."""
-        index = {c: self.names.index(c) for c in columns}
-        number = 0
-        while True:
-            number += 1
-            source = f"{self.path.name}:{number}"
-            try:
-                cells = next(self._reader)
-            except StopIteration:
-                return
-            except csv.Error as err:  # the reader goes on with the next line
-                detail = f"unreadable CSV line {self._reader.line_num}: {err}"
-                skipped.append(skip_entry("malformed_row", detail, source=source))
-                continue
-            if not any(cell.strip() for cell in cells):
-                continue
-            if len(cells) != len(self.names):
-                detail = f"expected {len(self.names)} fields, got {len(cells)}"
-                skipped.append(skip_entry("malformed_row", detail, source=source))
-                continue
-            yield number, source, {c: cells[i].strip() for c, i in index.items()}
-
-
-def path_unit_id(path: str, stem: str) -> str:
-    """A file-name safe unit id for an upstream file: ``stem`` (its path without the suffix) with ``/`` → ``__``.
-    If other characters had to be replaced, or the id would not start with a letter or digit, it becomes
-    ``v<slug>-<first 8 hex digits of sha256(path)>``, so that two paths never share an id."""
-    joined = stem.replace("/", "__")
-    slug = re.sub(r"[^A-Za-z0-9._-]", "_", joined)
-    if slug != joined or not slug[:1].isalnum():
-        slug = f"v{slug}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
-    return slug
-
-
-def record_features(extra: Mapping[str, Any] | None = None):
-    """The ``datasets.Features`` of a JSONL record: ``messages`` + :data:`~med3dqwen.data.rewrite.RECORD_FIELDS`
-    (+ ``extra``, the builder's own fields). Written into the card so ``load_dataset`` uses exactly these types."""
-    import datasets  # noqa: PLC0415 (only the merge needs it)
-
-    string = datasets.Value("string")
-    features = {
-        "messages": datasets.List({"role": string, "content": string}),
-        "volume_path": string,
-        "mask_path": string,
-        "mask_source": string,
-        "roi": string,
-        "question_type": string,
-        "answer_type": string,
-        "closed_label": datasets.Value("int64"),
-        "split": string,
-        "patient_id": string,
-        "volume_id": string,
-        "roi_empty": datasets.Value("bool"),
-    }
-    if set(features) != {"messages", *RECORD_FIELDS}:  # keep in step with rewrite.RECORD_FIELDS
-        raise RuntimeError(f"record_features is out of date with RECORD_FIELDS {RECORD_FIELDS}")
-    clashes = sorted(set(extra or {}) & set(features))
-    if clashes:
-        raise ValueError(f"extra features {clashes} clash with the record's own fields")
-    features.update(extra or {})
-    return datasets.Features(features)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Multiple-choice questions (M3D-VQA, PMC-VQA)
-# ---------------------------------------------------------------------------------------------------------------
-
-CHOICE_LETTERS = "ABCD"
-"""The letters of the four choices; a letter's index is the ``closed_label``."""
-ANSWER_MODES = ("closed", "open", "both")
-"""``--mode`` values of the multiple-choice builders: which records :func:`multiple_choice_records` writes."""
-NA_VALUES = ("", "na", "n/a", "nan", "none", "null")
-"""Cell texts (compared lower-cased) that mean "no value" in the multiple-choice CSVs."""
-
-
-def choice_key(text: str) -> str:
-    """Comparison key of a choice or answer text: whitespace collapsed, case-folded, a final full stop dropped
-    (``" Pleural  effusion."`` and ``"pleural effusion"`` match)."""
-    return " ".join(text.split()).casefold().removesuffix(".").rstrip()
-
-
-def multiple_choice_records(
-    question: str,
-    choices: Sequence[str],
-    letter: str,
-    answer: str,
-    *,
-    mode: str,
-    config: RewriteConfig,
-    normalizer: RadLexNormalizer,
-    source: str,
-    **fields: Any,
-) -> list[dict[str, Any]]:
-    """The records of one multiple-choice row: the closed one, the open one, or both in that order (``mode``).
-
-    Closed: ``"<question> Choices: A. ... B. ... C. ... D. ..."`` (an empty choice is left out of the list but keeps
-    its letter), answer ``"<letter>. <choice>"``, ``closed_label`` = the letter's index (A = 0). Open: the question
-    alone, answer ``answer``. Both are rewritten with :func:`~med3dqwen.data.rewrite.rewrite_qa`.
-
-    Args:
-        question: the question stem. choices: the four choice texts, ``""`` for an empty one. letter: the correct
-            choice, one of :data:`CHOICE_LETTERS`. answer: the answer of the open record. (Texts as they should
-            appear, i.e. already normalised.)
-        mode: one of :data:`ANSWER_MODES`. config, normalizer: passed to ``rewrite_qa``.
-        source: the upstream row (``"file.csv:12"``), named in the error.
-        fields: the other keyword arguments of :func:`~med3dqwen.data.rewrite.build_record` (``volume_path``,
-            ``split``, ``extra``, ...), the same for both records.
-
-    Raises:
-        BuildError: the closed label is not the letter's index (cannot happen: the labels hold the letters).
-    """
-    index = CHOICE_LETTERS.index(letter)
-    pairs = []
-    if mode in ("closed", "both"):
-        listed = " ".join(f"{x}. {c}" for x, c in zip(CHOICE_LETTERS, choices, strict=True) if c)
-        labels = [f"{x}. {c or 'NA'}" for x, c in zip(CHOICE_LETTERS, choices, strict=True)]
-        qa = rewrite_qa(
-            f"{question} Choices: {listed}",
-            f"{letter}. {choices[index]}",
-            answer_type="closed",
-            choices=labels,
-            config=config,
-            normalizer=normalizer,
-        )
-        if qa.closed_label != index:
-            raise BuildError(f"{source}: closed label {qa.closed_label} != letter {letter}")
-        pairs.append(qa)
-    if mode in ("open", "both"):
-        pairs.append(rewrite_qa(question, answer, answer_type="open", config=config, normalizer=normalizer))
-    return [build_record(qa, **fields) for qa in pairs]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -544,7 +306,8 @@ class DatasetBuilder(abc.ABC):
 
     @abc.abstractmethod
     def card(self, summary: BuildSummary) -> dict[str, Any]:
-        """Keyword arguments of :func:`~med3dqwen.data.cards.render_dataset_card` besides the counts: ``pretty_name``,
+        """Keyword arguments of :func:`~med3dqwen.builders.cards.render_dataset_card` besides the counts:
+        ``pretty_name``,
         ``summary``, ``prompt_description``, ``source``, ``license``, ``citation``, and optionally ``notes``,
         ``files_description``, ``extra_fields``, ``tags``."""
 
@@ -813,7 +576,12 @@ def run_build(builder: DatasetBuilder, out_dir: str | os.PathLike, args: BuildAr
         merged.units_reused, merged.seconds = summary.units_reused, summary.seconds
         summary = merged
         if args.push_to_hub:
-            push_dataset_to_hub(out, args.hub_repo_id, private=args.hub_private, ignore=builder.hub_ignore_patterns)
+            push_dataset_to_hub(
+                out,
+                args.hub_repo_id,
+                private=args.hub_private,
+                ignore=[WORK_DIR, f"{WORK_DIR}/*", *builder.hub_ignore_patterns],
+            )
     logger.info("%s: done in %.1f s", builder.name, time.perf_counter() - start)
     return summary
 
@@ -906,33 +674,6 @@ def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan 
     return summary
 
 
-def push_dataset_to_hub(
-    out_dir: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool = True,
-    ignore: Sequence[str] = (),
-    token: str | None = None,
-) -> str:
-    """Upload a built dataset folder to a Hub dataset repo (created if needed); ``.work/`` is never uploaded.
-
-    Returns:
-        The URL of the commit.
-    """
-    from huggingface_hub import HfApi  # noqa: PLC0415
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo_id,
-        repo_type="dataset",
-        folder_path=str(out_dir),
-        ignore_patterns=[WORK_DIR, f"{WORK_DIR}/*", *ignore],
-        commit_message="Upload dataset built with Med3DQwen",
-    )
-    return str(getattr(info, "commit_url", info))
-
-
 def read_unit(out_dir: str | os.PathLike, unit_id: str) -> dict[str, Any]:
     """The finished result of one unit (``records``, ``skipped``, ``counters``), e.g. to inspect a volume."""
     return json.loads(_unit_path(Path(out_dir), unit_id).read_text(encoding="utf-8"))
@@ -941,72 +682,3 @@ def read_unit(out_dir: str | os.PathLike, unit_id: str) -> dict[str, Any]:
 def read_skipped(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The entries of ``skipped.jsonl``."""
     return read_jsonl(Path(out_dir) / "skipped.jsonl")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Build scripts (datasets_scripts/build_<name>.py)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The script's docstring as written, and every option's default."""
-
-
-def parse_script_args(script_arguments: type, description: str | None) -> tuple[Any, BuildArguments]:
-    """Parse a build script's command line into its ``ScriptArguments`` (the dataset's options, an
-    ``HfArgumentParser`` dataclass) and :class:`BuildArguments` (how to run); ``--help`` shows ``description`` (the
-    script's docstring) as written and every default.
-
-    Returns:
-        ``(script_args, build_args)``.
-    """
-    from transformers import HfArgumentParser  # noqa: PLC0415 (only the scripts need it)
-
-    parser = HfArgumentParser(
-        (script_arguments, BuildArguments), description=description, formatter_class=_HelpFormatter
-    )
-    script_args, build_args = parser.parse_args_into_dataclasses()
-    return script_args, build_args
-
-
-def print_summary(
-    summary: BuildSummary,
-    args: BuildArguments,
-    split_line: str,
-    *,
-    units: str = "volumes",
-    rate_units: str | None = None,
-    question_types: bool = False,
-    notes: Iterable[str] = (),
-) -> None:
-    """Print what a build script's run did: how many units it built and how fast; then, if it merged, the output
-    folder, one line per split, the question types, ``notes``, the skipped rows per reason and how to load it.
-
-    Args:
-        summary: what :func:`run_build` returned. args: the run's :class:`BuildArguments`.
-        split_line: the line of a split after its name, a format string with the fields ``questions``, ``volumes``
-            and ``patients`` (the split's counts), e.g. ``"{questions:8d} questions from {volumes:6d} volumes"``.
-        units: what a unit is called (``volumes``, ``images``, ...). rate_units: the same in the rate (default
-            ``units``).
-        question_types: print the number of questions per type.
-        notes: builder-specific lines (e.g. what was left out on purpose), printed after the question types.
-    """
-    if summary.units_processed:
-        print(
-            f"built {summary.units_processed} {units} in {summary.seconds:.1f} s "
-            f"({summary.volumes_per_minute:.1f} {rate_units or units}/min, {args.num_proc} processes)"
-        )
-    if not summary.merged:
-        print(f"shard {args.shard_index}/{args.num_shards} done; merge with --merge_only when all are")
-        return
-    print(f"wrote {summary.output_dir}")
-    for split, n in summary.questions.items():
-        counts = {"questions": n, "volumes": summary.volumes[split], "patients": summary.patients[split]}
-        print(f"  {split:<10} " + split_line.format(**counts))
-    if question_types:
-        print("  question types: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.question_types.items())))
-    for note in notes:
-        print(f"  {note}")
-    if summary.skipped:
-        print("  skipped rows: " + ", ".join(f"{k} {v}" for k, v in summary.skipped.items()) + " (skipped.jsonl)")
-    print(f'load it with: datasets.load_dataset("{summary.output_dir}")')

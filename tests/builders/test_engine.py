@@ -1,4 +1,4 @@
-"""Tests for the shared builder machinery (med3dqwen.data.builder): plan order, skips, resume, shards, processes."""
+"""Tests for the shared builder machinery (med3dqwen.builders.engine): plan order, skips, resume, shards, processes."""
 
 import json
 import os
@@ -13,24 +13,23 @@ import datasets
 import pytest
 from helpers import QUIET, REPO, file_tree, read_lines
 
-from med3dqwen.data import builder as builder_module
-from med3dqwen.data.builder import (
+from med3dqwen.builders import choices, cli, engine, hub, upstream
+from med3dqwen.builders.engine import (
     BuildArguments,
     BuildError,
     DatasetBuilder,
     Plan,
     UnitResult,
-    UnsafePathError,
     WorkUnit,
     link_folder,
     run_build,
-    safe_relpath,
     shard_of,
     skip_entry,
     stable_index,
 )
-from med3dqwen.data.phantom_dataset import PhantomBuildConfig, build_phantom_dataset
+from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, build_phantom_dataset
 from med3dqwen.data.rewrite import build_record, rewrite_qa
+from med3dqwen.io import UnsafePathError, safe_relpath
 
 
 SMALL = (32, 64, 64)
@@ -289,12 +288,14 @@ def test_killed_build_resumes_to_identical_output(tmp_path):
 
 
 def test_module_exports_are_documented():
-    for name in builder_module.__all__:
-        assert getattr(builder_module, name).__doc__, name
+    for module in (choices, cli, engine, hub, upstream):
+        for name in module.__all__:
+            assert getattr(module, name).__doc__, f"{module.__name__}.{name}"
 
 
 def test_upstream_csv_reads_by_name_and_skips_malformed_rows(tmp_path):
-    from med3dqwen.data.builder import BuildError, UpstreamCSV
+    from med3dqwen.builders.engine import BuildError
+    from med3dqwen.builders.upstream import UpstreamCSV
 
     path = tmp_path / "table.csv"
     # A BOM, padded header names, an extra column, a blank line and a row with a missing field.

@@ -38,7 +38,7 @@ Decisions (documented in ``datasets_scripts/README.md`` too):
   ``--push_to_hub`` never uploads ``source/`` (the licence forbids redistribution).
 - **Paths from CSVs are untrusted.** ``Volumename`` must match ``<split>_<pid>_<scan>_<recon>.nii.gz`` of the CSV's
   own split; ``Anatomy`` components must not be empty, ``.``, ``..``, absolute or hold backslashes
-  (:func:`~med3dqwen.data.builder.safe_relpath`); otherwise the row is skipped (``unsafe_path`` /
+  (:func:`~med3dqwen.builders.engine.safe_relpath`); otherwise the row is skipped (``unsafe_path`` /
   ``malformed_row``).
 - **Linking rule** (the official baseline's): head = first component of ``Anatomy``, leaf = last. Mask =
   ``anatomy_mask/seg_<volume>/<leaf>.nii.gz``; if that file is missing (or, our addition, empty or unreadable),
@@ -54,7 +54,7 @@ Decisions (documented in ``datasets_scripts/README.md`` too):
   remain for one finding become one question whose answer names every leaf ("In the right lung upper lobe and the
   left lung lower lobe."). Counts go to the card.
 - **Templates** (the CSVs hold no question text): our own small sets, :data:`TEMPLATES`, one chosen per row by
-  :func:`~med3dqwen.data.builder.stable_index` from ``(seed, volume, type, anatomy, content)``, so the choice does
+  :func:`~med3dqwen.builders.engine.stable_index` from ``(seed, volume, type, anatomy, content)``, so the choice does
   not depend on row order or worker. ``{region}`` is the anatomy leaf (RadLex-normalised by the rewriting, e.g.
   "right lung upper lobe" → "upper lobe of right lung"), ``{finding}`` the upstream text verbatim.
 - **Splits** are by patient (``train_<pid>`` / ``valid_<pid>``; ``train_7`` and ``valid_7`` are different people).
@@ -75,7 +75,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from med3dqwen.data.builder import (
+from med3dqwen.anatomy.labels import RADGENOME_NO_CONTOUR, RADGENOME_REGIONS
+from med3dqwen.anatomy.radlex import RadLexNormalizer
+from med3dqwen.builders.engine import (
     PNG_MODES,
     PROMPTS,
     BuildArguments,
@@ -84,21 +86,18 @@ from med3dqwen.data.builder import (
     DatasetBuilder,
     Plan,
     UnitResult,
-    UnsafePathError,
-    UpstreamCSV,
     WorkUnit,
     link_folder,
     rewrite_configs,
     run_build,
-    safe_relpath,
     skip_entry,
     stable_index,
     write_prompt_pngs,
 )
-from med3dqwen.data.radlex import RadLexNormalizer
+from med3dqwen.builders.upstream import UpstreamCSV
 from med3dqwen.data.rewrite import build_record, rewrite_qa
 from med3dqwen.data.splits import DEFAULT_RATIOS, assign_split
-from med3dqwen.segmentation.labels import RADGENOME_NO_CONTOUR, RADGENOME_REGIONS
+from med3dqwen.io import UnsafePathError, safe_relpath
 
 
 __all__ = [
@@ -841,7 +840,7 @@ class RadGenomeBuilder(DatasetBuilder):
                 "Grounded VQA from RadGenome-ChestCT (CT-RATE chest CT volumes with SAT organ masks): presence "
                 "(closed, Yes./No.), abnormality, location, size, case disorders and region report questions "
                 "(open), rewritten for slice-wise boundary prompting. Question text comes from our own templates "
-                "(`med3dqwen.data.radgenome.TEMPLATES`); answers are the upstream text."
+                "(`med3dqwen.builders.radgenome.TEMPLATES`); answers are the upstream text."
             ),
             "prompt_description": variant,
             "source": (
@@ -884,6 +883,6 @@ def build_radgenome_dataset(config: RadGenomeBuildConfig, args: BuildArguments |
         args: how to run (processes, shards, resume, strict, push).
 
     Returns:
-        A :class:`~med3dqwen.data.builder.BuildSummary`.
+        A :class:`~med3dqwen.builders.engine.BuildSummary`.
     """
     return run_build(RadGenomeBuilder(config), config.output_dir, args)

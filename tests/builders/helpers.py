@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from med3dqwen.data.builder import BuildArguments, DatasetBuilder
+from med3dqwen.builders.engine import BuildArguments, DatasetBuilder
 
 
 REPO = Path(__file__).resolve().parents[2]

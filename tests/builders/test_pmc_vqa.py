@@ -1,4 +1,4 @@
-"""Tests for the PMC-VQA builder (med3dqwen.data.pmc_vqa and datasets_scripts/build_pmc_vqa.py).
+"""Tests for the PMC-VQA builder (med3dqwen.builders.pmc_vqa and datasets_scripts/build_pmc_vqa.py).
 
 The fixtures are miniature PMC-VQA downloads built here with the real layouts and column names: a v2 root
 (``train_2.csv`` / ``test_2.csv`` with ``Caption``, letter answers, ``images_2/``) and a v1 root (``train.csv`` with
@@ -26,8 +26,8 @@ from helpers import (
 )
 from PIL import Image
 
-from med3dqwen.data.builder import BuildArguments, BuildError
-from med3dqwen.data.pmc_vqa import (
+from med3dqwen.builders.engine import BuildArguments, BuildError
+from med3dqwen.builders.pmc_vqa import (
     PMCVQABuildConfig,
     PMCVQABuilder,
     build_pmc_vqa_dataset,

@@ -6,10 +6,10 @@ already use, it is a valid identifier and file name, and it exists for every str
 for many dataset structures, e.g. RadGenome's "abdominal tissue"). Structures that TotalSegmentator lacks get a key in
 the same style: unions (``lung_left``, ``lung``, ``ribs``, ``vertebrae``, ``bone``, ``kidney``), RadGenome regions and
 leaves (``mediastinum``, ``thoracic_cavity``, ``heart_tissue``), VISTA-3D-only classes (``airway``, ``lung_tumor``).
-Each key carries its name in each source and its RadLex preferred name (from :mod:`med3dqwen.data.radlex`).
+Each key carries its name in each source and its RadLex preferred name (from :mod:`med3dqwen.anatomy.radlex`).
 
 Lookup accepts any of those names, case-insensitively and treating runs of spaces, ``_`` and ``-`` alike, plus the
-colloquial terms of :data:`~med3dqwen.data.radlex.RADLEX_TABLE` ("windpipe" → ``trachea``) and RadGenome ``Anatomy``
+colloquial terms of :data:`~med3dqwen.anatomy.radlex.RADLEX_TABLE` ("windpipe" → ``trachea``) and RadGenome ``Anatomy``
 paths (their leaf). Names the vocabulary does not know are never guessed: lookups return ``None`` and the name is
 counted in :attr:`Vocabulary.unmatched`.
 
@@ -26,10 +26,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from med3dqwen.data.radlex import RADLEX_TABLE, RadLexNormalizer
-from med3dqwen.processing.ct_io import TOTALSEGMENTATOR_V2_LABELS
-
-from .labels import RADGENOME_NO_CONTOUR, RADGENOME_REGIONS, RADGENOME_SUBSET_LEAVES, VISTA3D_LABELS
+from .labels import (
+    RADGENOME_NO_CONTOUR,
+    RADGENOME_REGIONS,
+    RADGENOME_SUBSET_LEAVES,
+    TOTALSEGMENTATOR_V2_LABELS,
+    VISTA3D_LABELS,
+)
+from .radlex import RADLEX_TABLE, RadLexNormalizer
 
 
 __all__ = ["SOURCES", "SourceName", "Vocabulary", "VocabularyEntry", "default_vocabulary", "name_key"]

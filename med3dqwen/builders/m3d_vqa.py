@@ -60,10 +60,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from med3dqwen.data.builder import (
-    ANSWER_MODES,
-    CHOICE_LETTERS,
-    NA_VALUES,
+from med3dqwen.anatomy.radlex import RadLexNormalizer
+from med3dqwen.builders.choices import ANSWER_MODES, CHOICE_LETTERS, NA_VALUES, choice_key, multiple_choice_records
+from med3dqwen.builders.engine import (
     PNG_MODES,
     PROMPTS,
     BuildArguments,
@@ -72,21 +71,16 @@ from med3dqwen.data.builder import (
     DatasetBuilder,
     Plan,
     UnitResult,
-    UnsafePathError,
-    UpstreamCSV,
     WorkUnit,
-    choice_key,
     link_folder,
-    multiple_choice_records,
-    path_unit_id,
     rewrite_configs,
     run_build,
-    safe_relpath,
     skip_entry,
     write_prompt_pngs,
 )
-from med3dqwen.data.radlex import RadLexNormalizer
+from med3dqwen.builders.upstream import UpstreamCSV, path_unit_id
 from med3dqwen.data.rewrite import RewriteConfig
+from med3dqwen.io import UnsafePathError, safe_relpath
 
 
 __all__ = [
@@ -172,7 +166,7 @@ def case_id(image_path: str) -> str:
 
 
 def _volume_id(image_path: str) -> str:
-    """File-name safe id of an image: :func:`~med3dqwen.data.builder.path_unit_id` of its path without ``.npy``."""
+    """File-name safe id of an image: :func:`~med3dqwen.builders.engine.path_unit_id` of its path without ``.npy``."""
     stem = image_path[: -len(".npy")] if image_path.lower().endswith(".npy") else image_path
     return path_unit_id(image_path, stem)
 
@@ -240,7 +234,7 @@ def read_vqa_csv(path: Path, split: str) -> tuple[list[Row], list[dict[str, Any]
 
 @functools.lru_cache(maxsize=1)
 def _structure_pattern() -> re.Pattern[str]:
-    from med3dqwen.segmentation import default_vocabulary  # noqa: PLC0415
+    from med3dqwen.anatomy import default_vocabulary  # noqa: PLC0415
 
     names: set[str] = set()
     for entry in default_vocabulary().entries.values():
@@ -373,7 +367,8 @@ class _Masks:
         return self.done[structure]
 
     def _get(self, structure: str) -> tuple[str, tuple[str, str, list[str]] | None]:
-        from med3dqwen.processing.ct_io import CTInputError, MaskMismatchError, save_nifti  # noqa: PLC0415
+        from med3dqwen.io import save_nifti  # noqa: PLC0415
+        from med3dqwen.processing.ct_io import CTInputError, MaskMismatchError  # noqa: PLC0415
         from med3dqwen.segmentation import UnknownStructureError  # noqa: PLC0415
 
         try:
@@ -696,6 +691,6 @@ def build_m3d_vqa_dataset(config: M3DVQABuildConfig, args: BuildArguments | None
         args: how to run (processes, shards, resume, strict, push).
 
     Returns:
-        A :class:`~med3dqwen.data.builder.BuildSummary`.
+        A :class:`~med3dqwen.builders.engine.BuildSummary`.
     """
     return run_build(M3DVQABuilder(config), config.output_dir, args)

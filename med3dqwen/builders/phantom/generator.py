@@ -61,7 +61,8 @@ from pathlib import Path
 
 import numpy as np
 
-from med3dqwen.processing.ct_io import atomic_output, save_nifti, standard_affine
+from med3dqwen.io import atomic_output, save_nifti
+from med3dqwen.processing.ct_io import standard_affine
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Tests for the phantom dataset builder (med3dqwen.data.phantom_dataset and datasets_scripts/build_phantom.py)."""
+"""Tests for the phantom dataset builder (med3dqwen.builders.phantom.dataset and datasets_scripts/build_phantom.py)."""
 
 from pathlib import Path
 
@@ -8,8 +8,8 @@ import pytest
 from helpers import read_records, run_script
 from PIL import Image
 
-from med3dqwen.data.builder import BuildArguments
-from med3dqwen.data.phantom_dataset import PhantomBuildConfig, build_phantom_dataset, volume_seed
+from med3dqwen.builders.engine import BuildArguments
+from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, build_phantom_dataset, volume_seed
 from med3dqwen.data.rewrite import parse_vision_content, system_prompt
 from med3dqwen.processing.ct_io import load_mask, load_volume
 

@@ -1,4 +1,4 @@
-"""Tests for the RadGenome-ChestCT builder (med3dqwen.data.radgenome and datasets_scripts/build_radgenome.py).
+"""Tests for the RadGenome-ChestCT builder (med3dqwen.builders.radgenome and datasets_scripts/build_radgenome.py).
 
 The fixture is a miniature RadGenome-ChestCT download built here with the real layout and column names: upstream
 train volumes are a 32x64x64 phantom (masks renamed to RadGenome leaves), the upstream validation volume is the real
@@ -25,9 +25,9 @@ from helpers import (
     write_csv,
 )
 
-from med3dqwen.data.builder import BuildArguments, BuildError, UnsafePathError
-from med3dqwen.data.phantom import PhantomConfig, generate_phantom
-from med3dqwen.data.radgenome import (
+from med3dqwen.builders.engine import BuildArguments, BuildError
+from med3dqwen.builders.phantom.generator import PhantomConfig, generate_phantom
+from med3dqwen.builders.radgenome import (
     RadGenomeBuildConfig,
     RadGenomeBuilder,
     Row,
@@ -39,7 +39,8 @@ from med3dqwen.data.radgenome import (
 )
 from med3dqwen.data.rewrite import parse_vision_content, system_prompt
 from med3dqwen.data.splits import assign_split
-from med3dqwen.processing.ct_io import load_mask, load_volume, save_nifti
+from med3dqwen.io import UnsafePathError, save_nifti
+from med3dqwen.processing.ct_io import load_mask, load_volume
 
 
 TRAIN_PATIENTS = ("train_1", "train_2", "train_3", "train_4")

@@ -2,15 +2,10 @@
 
 import pytest
 
-from med3dqwen.data.radlex import RADLEX_PREFERRED, RADLEX_TABLE, RadLexNormalizer
-from med3dqwen.processing.ct_io import TOTALSEGMENTATOR_V2_LABELS
-from med3dqwen.segmentation import (
-    RADGENOME_REGIONS,
-    RADGENOME_SUBSET_LEAVES,
-    VISTA3D_LABELS,
-    Vocabulary,
-)
-from med3dqwen.segmentation.vocabulary import name_key
+from med3dqwen.anatomy import RADGENOME_REGIONS, RADGENOME_SUBSET_LEAVES, VISTA3D_LABELS, Vocabulary
+from med3dqwen.anatomy.labels import TOTALSEGMENTATOR_V2_LABELS
+from med3dqwen.anatomy.radlex import RADLEX_PREFERRED, RADLEX_TABLE, RadLexNormalizer
+from med3dqwen.anatomy.vocabulary import name_key
 
 
 # VISTA-3D classes without a TotalSegmentator ``total`` class of the same meaning (checked by hand).

@@ -1,4 +1,4 @@
-"""Tests for the CT-RATE report builder (med3dqwen.data.ctrate and datasets_scripts/build_ctrate_reports.py).
+"""Tests for the CT-RATE report builder (med3dqwen.builders.ctrate and datasets_scripts/build_ctrate_reports.py).
 
 The fixture is a miniature CT-RATE download built here with the real layout and column names: tiny NIfTI volumes with
 blank headers (raw values = HU + 1024, as the originals: the slope / intercept and spacing live in the metadata CSV),
@@ -26,8 +26,7 @@ from helpers import (
     write_csv,
 )
 
-from med3dqwen.data.builder import BuildArguments, BuildError
-from med3dqwen.data.ctrate import (
+from med3dqwen.builders.ctrate import (
     TEMPLATES,
     CTRateBuildConfig,
     CTRateBuilder,
@@ -36,6 +35,7 @@ from med3dqwen.data.ctrate import (
     parse_spacing,
     read_name_list,
 )
+from med3dqwen.builders.engine import BuildArguments, BuildError
 from med3dqwen.data.rewrite import parse_vision_content, system_prompt
 from med3dqwen.data.splits import assign_split
 from med3dqwen.processing.ct_io import load_volume

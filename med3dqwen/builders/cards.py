@@ -11,7 +11,7 @@ from typing import Any
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from med3dqwen.data.splits import SPLIT_NAMES
-from med3dqwen.processing.ct_io import atomic_output
+from med3dqwen.io import atomic_output
 
 
 __all__ = ["CARD_TEMPLATE", "PAPER_CITATION", "DatasetStats", "render_dataset_card"]

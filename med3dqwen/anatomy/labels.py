@@ -1,5 +1,7 @@
-"""Label tables of the mask sources: VISTA-3D's class ids and RadGenome-ChestCT's mask names (facts, no code).
+"""Label tables of the mask sources (facts, no code): TotalSegmentator v2's and VISTA-3D's class ids,
+RadGenome-ChestCT's mask names.
 
+- :data:`TOTALSEGMENTATOR_V2_LABELS`: TotalSegmentator v2's ``total`` task, ids 1-117 (its ``class_map``).
 - :data:`VISTA3D_LABELS`: the global class index of the MONAI VISTA-3D bundle (``vista3d``, model-zoo
   ``models/vista3d/configs/metadata.json`` → ``network_data_format.outputs.pred.channel_def``, bundle 0.5.4-0.6.0;
   the same ids as the bundle's ``docs/labels.json`` = MONAI tutorials ``vista_3d/label_dict.json``). 132 ids; the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 
 __all__ = [
+    "TOTALSEGMENTATOR_V2_LABELS",
     "RADGENOME_NO_CONTOUR",
     "RADGENOME_REGIONS",
     "RADGENOME_SUBSET_LEAVES",
@@ -23,6 +26,32 @@ __all__ = [
     "VISTA3D_SUBCLASS",
     "VISTA3D_SUPPORTED",
 ]
+
+
+def _totalsegmentator_v2_names() -> tuple[str, ...]:
+    """Class names of TotalSegmentator v2's ``total`` task, in label-id order (ids 1-117)."""
+    head = (
+        "spleen kidney_right kidney_left gallbladder liver stomach pancreas adrenal_gland_right adrenal_gland_left "
+        "lung_upper_lobe_left lung_lower_lobe_left lung_upper_lobe_right lung_middle_lobe_right lung_lower_lobe_right "
+        "esophagus trachea thyroid_gland small_bowel duodenum colon urinary_bladder prostate kidney_cyst_left "
+        "kidney_cyst_right sacrum"
+    ).split()
+    vertebrae = ["S1", *(f"L{i}" for i in range(5, 0, -1)), *(f"T{i}" for i in range(12, 0, -1))]
+    vertebrae += [f"C{i}" for i in range(7, 0, -1)]
+    middle = (
+        "heart aorta pulmonary_vein brachiocephalic_trunk subclavian_artery_right subclavian_artery_left "
+        "common_carotid_artery_right common_carotid_artery_left brachiocephalic_vein_left brachiocephalic_vein_right "
+        "atrial_appendage_left superior_vena_cava inferior_vena_cava portal_vein_and_splenic_vein iliac_artery_left "
+        "iliac_artery_right iliac_vena_left iliac_vena_right humerus_left humerus_right scapula_left scapula_right "
+        "clavicula_left clavicula_right femur_left femur_right hip_left hip_right spinal_cord gluteus_maximus_left "
+        "gluteus_maximus_right gluteus_medius_left gluteus_medius_right gluteus_minimus_left gluteus_minimus_right "
+        "autochthon_left autochthon_right iliopsoas_left iliopsoas_right brain skull"
+    ).split()
+    ribs = [f"rib_{side}_{i}" for side in ("left", "right") for i in range(1, 13)]
+    return (*head, *(f"vertebrae_{v}" for v in vertebrae), *middle, *ribs, "sternum", "costal_cartilages")
+
+
+TOTALSEGMENTATOR_V2_LABELS: dict[int, str] = dict(enumerate(_totalsegmentator_v2_names(), start=1))
 
 
 def _vista3d_labels() -> dict[int, str]:

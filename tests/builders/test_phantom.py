@@ -5,7 +5,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from med3dqwen.data.phantom import (
+from med3dqwen.anatomy.labels import TOTALSEGMENTATOR_V2_LABELS
+from med3dqwen.builders.phantom.generator import (
     ANATOMY_NAMES,
     ANATOMY_PATHS,
     DEFAULT_FOV_MM,
@@ -15,7 +16,7 @@ from med3dqwen.data.phantom import (
     generate_phantom,
     generate_questions,
 )
-from med3dqwen.processing.ct_io import TOTALSEGMENTATOR_V2_LABELS, load_mask, load_volume, standard_affine
+from med3dqwen.processing.ct_io import load_mask, load_volume, standard_affine
 
 
 SMALL = (32, 64, 64)

@@ -64,10 +64,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from med3dqwen.data.builder import (
-    ANSWER_MODES,
-    CHOICE_LETTERS,
-    NA_VALUES,
+from med3dqwen.anatomy.radlex import RadLexNormalizer
+from med3dqwen.builders.choices import ANSWER_MODES, CHOICE_LETTERS, NA_VALUES, choice_key, multiple_choice_records
+from med3dqwen.builders.engine import (
     PROMPTS,
     BuildArguments,
     BuildError,
@@ -75,22 +74,16 @@ from med3dqwen.data.builder import (
     DatasetBuilder,
     Plan,
     UnitResult,
-    UnsafePathError,
-    UpstreamCSV,
     WorkUnit,
-    choice_key,
     link_folder,
-    multiple_choice_records,
-    path_unit_id,
     rewrite_configs,
     run_build,
-    safe_relpath,
     skip_entry,
 )
-from med3dqwen.data.radlex import RadLexNormalizer
+from med3dqwen.builders.upstream import UpstreamCSV, path_unit_id
 from med3dqwen.data.rewrite import RewriteConfig
 from med3dqwen.data.splits import assign_split
-from med3dqwen.processing.ct_io import atomic_output
+from med3dqwen.io import UnsafePathError, atomic_output, safe_relpath
 
 
 __all__ = [
@@ -531,7 +524,7 @@ class PMCVQABuilder(DatasetBuilder):
             figures = counters.get("filtered figures", {})
             excluded = "; ".join(f"{r}: {rows[r]} rows ({figures[r]} figures)" for r in FILTER_REASONS if r in rows)
             notes.append(
-                f"CT filter (`med3dqwen.data.pmc_vqa.ct_filter`, on each figure's caption, questions and correct "
+                f"CT filter (`med3dqwen.builders.pmc_vqa.ct_filter`, on each figure's caption, questions and correct "
                 f"answers): kept {kept.get('kept figures', 0)} figures ({kept.get('kept rows', 0)} rows); left out "
                 f"{excluded or 'nothing'}. Left-out figures are listed in `filtered.jsonl` (not `skipped.jsonl`)."
             )
@@ -602,6 +595,6 @@ def build_pmc_vqa_dataset(config: PMCVQABuildConfig, args: BuildArguments | None
         args: how to run (processes, shards, resume, strict, push).
 
     Returns:
-        A :class:`~med3dqwen.data.builder.BuildSummary`.
+        A :class:`~med3dqwen.builders.engine.BuildSummary`.
     """
     return run_build(PMCVQABuilder(config), config.output_dir, args)

@@ -21,13 +21,13 @@ Decisions (documented in ``datasets_scripts/README.md`` too):
   from its lowest-numbered reconstruction whose file exists (normally ``_1``; the next one when that file is
   missing); ``reconstructions="all"`` keeps one record per reconstruction (same patient, so never across splits).
 - **The question** is a report request from :data:`TEMPLATES` (one set per ``report_sections``), chosen per volume
-  with :func:`~med3dqwen.data.builder.stable_index` from ``(seed, volume id)``. **The answer** is the report text:
+  with :func:`~med3dqwen.builders.engine.stable_index` from ``(seed, volume id)``. **The answer** is the report text:
   ``report_sections="findings_impressions"`` (default) gives ``"Findings: <Findings_EN>\\nImpression:
   <Impressions_EN>"`` (the impression line is left out when upstream has none); ``"findings"`` gives the findings
   text alone. Empty, ``nan`` and CT-RATE's ``Not given.`` count as missing; a row without findings is skipped
   (``empty_report``). Anatomy terms are RadLex-normalised like every other builder (``normalize_anatomy``).
 - **Whole volume, so no contour.** A report is about the whole scan: no mask, no ROI, and the no-prompt wording and
-  system prompt in every build (:func:`~med3dqwen.data.builder.rewrite_configs`, as RadGenome's whole-volume
+  system prompt in every build (:func:`~med3dqwen.builders.engine.rewrite_configs`, as RadGenome's whole-volume
   questions); ``--prompt`` is accepted for a uniform command line and recorded, and changes nothing.
 - **HU and spacing.** The original NIfTI files have blank headers: no spacing, no slope / intercept. The builder does
   not rewrite 25k volumes by default; it records per record what a reader must apply to the values that
@@ -45,7 +45,7 @@ Decisions (documented in ``datasets_scripts/README.md`` too):
   ``implausible_hu`` in the card and logged, but kept.
 - **Splits** by patient (``train_<pid>`` / ``valid_<pid>``): upstream ``valid`` is our ``test``; our
   ``validation`` (dev) is carved from upstream ``train`` by patient hash, exactly as
-  :mod:`~med3dqwen.data.radgenome` does (:func:`~med3dqwen.data.radgenome.split_probabilities`).
+  :mod:`~med3dqwen.builders.radgenome` does (:func:`~med3dqwen.builders.radgenome.split_probabilities`).
 - **Not chest.** Volumes listed in ``no_chest_{train,valid}.txt`` (a line may name a volume, with or without
   ``.nii.gz``, or a scan) are left out on purpose: they are counted in the card and listed in ``filtered.jsonl``
   (same line format as ``skipped.jsonl``), not in ``skipped.jsonl``, so that ``--strict`` still means "stop at bad
@@ -70,7 +70,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from med3dqwen.data.builder import (
+from med3dqwen.anatomy.radlex import RadLexNormalizer
+from med3dqwen.builders.engine import (
     PROMPTS,
     BuildArguments,
     BuildError,
@@ -78,8 +79,6 @@ from med3dqwen.data.builder import (
     DatasetBuilder,
     Plan,
     UnitResult,
-    UnsafePathError,
-    UpstreamCSV,
     WorkUnit,
     link_folder,
     rewrite_configs,
@@ -87,10 +86,11 @@ from med3dqwen.data.builder import (
     skip_entry,
     stable_index,
 )
-from med3dqwen.data.radgenome import VolumeName, parse_volume_name, split_probabilities
-from med3dqwen.data.radlex import RadLexNormalizer
+from med3dqwen.builders.radgenome import VolumeName, parse_volume_name, split_probabilities
+from med3dqwen.builders.upstream import UpstreamCSV
 from med3dqwen.data.rewrite import RewriteConfig, build_record, rewrite_qa
 from med3dqwen.data.splits import DEFAULT_RATIOS, assign_split
+from med3dqwen.io import UnsafePathError
 
 
 __all__ = [
@@ -349,7 +349,7 @@ class CTRateBuildConfig:
         prompt: recorded only: reports are whole-volume questions, never prompted (see the module docstring).
         seed: template choice and dev-split hash.
         split_ratios: target (train, validation, test) patient fractions; see
-            :func:`~med3dqwen.data.radgenome.split_probabilities`.
+            :func:`~med3dqwen.builders.radgenome.split_probabilities`.
         split_mode: ``upstream`` (test = upstream valid) or ``overall`` (ratios over all patients).
         reconstructions: ``first`` (one record per scan) or ``all`` (one per reconstruction).
         report_sections: ``findings_impressions`` or ``findings``.
@@ -539,12 +539,8 @@ class CTRateBuilder(DatasetBuilder):
     def process(self, unit: WorkUnit, out_dir: Path) -> UnitResult:
         import nibabel as nib  # noqa: PLC0415
 
-        from med3dqwen.processing.ct_io import (  # noqa: PLC0415
-            CTInputError,
-            load_volume,
-            save_nifti,
-            standard_affine,
-        )
+        from med3dqwen.io import save_nifti
+        from med3dqwen.processing.ct_io import CTInputError, load_volume, standard_affine
 
         cfg = self.cfg
         candidates: list[_Candidate] = unit.payload
@@ -750,7 +746,7 @@ class CTRateBuilder(DatasetBuilder):
             "pretty_name": "CT-RATE report generation (Med3DQwen build)",
             "summary": (
                 "Report generation on CT-RATE chest CT volumes: one question per scan, a report request from our own "
-                f"templates (`med3dqwen.data.ctrate.TEMPLATES`), answered by the upstream report: {answer} "
+                f"templates (`med3dqwen.builders.ctrate.TEMPLATES`), answered by the upstream report: {answer} "
                 + ("(anatomy terms RadLex-normalised)." if cfg.normalize_anatomy else "(upstream text as is).")
             ),
             "prompt_description": (
@@ -796,6 +792,6 @@ def build_ctrate_dataset(config: CTRateBuildConfig, args: BuildArguments | None 
         args: how to run (processes, shards, resume, strict, push).
 
     Returns:
-        A :class:`~med3dqwen.data.builder.BuildSummary`.
+        A :class:`~med3dqwen.builders.engine.BuildSummary`.
     """
     return run_build(CTRateBuilder(config), config.output_dir, args)

@@ -1,4 +1,4 @@
-"""Tests for the M3D-VQA builder (med3dqwen.data.m3d_vqa and datasets_scripts/build_m3d_vqa.py).
+"""Tests for the M3D-VQA builder (med3dqwen.builders.m3d_vqa and datasets_scripts/build_m3d_vqa.py).
 
 The fixture is a miniature M3D-VQA + M3D-Cap download built here with the real layout and column names: the three
 CSVs (the test one with its extra ``Note`` column), small (1, 8, 32, 32) ``.npy`` images in [0, 1] under
@@ -24,16 +24,11 @@ from helpers import (
     write_csv,
 )
 
-from med3dqwen.data.builder import BuildArguments, BuildError
-from med3dqwen.data.m3d_vqa import (
-    M3DVQABuildConfig,
-    M3DVQABuilder,
-    build_m3d_vqa_dataset,
-    case_id,
-    find_structure,
-)
+from med3dqwen.builders.engine import BuildArguments, BuildError
+from med3dqwen.builders.m3d_vqa import M3DVQABuildConfig, M3DVQABuilder, build_m3d_vqa_dataset, case_id, find_structure
 from med3dqwen.data.rewrite import parse_vision_content, system_prompt
-from med3dqwen.processing.ct_io import load_mask, save_nifti
+from med3dqwen.io import save_nifti
+from med3dqwen.processing.ct_io import load_mask
 
 
 HEADER = [
