@@ -27,7 +27,7 @@ def parse_script_args(script_arguments: type, description: str | None) -> tuple[
     Returns:
         ``(script_args, build_args)``.
     """
-    from transformers import HfArgumentParser  # noqa: PLC0415 (only the scripts need it)
+    from transformers import HfArgumentParser
 
     parser = HfArgumentParser(
         (script_arguments, BuildArguments), description=description, formatter_class=_HelpFormatter

@@ -444,7 +444,7 @@ class CTRateBuilder(DatasetBuilder):
         return values
 
     def extra_features(self) -> dict[str, Any]:
-        import datasets  # noqa: PLC0415
+        import datasets
 
         return {
             "reconstruction": datasets.Value("int64"),
@@ -537,7 +537,7 @@ class CTRateBuilder(DatasetBuilder):
     # -- processing ------------------------------------------------------------------------------------------------
 
     def process(self, unit: WorkUnit, out_dir: Path) -> UnitResult:
-        import nibabel as nib  # noqa: PLC0415
+        import nibabel as nib
 
         from med3dqwen.io import save_nifti
         from med3dqwen.processing.ct_io import CTInputError, load_volume, standard_affine

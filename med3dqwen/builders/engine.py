@@ -176,7 +176,7 @@ def write_prompt_pngs(
         out_dir: the dataset folder. volume_id: sub-folder. name: file prefix (letters, digits, ``_``, ``-``).
         prompt: contour colour or ``none``. write_png: ``none`` | ``montage`` | ``stack``. thickness: contour px.
     """
-    from med3dqwen.io import prompt_png_stack  # noqa: PLC0415 (heavy import, only when used)
+    from med3dqwen.io import prompt_png_stack
 
     if write_png not in PNG_MODES:
         raise ValueError(f"write_png must be one of {PNG_MODES}, got {write_png!r}")
@@ -505,7 +505,7 @@ def _worker_build(unit: WorkUnit) -> str:
 
 
 def _process_units(builder: DatasetBuilder, out: Path, units: Sequence[WorkUnit], args: BuildArguments) -> None:
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from tqdm.auto import tqdm
 
     if not units:
         return

@@ -24,7 +24,7 @@ def push_dataset_to_hub(
     Returns:
         The URL of the commit.
     """
-    from huggingface_hub import HfApi  # noqa: PLC0415
+    from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)

@@ -234,7 +234,7 @@ def read_vqa_csv(path: Path, split: str) -> tuple[list[Row], list[dict[str, Any]
 
 @functools.lru_cache(maxsize=1)
 def _structure_pattern() -> re.Pattern[str]:
-    from med3dqwen.anatomy import default_vocabulary  # noqa: PLC0415
+    from med3dqwen.anatomy import default_vocabulary
 
     names: set[str] = set()
     for entry in default_vocabulary().entries.values():
@@ -337,8 +337,8 @@ class _Masks:
     """The mask source of one image: each structure is looked up, written and drawn once."""
 
     def __init__(self, cfg: M3DVQABuildConfig, unit: WorkUnit, image: np.ndarray, out_dir: Path):
-        from med3dqwen.processing.ct_io import CTVolume  # noqa: PLC0415
-        from med3dqwen.segmentation import (  # noqa: PLC0415
+        from med3dqwen.processing.ct_io import CTVolume
+        from med3dqwen.segmentation import (
             FLAT_LAYOUT,
             HUThresholdSource,
             MultilabelFileSource,
@@ -367,9 +367,9 @@ class _Masks:
         return self.done[structure]
 
     def _get(self, structure: str) -> tuple[str, tuple[str, str, list[str]] | None]:
-        from med3dqwen.io import save_nifti  # noqa: PLC0415
-        from med3dqwen.processing.ct_io import CTInputError, MaskMismatchError  # noqa: PLC0415
-        from med3dqwen.segmentation import UnknownStructureError  # noqa: PLC0415
+        from med3dqwen.io import save_nifti
+        from med3dqwen.processing.ct_io import CTInputError, MaskMismatchError
+        from med3dqwen.segmentation import UnknownStructureError
 
         try:
             result = self.source.get_mask(self.volume, structure)
@@ -418,7 +418,7 @@ class M3DVQABuilder(DatasetBuilder):
         return values
 
     def extra_features(self) -> dict[str, Any]:
-        import datasets  # noqa: PLC0415
+        import datasets
 
         return {
             "choices": datasets.List(datasets.Value("string")),

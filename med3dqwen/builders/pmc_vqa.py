@@ -355,7 +355,7 @@ class PMCVQABuilder(DatasetBuilder):
         return values
 
     def extra_features(self) -> dict[str, Any]:
-        import datasets  # noqa: PLC0415
+        import datasets
 
         string = datasets.Value("string")
         return {
@@ -438,7 +438,7 @@ class PMCVQABuilder(DatasetBuilder):
     # -- processing ------------------------------------------------------------------------------------------------
 
     def process(self, unit: WorkUnit, out_dir: Path) -> UnitResult:
-        from PIL import Image  # noqa: PLC0415
+        from PIL import Image
 
         cfg = self.cfg
         figure, rows, evidence = unit.payload

@@ -550,7 +550,7 @@ class _Masks:
         return self.checked[key]
 
     def _check(self, kind: str, name: str) -> tuple[str, str, list[str]]:
-        from med3dqwen.processing.ct_io import CTInputError, MaskMismatchError, load_mask  # noqa: PLC0415
+        from med3dqwen.processing.ct_io import CTInputError, MaskMismatchError, load_mask
 
         folder = f"{self.volume.prefix}_{kind}_mask"
         rel = safe_relpath(f"seg_{self.volume.volume_id}", f"{name}.nii.gz")
@@ -605,7 +605,7 @@ class RadGenomeBuilder(DatasetBuilder):
         return values
 
     def extra_features(self) -> dict[str, Any]:
-        import datasets  # noqa: PLC0415
+        import datasets
 
         return {"anatomy": datasets.Value("string"), "source_row": datasets.Value("string")}
 
@@ -663,7 +663,7 @@ class RadGenomeBuilder(DatasetBuilder):
         return Plan(units=units, skipped=skipped)
 
     def process(self, unit: WorkUnit, out_dir: Path) -> UnitResult:
-        from med3dqwen.processing.ct_io import CTInputError, load_volume  # noqa: PLC0415
+        from med3dqwen.processing.ct_io import CTInputError, load_volume
 
         cfg = self.cfg
         volume, rows = unit.payload

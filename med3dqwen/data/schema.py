@@ -27,7 +27,7 @@ RECORD_FIELDS = (
 def record_features(extra: Mapping[str, Any] | None = None):
     """The ``datasets.Features`` of a JSONL record: ``messages`` + :data:`~med3dqwen.data.rewrite.RECORD_FIELDS`
     (+ ``extra``, the builder's own fields). Written into the card so ``load_dataset`` uses exactly these types."""
-    import datasets  # noqa: PLC0415 (only the merge needs it)
+    import datasets
 
     string = datasets.Value("string")
     features = {

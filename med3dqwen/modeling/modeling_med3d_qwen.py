@@ -420,7 +420,7 @@ class Med3DQwenForConditionalGeneration(Med3DQwenPreTrainedModel, GenerationMixi
         ``convert_med3dvlm_checkpoint``). Config fields (``use_mssa=False`` ...) and loading options (``dtype``,
         ``attn_implementation``, ``device_map``) go in ``kwargs``.
         """
-        from transformers import AutoConfig  # noqa: PLC0415
+        from transformers import AutoConfig
 
         load_keys = {
             "dtype",

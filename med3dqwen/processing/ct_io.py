@@ -206,7 +206,7 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 def _read_image(path: Path, spacing: tuple[float, float, float] | None) -> CTVolume:
     """A 2D figure (PMC-VQA) as a one-slice volume: grey levels scaled to [0, 1], ``meta["intensity"] = "unit"``."""
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
@@ -264,8 +264,8 @@ def _position(file: Path, ds) -> np.ndarray:
 
 def _read_dicom(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a DICOM series (folder) or single file into a (slice, row, col) HU array and its RAS affine."""
-    import pydicom  # noqa: PLC0415 - optional reader dependency, imported where it is used
-    from pydicom.errors import InvalidDicomError  # noqa: PLC0415
+    import pydicom
+    from pydicom.errors import InvalidDicomError
 
     headers, skipped = [], []
     for file in _dicom_files(path):
@@ -399,7 +399,7 @@ def load_volume(
 
 def _label_table_from_header(image: nib.Nifti1Image) -> dict[int, str]:
     """Label names stored in a NIfTI header extension (the XML label table TotalSegmentator writes), if any."""
-    import re  # noqa: PLC0415
+    import re
 
     table: dict[int, str] = {}
     for extension in image.header.extensions:
@@ -526,7 +526,7 @@ def select_label(labels: LabelMap, label: int | str | None, label_map: Mapping[i
             )
         ids = [k for k, v in table.items() if v == label]
         if not ids:
-            import difflib  # noqa: PLC0415
+            import difflib
 
             close = difflib.get_close_matches(label, list(table.values()), n=3)
             raise UnknownLabelError(

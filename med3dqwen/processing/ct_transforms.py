@@ -71,7 +71,7 @@ def _to_numpy(x) -> tuple[np.ndarray, object]:
     if isinstance(x, np.ndarray):
         return x, None
     try:
-        import torch  # noqa: PLC0415 - torch is optional for the pure numpy path
+        import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency of the package
         torch = None
     if torch is not None and isinstance(x, torch.Tensor):
@@ -83,7 +83,7 @@ def _like(array: np.ndarray, reference) -> object:
     """Wrap ``array`` as the caller's type: a tensor on the reference tensor's device, or numpy."""
     if reference is None:
         return array
-    import torch  # noqa: PLC0415
+    import torch
 
     return torch.from_numpy(np.ascontiguousarray(array)).to(reference.device)
 
@@ -154,8 +154,8 @@ DEFAULT_SIZE = (128, 256, 256)  # Med3DVLM's input (D, H, W); the projector's to
 
 
 def _interpolate(array: np.ndarray, size: Sequence[int], mode: str) -> np.ndarray:
-    import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: N812, PLC0415
+    import torch
+    import torch.nn.functional as F
 
     tensor = torch.from_numpy(np.ascontiguousarray(array))[None, None]
     kwargs = {"align_corners": False} if mode == "trilinear" else {}

@@ -89,10 +89,10 @@ class Med3DQwenProcessor(ProcessorMixin):
     @classmethod
     def from_config(cls, config, tokenizer=None, **image_kwargs) -> Med3DQwenProcessor:
         """A processor matching a `Med3DQwenConfig` (token counts, volume size, prompt encoding)."""
-        from .image_processing_med3d_qwen import Med3DQwenImageProcessor  # noqa: PLC0415
+        from .image_processing_med3d_qwen import Med3DQwenImageProcessor
 
         if tokenizer is None:
-            from .tokenization_med3d_qwen import load_qwen2_5_tokenizer  # noqa: PLC0415
+            from .tokenization_med3d_qwen import load_qwen2_5_tokenizer
 
             tokenizer = load_qwen2_5_tokenizer()
         vision = config.vision_config

@@ -112,7 +112,7 @@ class Vista3DSource(MaskSource):
         amp: bool = True,
         vocabulary: Vocabulary | None = None,
     ) -> None:
-        import torch  # noqa: PLC0415 - heavy optional dependencies, imported when the source is built
+        import torch
 
         self.bundle_dir = None if bundle_dir is None else Path(bundle_dir)
         bundle_settings, labels = ({}, None) if self.bundle_dir is None else _read_bundle(self.bundle_dir)
@@ -137,7 +137,7 @@ class Vista3DSource(MaskSource):
 
         built_here = network is None
         if built_here:
-            from monai.networks.nets import vista3d132  # noqa: PLC0415
+            from monai.networks.nets import vista3d132
 
             network = vista3d132(encoder_embed_dim=encoder_embed_dim)
         # True: bundle weights; False: random weights; None: a network passed in (its weights are the caller's).
@@ -246,11 +246,11 @@ class Vista3DSource(MaskSource):
         Returns:
             (D, H, W) int16 class ids on ``volume``'s grid (0 = background).
         """
-        import torch  # noqa: PLC0415
-        from monai.apps.vista3d.transforms import VistaPostTransformd, VistaPreTransformd  # noqa: PLC0415
-        from monai.data import MetaTensor  # noqa: PLC0415
-        from monai.inferers import SlidingWindowInfererAdapt  # noqa: PLC0415
-        from monai.transforms import (  # noqa: PLC0415
+        import torch
+        from monai.apps.vista3d.transforms import VistaPostTransformd, VistaPreTransformd
+        from monai.data import MetaTensor
+        from monai.inferers import SlidingWindowInfererAdapt
+        from monai.transforms import (
             CastToTyped,
             Compose,
             CropForegroundd,
@@ -400,7 +400,7 @@ def _is_numbers(value, length: int | None = None) -> bool:
 
 def _load_weights(network, path: Path) -> None:
     """Load ``models/model.pt`` (state dict or ``{"model": state_dict}``) into ``network``, strictly."""
-    import torch  # noqa: PLC0415
+    import torch
 
     if not path.is_file():
         raise CorruptFileError(

@@ -111,7 +111,7 @@ class PhantomBuilder(DatasetBuilder):
         return [f"prompts/{unit.unit_id}", f"volumes/{unit.unit_id}"]
 
     def extra_features(self) -> dict[str, Any]:
-        import datasets  # noqa: PLC0415
+        import datasets
 
         return {"anatomy": datasets.Value("string")}
 
