@@ -41,9 +41,11 @@ Decisions (documented in ``datasets_scripts/README.md`` too):
   (:func:`~med3dqwen.builders.engine.safe_relpath`); otherwise the row is skipped (``unsafe_path`` /
   ``malformed_row``).
 - **Linking rule** (the official baseline's): head = first component of ``Anatomy``, leaf = last. Mask =
-  ``anatomy_mask/seg_<volume>/<leaf>.nii.gz``; if that file is missing (or, our addition, empty or unreadable),
-  ``region_mask/seg_<volume>/<head>.nii.gz``. If head or leaf is ``others`` / ``whole scan`` (or ``Anatomy`` is
-  empty in ``region_report``), the question is about the whole volume: no mask, no contour, the no-prompt wording.
+  ``anatomy_mask/seg_<volume>/<leaf>.nii.gz``; if that file is missing (or, our addition, empty),
+  ``region_mask/seg_<volume>/<head>.nii.gz``; an unreadable or misaligned file is skipped, never replaced by the
+  region. The rule lives in the mask source (``get_mask_source("radgenome")``). If head or leaf is ``others`` /
+  ``whole scan`` (or ``Anatomy`` is empty in ``region_report``), the question is about the whole volume: no mask,
+  no contour, the no-prompt wording.
   Location and case-disorder questions are always whole-volume (a contour around the answer would give it away).
   A head outside the 10 regions is ``unknown_anatomy``.
 - **Deduplication.** Upstream repeats a finding at every level of the anatomy tree (``lung``, ``lung/lung``,
@@ -98,6 +100,7 @@ from med3dqwen.builders.upstream import UpstreamCSV
 from med3dqwen.data.rewrite import build_record, rewrite_qa
 from med3dqwen.data.splits import DEFAULT_RATIOS, assign_split
 from med3dqwen.io import UnsafePathError, safe_relpath
+from med3dqwen.segmentation import MaskFileNotFoundError, UnknownStructureError, get_mask_source
 
 
 __all__ = [
@@ -531,58 +534,91 @@ class RadGenomeBuildConfig:
 
 
 class _Masks:
-    """Mask lookups of one volume: each file is checked (and its PNGs written) once."""
+    """Mask lookups of one volume through the RadGenome mask source; each file's PNGs are written once.
+
+    The linking rule (leaf file, else the head's region file, ``others`` / ``whole scan`` = whole volume) lives in
+    :class:`~med3dqwen.segmentation.files.PerStructureFileSource`; this class maps its results and errors to the
+    build's record fields and skip reasons.
+    """
 
     def __init__(self, builder: RadGenomeBuilder, volume: VolumeName, image, out_dir: Path):
         self.cfg = builder.cfg
-        self.folders = builder.cfg.folders
         self.volume = volume
         self.image = image  # CTVolume or None (validate_files=False and no PNGs)
         self.out_dir = out_dir
-        self.checked: dict[tuple[str, str], tuple[str, str, list[str]]] = {}
-        self.slugs: dict[str, tuple[str, str]] = {}
-
-    def check(self, kind: str, name: str) -> tuple[str, str, list[str]]:
-        """``(status, relative path, pngs)``, status one of ok, missing, empty, unreadable, mismatch."""
-        key = (kind, name)
-        if key not in self.checked:
-            self.checked[key] = self._check(kind, name)
-        return self.checked[key]
-
-    def _check(self, kind: str, name: str) -> tuple[str, str, list[str]]:
-        from med3dqwen.processing.ct_io import CTInputError, MaskMismatchError, load_mask
-
-        folder = f"{self.volume.prefix}_{kind}_mask"
-        rel = safe_relpath(f"seg_{self.volume.volume_id}", f"{name}.nii.gz")
-        path = self.folders[folder] / rel
-        rel = f"source/{folder}/{rel}"
-        if not path.is_file():
-            return "missing", rel, []
-        if self.image is None:
-            return "ok", rel, []
-        try:
-            mask = load_mask(path, like=self.image)
-        except MaskMismatchError:
-            return "mismatch", rel, []
-        except CTInputError:
-            return "unreadable", rel, []
-        if not mask.any():
-            return "empty", rel, []
-        slug = f"{kind}_{_slug(name)}"
-        while slug in self.slugs and self.slugs[slug] != (kind, name):
-            slug += "_"
-        self.slugs[slug] = (kind, name)
-        pngs = write_prompt_pngs(
-            self.image.array,
-            mask,
-            self.out_dir,
-            self.volume.volume_id,
-            slug,
-            prompt=self.cfg.prompt,
-            write_png=self.cfg.write_png,
-            thickness=self.cfg.thickness,
+        self.trees = {kind: f"{volume.prefix}_{kind}_mask" for kind in ("anatomy", "region")}
+        folders = builder.cfg.folders
+        # naming=None: a record points at one upstream file, so no name translation or union of parts.
+        self.source = get_mask_source(
+            "radgenome", root=folders[self.trees["anatomy"]], region_root=folders[self.trees["region"]], naming=None
         )
-        return "ok", rel, pngs
+        self.looked_up: dict[tuple[str, str], tuple[tuple[str, str, str, list[str]] | None, str, str]] = {}
+        self.pngs: dict[str, list[str]] = {}
+        self.slugs: dict[str, str] = {}
+
+    def lookup(self, head: str, leaf: str) -> tuple[tuple[str, str, str, list[str]] | None, str, str]:
+        """``(mask, reason, detail)``: mask = ``(relative path, mask_source, roi, pngs)`` or ``None`` with a skip
+        reason; ``reason`` is the fallback reason (``"missing"`` / ``"empty"``) when the region mask is used."""
+        key = (head, leaf)
+        if key not in self.looked_up:
+            self.looked_up[key] = self._lookup(head, leaf)
+        return self.looked_up[key]
+
+    def _rel(self, kind: str, name: str) -> str:
+        path = self.source.file_for(name, self.volume.volume_id, region=kind == "region")
+        return f"source/{self.trees[kind]}/{safe_relpath(path.parent.name, path.name)}"
+
+    def _lookup(self, head: str, leaf: str) -> tuple[tuple[str, str, str, list[str]] | None, str, str]:
+        from med3dqwen.processing.ct_io import CTInputError, MaskMismatchError
+
+        anatomy = f"{head}/{leaf}"
+        volume_id = self.volume.volume_id
+        tried = f"anatomy mask {self._rel('anatomy', leaf)}: {{}}; region mask {self._rel('region', head)}: {{}}"
+        try:
+            if self.image is None:
+                files, fallback = self.source.resolve(anatomy, volume_id)
+                result = None
+            else:
+                result = self.source.get_mask(self.image, anatomy, volume_id=volume_id)
+                fallback = result.fallback
+        except (MaskFileNotFoundError, UnknownStructureError):
+            return None, "missing_mask", tried.format("missing", "missing")
+        except MaskMismatchError as err:
+            return None, "mask_mismatch", str(err)
+        except UnsafePathError as err:
+            return None, "unsafe_path", str(err)
+        except CTInputError as err:
+            return None, "unreadable_mask", str(err)
+        kind, name = ("region", head) if fallback == "region" else ("anatomy", leaf)
+        reason = "missing" if result is None and fallback == "region" else ""
+        if result is not None:
+            reason = result.fallback_reason or ""
+            if result.empty:
+                statuses = (reason, "empty") if fallback == "region" else ("empty", "missing")
+                return None, "empty_roi", tried.format(*statuses)
+        rel = self._rel(kind, name)
+        mask = (rel, f"radgenome_{kind}_mask", name, self._write_pngs(kind, name, rel, result))
+        return mask, reason, ""
+
+    def _write_pngs(self, kind: str, name: str, rel: str, result) -> list[str]:
+        if result is None:
+            return []
+        if rel not in self.pngs:
+            slug = f"{kind}_{_slug(name)}"
+            while slug in self.slugs and self.slugs[slug] != rel:
+                slug += "_"
+            self.slugs[slug] = rel
+            self.pngs[rel] = write_prompt_pngs(
+                self.image.array,
+                result.mask,
+                self.out_dir,
+                self.volume.volume_id,
+                slug,
+                prompt=self.cfg.prompt,
+                write_png=self.cfg.write_png,
+                thickness=self.cfg.thickness,
+            )
+        return self.pngs[rel]
 
 
 class RadGenomeBuilder(DatasetBuilder):
@@ -742,18 +778,12 @@ class RadGenomeBuilder(DatasetBuilder):
             if not _is_whole(row.anatomy):
                 head, leaf = row.anatomy[0], row.anatomy[-1]
                 normalizer.normalize_term(leaf)  # counts leaves without a RadLex entry
-                status, rel, pngs = masks.check("anatomy", leaf)
-                if status == "ok":
-                    mask = (rel, "radgenome_anatomy_mask", leaf, pngs)
-                else:
-                    region_status, region_rel, region_pngs = masks.check("region", head)
-                    if region_status != "ok":
-                        reason = _mask_reason(status, region_status)
-                        detail = f"anatomy mask {rel}: {status}; region mask {region_rel}: {region_status}"
-                        result.skipped.append(skip_entry(reason, detail, unit_id=unit.unit_id, source=row.source))
-                        continue
-                    fallback[f"anatomy mask {status}"] += 1
-                    mask = (region_rel, "radgenome_region_mask", head, region_pngs)
+                mask, reason, detail = masks.lookup(head, leaf)
+                if mask is None:
+                    result.skipped.append(skip_entry(reason, detail, unit_id=unit.unit_id, source=row.source))
+                    continue
+                if reason:
+                    fallback[f"anatomy mask {reason}"] += 1
             leaf = row.anatomy[-1]
             region = "scan" if leaf.lower() in WHOLE_VOLUME_ANATOMY else leaf
             templates = TEMPLATES[row.question_type]
@@ -865,14 +895,6 @@ class RadGenomeBuilder(DatasetBuilder):
             },
             "tags": ["radgenome", "ct-rate", "chest"],
         }
-
-
-def _mask_reason(anatomy_status: str, region_status: str) -> str:
-    statuses = {anatomy_status, region_status}
-    for status, reason in (("unreadable", "unreadable_mask"), ("mismatch", "mask_mismatch"), ("empty", "empty_roi")):
-        if status in statuses:
-            return reason
-    return "missing_mask"
 
 
 def build_radgenome_dataset(config: RadGenomeBuildConfig, args: BuildArguments | None = None) -> BuildSummary:

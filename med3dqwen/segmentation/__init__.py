@@ -17,7 +17,14 @@ Names are translated between VISTA-3D, TotalSegmentator, RadGenome-ChestCT and R
 """
 
 from .base import MaskResult, MaskSource, UnknownStructureError, UnsafePathError
-from .files import FLAT_LAYOUT, FOLDER_LAYOUT, RADGENOME_LAYOUT, PerStructureFileSource, Resolution
+from .files import (
+    FLAT_LAYOUT,
+    FOLDER_LAYOUT,
+    RADGENOME_LAYOUT,
+    MaskFileNotFoundError,
+    PerStructureFileSource,
+    Resolution,
+)
 from .multilabel import MultilabelFileSource
 from .threshold import HUThresholdSource
 
@@ -27,6 +34,7 @@ __all__ = [
     "FOLDER_LAYOUT",
     "HUThresholdSource",
     "MASK_SOURCE_KINDS",
+    "MaskFileNotFoundError",
     "MaskResult",
     "MaskSource",
     "MultilabelFileSource",

@@ -111,6 +111,8 @@ class MaskResult:
         fallback: ``None`` when the structure itself was found (possibly under the source's own name for it, see
             ``resolved_name``); ``"region"`` when a RadGenome leaf file was missing and its head region was used;
             ``"whole_volume"`` for ``others`` / ``whole scan`` (all-ones mask, no contour).
+        fallback_reason: why the structure's own file was not used when ``fallback="region"``: ``"missing"`` or
+            ``"empty"``; ``None`` otherwise.
         components: the source names whose union gave the mask (empty for a single name).
         whole_volume: the mask is the whole volume by rule (no contour can be drawn).
 
@@ -124,6 +126,7 @@ class MaskResult:
     source: str
     path: str | None = None
     fallback: str | None = None
+    fallback_reason: str | None = None
     components: tuple[str, ...] = ()
     whole_volume: bool = False
     empty: bool = field(init=False)

@@ -7,7 +7,7 @@ mask like this (``src/dataset/dataset_grounded_attn.py``), and :meth:`PerStructu
 
 1. head or leaf is ``others`` / ``whole scan`` → the whole volume (an all-ones mask; no contour can be drawn);
 2. the leaf's file in the anatomy tree, if it exists;
-3. else the head's file in the region tree (flagged ``fallback="region"``).
+3. else (or when the leaf's file is empty) the head's file in the region tree (flagged ``fallback="region"``).
 
 Unlike the baseline, a path whose leaf and region files are both missing is an error naming both files (the baseline
 silently used the whole volume). TotalSegmentator's per-class output (``TotalSegmentator -i ct.nii.gz -o seg/``, also
@@ -37,6 +37,7 @@ __all__ = [
     "FLAT_LAYOUT",
     "FOLDER_LAYOUT",
     "LAYOUTS",
+    "MaskFileNotFoundError",
     "PerStructureFileSource",
     "RADGENOME_LAYOUT",
     "Resolution",
@@ -81,6 +82,10 @@ def parse_anatomy_path(anatomy_path: str) -> list[str]:
     if not all(levels):
         raise UnsafePathError(None, f"anatomy path {anatomy_path!r} has an empty level")
     return levels
+
+
+class MaskFileNotFoundError(CorruptFileError):
+    """Neither a structure's own file nor its region's file exists; the message names every file tried."""
 
 
 class Resolution(NamedTuple):
@@ -230,7 +235,7 @@ class PerStructureFileSource(MaskSource):
         Raises:
             UnsafePathError: a level that would escape the mask folder, an absolute or malformed path.
             UnknownStructureError: a bare name with no file in an existing volume folder.
-            CorruptFileError: neither the leaf nor the region file exists (the message names both).
+            MaskFileNotFoundError: neither the leaf nor the region file exists (the message names both).
         """
         levels = parse_anatomy_path(anatomy_path)
         leaf, head = levels[-1], levels[0]
@@ -245,7 +250,7 @@ class PerStructureFileSource(MaskSource):
             return Resolution(found, None)
         found = self._locate(head, volume_id, region=True)
         if found:
-            return Resolution(found, "region" if head != leaf else None)
+            return Resolution(found, "region")
 
         leaf_file = self.file_for(leaf, volume_id)
         region_file = self.file_for(head, volume_id, region=True)
@@ -258,7 +263,7 @@ class PerStructureFileSource(MaskSource):
                 close_matches(leaf, names),
                 detail=f"no file {leaf_file.name!r}",
             )
-        raise CorruptFileError(
+        raise MaskFileNotFoundError(
             leaf_file,
             f"mask file not found for {anatomy_path!r} (tried {tried}"
             + ("; no region fallback" if len(tried) == 1 and not self.region_root else "")
@@ -287,9 +292,14 @@ class PerStructureFileSource(MaskSource):
         """Load the mask of ``structure`` (a name or RadGenome ``Anatomy`` path) on ``volume``'s grid.
 
         The grid is checked file by file (:func:`~med3dqwen.processing.ct_io.load_mask` with ``like=volume``); a
-        union of parts is the OR of the part files. See :meth:`resolve` for the linking rule and errors.
+        union of parts is the OR of the part files. See :meth:`resolve` for the linking rule and errors. A leaf file
+        that exists but is empty is treated like a missing one: the head's region file is used when there is one
+        (``fallback="region"``, ``fallback_reason="empty"``), else the empty result is returned. A leaf file that
+        cannot be read or lies on another grid is an error, never a silent switch to the region.
 
         Raises:
+            MaskFileNotFoundError: neither the leaf nor the region file exists.
+            CorruptFileError: a mask file cannot be read.
             MaskMismatchError: a mask file's shape or affine differs from ``volume``'s.
         """
         volume_id = self.volume_id_for(volume, volume_id)
@@ -303,6 +313,18 @@ class PerStructureFileSource(MaskSource):
                 fallback="whole_volume",
                 whole_volume=True,
             )
+        result = self._load(volume, structure, resolution, "missing" if resolution.fallback == "region" else None)
+        if result.empty and resolution.fallback is None:
+            # An empty leaf is treated like a missing one: SAT found no such structure in this scan.
+            head = parse_anatomy_path(structure)[0]
+            region = self._locate(head, volume_id, region=True)
+            if region and region != resolution.files:
+                return self._load(volume, structure, Resolution(region, "region"), "empty")
+        return result
+
+    def _load(
+        self, volume: CTVolume, structure: str, resolution: Resolution, fallback_reason: str | None
+    ) -> MaskResult:
         mask = load_mask(resolution.files[0], like=volume)
         for path in resolution.files[1:]:
             mask |= load_mask(path, like=volume)
@@ -314,6 +336,7 @@ class PerStructureFileSource(MaskSource):
             source=self.source_name,
             path=str(resolution.files[0]) if single else None,
             fallback=resolution.fallback,
+            fallback_reason=fallback_reason,
             components=() if single else resolution.names,
         )
 

@@ -587,3 +587,39 @@ def test_script_command_line(data_root, tmp_path):
     questions = [m[1]["content"] for split in ds.values() for m in split["messages"]]
     assert any(q.startswith("Within the blue-outlined area") for q in questions)
     assert "Expected upstream folder ROOT" in script_help("build_radgenome.py")
+
+
+def test_broken_leaf_mask_is_skipped_not_outlined_by_its_region(data_root, tmp_path):
+    # The builder once fell back to the region mask for an unreadable leaf file while the mask source raised; both
+    # now share the source's rule: a broken file is reported (unreadable_mask), an empty one falls back like a
+    # missing one.
+    from med3dqwen.builders.radgenome import _Masks
+
+    root = tmp_path / "root"
+    for kind in ("anatomy", "region"):
+        shutil.copytree(
+            data_root / "dataset" / f"train_{kind}_mask" / "seg_train_1_a_1", root / kind / "seg_train_1_a_1"
+        )
+    leaves = root / "anatomy" / "seg_train_1_a_1"
+    (leaves / "liver.nii.gz").write_bytes(b"\x1f\x8b not a nifti")
+    image = load_volume(data_root / "dataset" / "train_preprocessed" / "train_1" / "train_1a" / "train_1_a_1.nii.gz")
+    empty = load_mask(leaves / "left lung lower lobe.nii.gz", like=image) & False
+    save_nifti(leaves / "left lung lower lobe.nii.gz", empty, image.affine, np.uint8)
+    config = _config(
+        data_root,
+        tmp_path / "out",
+        train_anatomy_mask_dir=str(root / "anatomy"),
+        train_region_mask_dir=str(root / "region"),
+    )
+    masks = _Masks(RadGenomeBuilder(config), parse_volume_name(V), image, tmp_path / "out")
+
+    mask, reason, detail = masks.lookup("abdomen", "liver")
+    assert mask is None and reason == "unreadable_mask" and "liver.nii.gz" in detail
+    mask, reason, _ = masks.lookup("lung", "left lung lower lobe")
+    assert reason == "empty" and mask[:3] == (
+        "source/train_region_mask/seg_train_1_a_1/lung.nii.gz",
+        "radgenome_region_mask",
+        "lung",
+    )
+    mask, reason, _ = masks.lookup("lung", "right lung upper lobe")
+    assert reason == "" and mask[1:3] == ("radgenome_anatomy_mask", "right lung upper lobe")

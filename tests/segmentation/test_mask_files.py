@@ -12,7 +12,13 @@ import pytest
 
 from med3dqwen.io import save_nifti
 from med3dqwen.processing.ct_io import CorruptFileError, MaskMismatchError, load_mask, load_volume
-from med3dqwen.segmentation import PerStructureFileSource, UnknownStructureError, UnsafePathError, get_mask_source
+from med3dqwen.segmentation import (
+    MaskFileNotFoundError,
+    PerStructureFileSource,
+    UnknownStructureError,
+    UnsafePathError,
+    get_mask_source,
+)
 from med3dqwen.segmentation import files as files_module
 
 
@@ -118,6 +124,44 @@ def test_unknown_bare_name_suggests_close_matches(source, volume):
 def test_empty_mask_is_a_result_not_an_error(source, volume):
     result = source.get_mask(volume, "heart/heart/heart tissue")
     assert result.empty and result.fallback is None and not result.has_contour
+
+
+def test_empty_leaf_falls_back_to_head_region_like_a_missing_one(source, volume, lungs, tree):
+    # RadGenome's builder and this source once disagreed here (builder: region; source: the empty leaf). An empty
+    # SAT output means "not found in this scan", exactly as a missing file does.
+    empty = tree / "anatomy" / "seg_example_ct_sm" / "left lung upper lobe.nii.gz"
+    save_nifti(empty, np.zeros(volume.shape, dtype=bool), volume.affine)
+    result = source.get_mask(volume, "lung/lung/left lung/left lung upper lobe")
+    assert (result.fallback, result.fallback_reason) == ("region", "empty")
+    assert result.path == str(tree / "region" / "seg_example_ct_sm" / "lung.nii.gz")
+    assert np.array_equal(result.mask, lungs)
+    missing = source.get_mask(volume, "lung/lung/left lung/left lung middle lobe")
+    assert (missing.fallback, missing.fallback_reason) == ("region", "missing")
+
+
+@pytest.mark.parametrize("fault", ["unreadable", "mismatch"])
+def test_broken_leaf_file_is_an_error_not_a_silent_region(source, volume, tree, fault):
+    # The other place they disagreed: the builder used the region mask for a leaf it could not read. A broken file
+    # is a data fault to report, not a reason to outline a different structure.
+    leaf = tree / "anatomy" / "seg_example_ct_sm" / "left lung upper lobe.nii.gz"
+    if fault == "unreadable":
+        leaf.write_bytes(b"\x1f\x8b not a nifti")
+    else:
+        save_nifti(leaf, np.ones((4, 4, 4), dtype=bool), np.eye(4))
+    error = CorruptFileError if fault == "unreadable" else MaskMismatchError
+    with pytest.raises(error, match="left lung upper lobe.nii.gz"):
+        source.get_mask(volume, "lung/lung/left lung/left lung upper lobe")
+
+
+def test_head_only_path_found_in_the_region_tree_is_flagged_region(source, volume, tree):
+    # "heart/heart" style paths: the anatomy tree is looked at first, so a region file is a fallback.
+    assert source.resolve("lung/lung", "example_ct_sm").fallback == "region"
+    assert source.get_mask(volume, "lung").fallback == "region"
+
+
+def test_missing_leaf_and_region_is_a_mask_file_not_found_error(source, volume):
+    with pytest.raises(MaskFileNotFoundError):
+        source.get_mask(volume, "mediastinum/mediastinal tissue")
 
 
 def test_volume_id_is_derived_from_the_volume_file(source, volume):
