@@ -1,4 +1,4 @@
-"""Writing files safely: atomic writes, NIfTI volumes and masks, JSON lines, prompt PNGs.
+"""Files safely: path checks for untrusted names, atomic writes, NIfTI volumes and masks, JSON lines, prompt PNGs.
 
 Every writer goes through :func:`atomic_output`: the data goes to a temporary file next to the destination, which
 replaces the destination only once it is complete, so a crash or a kill never leaves a half-written file.
@@ -19,7 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from med3dqwen.processing.ct_io import InvalidVolumeError, standard_affine
+from med3dqwen.processing.ct_io import CTInputError, InvalidVolumeError, standard_affine
 from med3dqwen.processing.ct_transforms import BoundaryMode, boundary_mask, parse_color, window_hu
 
 
@@ -27,6 +27,7 @@ __all__ = [
     "PromptPNGs",
     "UnsafePathError",
     "atomic_output",
+    "check_path_component",
     "prompt_png_stack",
     "read_jsonl",
     "safe_relpath",
@@ -35,8 +36,49 @@ __all__ = [
 ]
 
 
-class UnsafePathError(ValueError):
-    """A path taken from upstream data (a CSV cell) is absolute or would leave its base folder."""
+class UnsafePathError(CTInputError):
+    """A path or name taken from upstream data (a CSV cell, a structure name) would leave its base folder.
+
+    A :class:`~med3dqwen.processing.ct_io.CTInputError` (hence a ``ValueError``), so mask sources and builders catch
+    it with their other input errors.
+
+    Args:
+        problem: what is wrong, naming the value (``"volume id '../x' contains '..'"``).
+        path: the path it would have led to, when known (prefixes the message).
+    """
+
+    def __init__(self, problem: str, path: str | os.PathLike | None = None):
+        super().__init__(path, problem)
+
+    def __reduce__(self):
+        return type(self), (self.problem, self.source)
+
+
+def check_path_component(value: str, what: str) -> str:
+    """Return ``value`` if it can be used as one file or folder name inside a dataset root.
+
+    Args:
+        value: e.g. a RadGenome leaf ``"right lung upper lobe"`` or a volume id ``"train_362_a_1"``.
+        what: what the value is, for the message (``"structure name"``, ``"volume id"``).
+
+    Raises:
+        UnsafePathError: empty, ``.``/``..`` or containing ``..``, a path separator (``/`` or ``\\``), a NUL byte,
+            or an absolute / drive path.
+    """
+    problem = None
+    if not isinstance(value, str) or not value.strip():
+        problem = "is empty"
+    elif ".." in value:
+        problem = "contains '..'"
+    elif value == "." or "/" in value or "\\" in value or os.sep in value or (os.altsep and os.altsep in value):
+        problem = "contains a path separator"
+    elif "\x00" in value:
+        problem = "contains a NUL byte"
+    elif os.path.isabs(value) or re.match(r"[A-Za-z]:", value):
+        problem = "is an absolute path"
+    if problem:
+        raise UnsafePathError(f"{what} {value!r} {problem}; it must name one file inside the dataset folder")
+    return value
 
 
 def safe_relpath(*parts: str) -> str:

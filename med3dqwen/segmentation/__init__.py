@@ -16,7 +16,7 @@ Names are translated between VISTA-3D, TotalSegmentator, RadGenome-ChestCT and R
 ``Vista3DSource`` needs ``monai`` (the ``seg`` extra) and is imported on first use.
 """
 
-from .base import MaskResult, MaskSource, UnknownStructureError, UnsafePathError
+from .base import MaskResult, MaskSource, UnknownStructureError
 from .files import (
     FLAT_LAYOUT,
     FOLDER_LAYOUT,
@@ -42,7 +42,6 @@ __all__ = [
     "RADGENOME_LAYOUT",
     "Resolution",
     "UnknownStructureError",
-    "UnsafePathError",
     "Vista3DSource",
     "get_mask_source",
 ]

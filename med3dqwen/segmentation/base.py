@@ -9,8 +9,6 @@ one result type. An empty mask is a result (``empty=True``), not an error: the c
 from __future__ import annotations
 
 import difflib
-import os
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +22,6 @@ __all__ = [
     "MaskResult",
     "MaskSource",
     "UnknownStructureError",
-    "UnsafePathError",
-    "check_path_component",
     "close_matches",
 ]
 
@@ -55,37 +51,6 @@ class UnknownStructureError(CTInputError, KeyError):
 
     def __reduce__(self):
         return type(self), (self.structure, self.source, self.matches, self.detail)
-
-
-class UnsafePathError(CTInputError):
-    """A structure name or volume id that would leave the mask folder (``..``, an absolute path, a separator)."""
-
-
-def check_path_component(value: str, what: str) -> str:
-    """Return ``value`` if it can be used as one file or folder name inside a dataset root.
-
-    Args:
-        value: e.g. a RadGenome leaf ``"right lung upper lobe"`` or a volume id ``"train_362_a_1"``.
-        what: what the value is, for the message (``"structure name"``, ``"volume id"``).
-
-    Raises:
-        UnsafePathError: empty, ``.``/``..`` or containing ``..``, a path separator (``/`` or ``\\``), a NUL byte,
-            or an absolute / drive path.
-    """
-    problem = None
-    if not isinstance(value, str) or not value.strip():
-        problem = "is empty"
-    elif ".." in value:
-        problem = "contains '..'"
-    elif value == "." or "/" in value or "\\" in value or os.sep in value or (os.altsep and os.altsep in value):
-        problem = "contains a path separator"
-    elif "\x00" in value:
-        problem = "contains a NUL byte"
-    elif os.path.isabs(value) or re.match(r"[A-Za-z]:", value):
-        problem = "is an absolute path"
-    if problem:
-        raise UnsafePathError(None, f"{what} {value!r} {problem}; it must name one file inside the mask folder")
-    return value
 
 
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:

@@ -28,9 +28,10 @@ import numpy as np
 
 from med3dqwen.anatomy.labels import RADGENOME_NO_CONTOUR
 from med3dqwen.anatomy.vocabulary import Vocabulary, default_vocabulary
+from med3dqwen.io import UnsafePathError, check_path_component
 from med3dqwen.processing.ct_io import CorruptFileError, CTVolume, load_mask
 
-from .base import MaskResult, MaskSource, UnknownStructureError, UnsafePathError, check_path_component, close_matches
+from .base import MaskResult, MaskSource, UnknownStructureError, close_matches
 
 
 __all__ = [
@@ -75,12 +76,12 @@ def parse_anatomy_path(anatomy_path: str) -> list[str]:
         UnsafePathError: empty path, absolute path (leading ``/``) or an empty level (``"lung//x"``).
     """
     if not isinstance(anatomy_path, str) or not anatomy_path.strip():
-        raise UnsafePathError(None, f"empty anatomy path {anatomy_path!r} (use 'whole scan' for the whole volume)")
+        raise UnsafePathError(f"empty anatomy path {anatomy_path!r} (use 'whole scan' for the whole volume)")
     if anatomy_path.lstrip().startswith(("/", "\\")):
-        raise UnsafePathError(None, f"anatomy path {anatomy_path!r} is absolute; expected 'head/.../leaf'")
+        raise UnsafePathError(f"anatomy path {anatomy_path!r} is absolute; expected 'head/.../leaf'")
     levels = [level.strip() for level in anatomy_path.split("/")]
     if not all(levels):
-        raise UnsafePathError(None, f"anatomy path {anatomy_path!r} has an empty level")
+        raise UnsafePathError(f"anatomy path {anatomy_path!r} has an empty level")
     return levels
 
 
@@ -195,7 +196,7 @@ class PerStructureFileSource(MaskSource):
         path = root / layout.format(**fields)
         # Names are single components already; refuse anything the layout itself would move out of the root.
         if os.path.commonpath([os.path.normpath(root), os.path.normpath(path)]) != os.path.normpath(root):
-            raise UnsafePathError(path, f"resolves outside the mask root {root}")
+            raise UnsafePathError(f"resolves outside the mask root {root}", path)
         return path
 
     def available(self, volume_id: str | None = None, *, region: bool = False) -> list[str]:

@@ -19,9 +19,10 @@ import numpy as np
 
 from med3dqwen.anatomy.labels import TOTALSEGMENTATOR_V2_LABELS
 from med3dqwen.anatomy.vocabulary import Vocabulary, default_vocabulary
+from med3dqwen.io import check_path_component
 from med3dqwen.processing.ct_io import CorruptFileError, CTVolume, LabelMap, load_label_map
 
-from .base import MaskResult, MaskSource, UnknownStructureError, check_path_component, close_matches
+from .base import MaskResult, MaskSource, UnknownStructureError, close_matches
 from .files import strip_image_suffix, volume_id_from_path
 
 

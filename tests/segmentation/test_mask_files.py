@@ -10,13 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
-from med3dqwen.io import save_nifti
+from med3dqwen.io import UnsafePathError, save_nifti
 from med3dqwen.processing.ct_io import CorruptFileError, MaskMismatchError, load_mask, load_volume
 from med3dqwen.segmentation import (
     MaskFileNotFoundError,
     PerStructureFileSource,
     UnknownStructureError,
-    UnsafePathError,
     get_mask_source,
 )
 from med3dqwen.segmentation import files as files_module
