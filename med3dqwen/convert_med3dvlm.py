@@ -9,8 +9,8 @@ Usage::
     python -m med3dqwen.convert_med3dvlm --checkpoint path/to/Med3DVLM-Qwen-2.5-7B \\
         --output_dir converted/ --hidden_size 3584
 
-    # two-channel stem for the ``channel`` prompt encoding (zero kernels for the contour channel)
-    python -m med3dqwen.convert_med3dvlm --checkpoint ... --output_dir ... --in_channels 2
+The converted encoder has Med3DVLM's one input channel; the ``channel`` prompt encoding adds its contour channel
+through the model's zero-initialised ``PromptStem`` (``prompt_channels=1``), so the same weights serve every encoding.
 
 ``--checkpoint`` is a ``.bin`` / ``.pt`` (loaded with ``weights_only=True``), a ``.safetensors`` file, or a folder
 with ``model.safetensors(.index.json)`` / ``pytorch_model.bin(.index.json)``; sharded safetensors are read lazily,
@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from med3dqwen.io import atomic_output
-from med3dqwen.modeling.dcformer_med3d_qwen import DCFORMER_PRESETS, Med3DQwenVisionEncoder, expand_stem_input_channels
+from med3dqwen.modeling.dcformer_med3d_qwen import DCFORMER_PRESETS, Med3DQwenVisionEncoder
 from med3dqwen.modeling.projector_med3d_qwen import Med3DQwenMultiModalProjector
 
 
@@ -104,7 +104,6 @@ class ConversionResult:
         source: ``"med3dvlm_vlm"``, ``"dcformer_siglip"`` or ``"dcformer_encoder"``.
         ignored_keys: recognised keys of parts we do not convert (decoder, text tower, an unconverted projector).
         renamed_keys: checkpoint key → our key where the name changed beyond the prefix (``gamma`` → ``scale``).
-        widened_keys: stem keys given zero kernels for added input channels.
         projector_note: why the projector was or was not converted.
         encoder_prefix: the checkpoint prefix stripped from the encoder keys.
         projector_prefix: the checkpoint prefix of the projector keys (None for encoder-only layouts).
@@ -117,7 +116,6 @@ class ConversionResult:
     source: str
     ignored_keys: list[str] = field(default_factory=list)
     renamed_keys: dict[str, str] = field(default_factory=dict)
-    widened_keys: list[str] = field(default_factory=list)
     projector_note: str = ""
     encoder_prefix: str = ""
     projector_prefix: str | None = None
@@ -165,17 +163,15 @@ def convert_med3dvlm_checkpoint(
     state_dict: Mapping[str, torch.Tensor] | str | os.PathLike,
     *,
     hidden_size: int | None = None,
-    in_channels: int = 1,
     preset: str = "decomp_small",
 ) -> ConversionResult:
     """Map a Med3DVLM / DCFormer_SigLIP state dict onto our encoder (and projector) key names.
 
     Args:
         state_dict: the checkpoint's state dict, or a path (see :func:`load_checkpoint_state_dict`). Tensors are
-            not copied (except widened stem kernels); a lazy mapping is only read for the keys kept.
+            not copied; a lazy mapping is only read for the keys kept.
         hidden_size: decoder hidden size for the projector; the checkpoint's projector is converted only when its
             hidden size equals this (Med3DVLM's release: 3584). None: do not convert the projector.
-        in_channels: encoder input channels; more than the checkpoint's (1) widens the stem with zero kernels.
         preset: :data:`DCFORMER_PRESETS` entry giving the expected encoder shapes.
 
     Returns:
@@ -192,9 +188,7 @@ def convert_med3dvlm_checkpoint(
     keys = list(state_dict.keys())
     layout = _detect_layout(keys)
     enc_prefix, proj_prefix = layout.encoder_prefix, layout.projector_prefix
-    enc_expected = _reference_shapes(
-        lambda: Med3DQwenVisionEncoder(in_channels=in_channels, **DCFORMER_PRESETS[preset])
-    )
+    enc_expected = _reference_shapes(lambda: Med3DQwenVisionEncoder(**DCFORMER_PRESETS[preset]))
 
     encoder: dict[str, torch.Tensor] = {}
     projector_raw: dict[str, str] = {}  # projector key → checkpoint key
@@ -217,12 +211,6 @@ def convert_med3dvlm_checkpoint(
         else:
             unexpected.append(key)
 
-    # The stem's input convolutions: zero kernels for added channels, before the shape check.
-    widened = []
-    stem_keys = [k for k in encoder if re.fullmatch(r"encoder\.s0\.0\.0\.c[123]\.0\.weight", k)]
-    if len(stem_keys) == 3 and all(encoder[k].shape[1] < in_channels for k in stem_keys):
-        encoder = expand_stem_input_channels(encoder, in_channels)
-        widened = sorted(stem_keys)
     for ours, tensor in encoder.items():
         _check_shape(enc_prefix + ours, tensor, enc_expected[ours])
     missing = [enc_prefix + k for k in enc_expected if k not in encoder]
@@ -261,7 +249,6 @@ def convert_med3dvlm_checkpoint(
         source=layout.source,
         ignored_keys=ignored,
         renamed_keys=renamed,
-        widened_keys=widened,
         projector_note=note,
         encoder_prefix=enc_prefix,
         projector_prefix=proj_prefix,
@@ -381,27 +368,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file or folder")
     parser.add_argument("--output_dir", required=True, help="folder for the safetensors files and the report")
     parser.add_argument("--hidden_size", type=int, default=None, help="decoder hidden size for the projector")
-    parser.add_argument("--in_channels", type=int, default=1, help="encoder input channels (2: channel prompt)")
     parser.add_argument("--preset", default="decomp_small", choices=sorted(DCFORMER_PRESETS))
     parser.add_argument("--allow_missing", action="store_true", help="write weights even if keys are missing")
     args = parser.parse_args(argv)
 
-    result = convert_med3dvlm_checkpoint(
-        args.checkpoint, hidden_size=args.hidden_size, in_channels=args.in_channels, preset=args.preset
-    )
+    result = convert_med3dvlm_checkpoint(args.checkpoint, hidden_size=args.hidden_size, preset=args.preset)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "checkpoint": str(args.checkpoint),
         "preset": args.preset,
-        "encoder_config": {"in_channels": args.in_channels, **DCFORMER_PRESETS[args.preset]},
+        "encoder_config": dict(DCFORMER_PRESETS[args.preset]),
         "hidden_size": args.hidden_size,
         **result.to_report(),
         "files": [],
     }
     ok = not result.missing_keys or args.allow_missing
     if ok:
-        meta = {"format": "pt", "source": result.source, "preset": args.preset, "in_channels": str(args.in_channels)}
+        meta = {"format": "pt", "source": result.source, "preset": args.preset}
         _write_safetensors(out / ENCODER_FILE, result.encoder_state_dict, meta)
         report["files"].append(ENCODER_FILE)
         if result.projector_state_dict is not None:

@@ -22,8 +22,7 @@ This file imports only third-party packages so that it can be copied next to a s
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -38,7 +37,6 @@ __all__ = [
     "DecomposedStem",
     "PromptStem",
     "Med3DQwenVisionEncoder",
-    "expand_stem_input_channels",
     "flatten_stage_tokens",
 ]
 
@@ -63,7 +61,6 @@ STEM_KERNEL_SIZE = 7
 # Stem: one 7-wide stride-4 decomposed convolution, then three 3-wide ones.
 _STEM_KERNELS = (STEM_KERNEL_SIZE, 3, 3, 3)
 # The stem's first convolutions (the only ones that see the input channels), in any checkpoint prefix.
-_STEM_INPUT_CONV = re.compile(r"(?:^|\.)s0\.0\.0\.c[123]\.0\.weight$")
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -326,8 +323,7 @@ class Med3DQwenVisionEncoder(nn.Module):
             in_channels: image channels of the pretrained stem (1 for Med3DVLM weights).
             prompt_channels: extra input channels after the image ones (1 for the ``channel`` prompt encoding),
                 handled by a zero-initialised :class:`PromptStem`; the input then has ``in_channels +
-                prompt_channels`` channels. (:func:`expand_stem_input_channels` is the alternative that widens the
-                stem's own kernels.)
+                prompt_channels`` channels.
             channels: output channels of the five stages (stem, s1–s4).
             depths: blocks per stage (stem blocks for stage 0, each with stride 4).
             kernel_sizes: odd depthwise kernel lengths of stages 1–4.
@@ -426,79 +422,3 @@ def flatten_stage_tokens(hidden_state: torch.Tensor) -> torch.Tensor:
     if hidden_state.ndim != 5:
         raise ValueError(f"expected a stage output (B, C, D, H, W), got {tuple(hidden_state.shape)}")
     return hidden_state.permute(0, 2, 3, 4, 1).flatten(1, 3)
-
-
-def _widen_input_kernel(weight: torch.Tensor, new_in_channels: int, name: str) -> torch.Tensor:
-    """Append zero kernels on dim 1 of a (C_out, C_in, kD, kH, kW) conv weight up to ``new_in_channels``."""
-    current = weight.shape[1]
-    if new_in_channels < current:
-        raise ValueError(f"{name} already has {current} input channels; cannot shrink to {new_in_channels}")
-    if new_in_channels == current:
-        return weight
-    zeros = weight.new_zeros((weight.shape[0], new_in_channels - current, *weight.shape[2:]))
-    return torch.cat([weight, zeros], dim=1)
-
-
-def expand_stem_input_channels(
-    state_dict_or_module: Mapping[str, torch.Tensor] | nn.Module, new_in_channels: int = 2
-) -> dict[str, torch.Tensor] | nn.Module:
-    """Widen the stem's first convolutions to ``new_in_channels`` with zero kernels for the added channels.
-
-    The added channels (e.g. the ``channel`` prompt encoding's contour) then have no effect until trained, so the
-    widened encoder equals the pretrained one at init, whatever the added channels hold.
-
-    Args:
-        state_dict_or_module: a state dict (any key prefix; the keys ``...s0.0.0.c{1,2,3}.0.weight`` are widened)
-            or a module holding exactly one stem (e.g. :class:`Med3DQwenVisionEncoder`, changed in place).
-        new_in_channels: input channels after widening; not fewer than the current ones.
-
-    Returns:
-        A new state dict (other tensors shared, not copied), or the same module.
-
-    Raises:
-        ValueError: if no (or more than one) stem is found, or ``new_in_channels`` is below the current count.
-    """
-    _check_positive("new_in_channels", new_in_channels)
-    if isinstance(state_dict_or_module, nn.Module):
-        module = state_dict_or_module
-        stems = [
-            m for name, m in module.named_modules() if name.endswith("s0.0.0") and isinstance(m, DecomposedConv3d)
-        ]
-        if not stems and isinstance(module, DecomposedStem):
-            stems = [module[0]]
-        if len(stems) != 1:
-            raise ValueError(f"expected exactly one DCFormer stem in {type(module).__name__}, found {len(stems)}")
-        first = stems[0]
-        for branch_name in ("c1", "c2", "c3"):
-            branch = getattr(first, branch_name)
-            old = branch[0]
-            new = nn.Conv3d(
-                new_in_channels,
-                old.out_channels,
-                old.kernel_size,
-                stride=old.stride,
-                padding=old.padding,
-                groups=old.groups,
-                bias=old.bias is not None,
-                device=old.weight.device,
-                dtype=old.weight.dtype,
-            )
-            with torch.no_grad():
-                new.weight.copy_(_widen_input_kernel(old.weight, new_in_channels, f"stem {branch_name}"))
-                if old.bias is not None:
-                    new.bias.copy_(old.bias)
-            new.weight.requires_grad_(old.weight.requires_grad)
-            if old.bias is not None:
-                new.bias.requires_grad_(old.bias.requires_grad)
-            branch[0] = new
-        if isinstance(module, Med3DQwenVisionEncoder):
-            module.in_channels = new_in_channels
-        return module
-
-    state_dict = dict(state_dict_or_module)
-    keys = sorted(k for k in state_dict if _STEM_INPUT_CONV.search(k))
-    if len(keys) != 3:
-        raise ValueError(f"expected the 3 stem input convolutions '...s0.0.0.c{{1,2,3}}.0.weight', found {keys}")
-    for key in keys:
-        state_dict[key] = _widen_input_kernel(state_dict[key], new_in_channels, key)
-    return state_dict

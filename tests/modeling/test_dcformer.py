@@ -6,7 +6,6 @@ Facts transcribed from Med3DVLM (github.com/mirthAI/Med3DVLM @ cbbd633): ``src/m
 ``src/model/CLIP.py`` (``DEC_CLIP`` key prefixes). Full-size models are only built on the meta device.
 """
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -29,7 +28,6 @@ from med3dqwen.modeling.dcformer_med3d_qwen import (
     DCFormerConvBlock,
     DecomposedConv3d,
     Med3DQwenVisionEncoder,
-    expand_stem_input_channels,
     flatten_stage_tokens,
 )
 from med3dqwen.modeling.projector_med3d_qwen import Med3DQwenMultiModalProjector
@@ -332,50 +330,6 @@ def test_decomposed_kernels_act_on_med3dvlm_axes(branch, axis):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_expand_stem_module_zero_init_equivalence():
-    base = randomized(Med3DQwenVisionEncoder(**TINY), seed=2)
-    wide = expand_stem_input_channels(copy.deepcopy(base), 2)
-    assert wide.in_channels == 2
-    conv = wide.encoder.s0[0][0].c2[0]
-    assert conv.weight.shape == (4, 2, 1, 7, 1) and conv.weight.requires_grad
-    assert torch.count_nonzero(conv.weight[:, 1]) == 0
-    x = torch.rand(1, 1, 16, 20, 24)
-    with torch.no_grad():
-        expected = base(x)
-        for extra in (torch.zeros_like(x), torch.rand_like(x) * 5, torch.randn_like(x)):
-            for a, b in zip(wide(torch.cat([x, extra], dim=1)), expected, strict=True):
-                torch.testing.assert_close(a, b)
-
-
-def test_expand_stem_state_dict_loads_into_two_channel_encoder():
-    base = randomized(Med3DQwenVisionEncoder(**TINY), seed=3)
-    sd = {f"vision_encoder.{k}": v for k, v in base.state_dict().items()}
-    wide_sd = expand_stem_input_channels(sd, new_in_channels=2)
-    assert wide_sd["vision_encoder.encoder.s0.0.0.c1.0.weight"].shape == (4, 2, 7, 1, 1)
-    assert wide_sd["vision_encoder.encoder.s0.0.1.c1.0.weight"] is sd["vision_encoder.encoder.s0.0.1.c1.0.weight"]
-    wide = Med3DQwenVisionEncoder(in_channels=2, **TINY)
-    wide.load_state_dict({k.removeprefix("vision_encoder."): v for k, v in wide_sd.items()})
-    wide.eval()
-    x = torch.rand(2, 1, 9, 10, 11)
-    with torch.no_grad():
-        out = wide(torch.cat([x, torch.rand_like(x)], dim=1))[4]
-        torch.testing.assert_close(out, base(x)[4])
-
-
-def test_expand_stem_errors():
-    with pytest.raises(ValueError, match="cannot shrink"):
-        expand_stem_input_channels(Med3DQwenVisionEncoder(in_channels=2, **TINY), 1)
-    with pytest.raises(ValueError, match="stem input convolutions"):
-        expand_stem_input_channels({"encoder.s1.0.scale": torch.zeros(4)}, 2)
-    with pytest.raises(ValueError, match="exactly one DCFormer stem"):
-        expand_stem_input_channels(torch.nn.Linear(2, 2), 2)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Constructor checks
-# ---------------------------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize(
     "factory, match",
     [
@@ -569,15 +523,6 @@ def test_convert_accepts_old_gamma_name():
     assert result.missing_keys == [] and "encoder.s4.0.scale" in result.encoder_state_dict
 
 
-def test_convert_two_input_channels_widens_stem():
-    encoder = nano_state_dict()
-    result = convert_med3dvlm_checkpoint(vlm_checkpoint(encoder), preset="decomp_nano", in_channels=2)
-    assert result.widened_keys == [f"encoder.s0.0.0.c{i}.0.weight" for i in (1, 2, 3)]
-    weight = result.encoder_state_dict["encoder.s0.0.0.c3.0.weight"]
-    assert weight.shape == (32, 2, 1, 1, 7) and torch.count_nonzero(weight[:, 1]) == 0
-    Med3DQwenVisionEncoder(in_channels=2, **NANO).load_state_dict(result.encoder_state_dict)
-
-
 def test_convert_without_encoder_keys_raises():
     with pytest.raises(ValueError, match="no DCFormer encoder keys"):
         convert_med3dvlm_checkpoint({"model.embed_tokens.weight": torch.zeros(2, 2)})
@@ -629,6 +574,13 @@ def test_cli_writes_safetensors_and_report_atomically(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (out / ENCODER_FILE).stat().st_mode & 0o777 == 0o666 & ~umask
+    # The converted stem is Med3DVLM's one channel, loadable as is; the channel encoding goes through PromptStem.
+    encoder = Med3DQwenVisionEncoder(**NANO, prompt_channels=1)
+    missing, unexpected = encoder.load_state_dict(load_file(out / ENCODER_FILE), strict=False)
+    assert unexpected == [] and missing and all(k.startswith("prompt_stem.") for k in missing)
+    assert report["encoder_config"] == json.loads(json.dumps(DCFORMER_PRESETS["decomp_nano"]))
+    with pytest.raises(SystemExit):  # --in_channels widened a stem the model could not load: removed
+        main([*argv, "--in_channels", "2"])
 
 
 def test_cli_missing_keys_writes_only_the_report(tmp_path):
