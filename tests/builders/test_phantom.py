@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from med3dqwen.anatomy.labels import TOTALSEGMENTATOR_V2_LABELS
-from med3dqwen.builders.phantom.generator import (
+from med3dqwen.builders.phantom import (
     ANATOMY_NAMES,
     ANATOMY_PATHS,
     DEFAULT_FOV_MM,
