@@ -1,61 +1,8 @@
 """CT-RATE → report-generation JSONL (the library behind ``datasets_scripts/build_ctrate_reports.py``).
 
-Upstream layout: the Hugging Face dataset repository ``ibrahimhamamci/CT-RATE`` as downloaded (gated: accept its terms
-first)::
-
-    ROOT/dataset/radiology_text_reports/{train,validation}_reports.csv
-        VolumeName, ClinicalInformation_EN, Technique_EN, Findings_EN, Impressions_EN     one row per reconstruction
-    ROOT/dataset/metadata/{train,validation}_metadata.csv
-        VolumeName, ..., XYSpacing ("[0.75, 0.75]"), RescaleIntercept, RescaleSlope, ..., ZSpacing, ...   (44 columns)
-    ROOT/dataset/metadata/no_chest_{train,valid}.txt      volumes that are not chest CTs, one name per line
-    ROOT/dataset/{train,valid}/<split>_<pid>/<split>_<pid>_<scan>/<split>_<pid>_<scan>_<recon>.nii.gz
-    ROOT/dataset/{train,valid}_fixed/...                  the same names, re-exported with fixed headers
-
-Columns are read by name (extra columns are ignored, a UTF-8 BOM is accepted); RadGenome's spelling of the scan folder
-(``train_1/train_1a/``) is accepted as a fallback. Every folder can be overridden (:class:`CTRateBuildConfig`).
-
-Decisions (documented in ``datasets_scripts/README.md`` too):
-
-- **One question per scan.** Upstream has one row per *reconstruction* (``train_1_a_1``, ``train_1_a_2``: the same
-  scan reconstructed twice, with the same report). By default (``reconstructions="first"``) a scan gives one record,
-  from its lowest-numbered reconstruction whose file exists (normally ``_1``; the next one when that file is
-  missing); ``reconstructions="all"`` keeps one record per reconstruction (same patient, so never across splits).
-- **The question** is a report request from :data:`TEMPLATES` (one set per ``report_sections``), chosen per volume
-  with :func:`~med3dqwen.builders.engine.stable_index` from ``(seed, volume id)``. **The answer** is the report text:
-  ``report_sections="findings_impressions"`` (default) gives ``"Findings: <Findings_EN>\\nImpression:
-  <Impressions_EN>"`` (the impression line is left out when upstream has none); ``"findings"`` gives the findings
-  text alone. Empty, ``nan`` and CT-RATE's ``Not given.`` count as missing; a row without findings is skipped
-  (``empty_report``). Anatomy terms are RadLex-normalised like every other builder (``normalize_anatomy``).
-- **Whole volume, so no contour.** A report is about the whole scan: no mask, no ROI, and the no-prompt wording and
-  system prompt in every build (:func:`~med3dqwen.builders.engine.rewrite_configs`, as RadGenome's whole-volume
-  questions); ``--prompt`` is accepted for a uniform command line and recorded, and changes nothing.
-- **HU and spacing.** The original NIfTI files have blank headers: no spacing, no slope / intercept. The builder does
-  not rewrite 25k volumes by default; it records per record what a reader must apply to the values that
-  :func:`~med3dqwen.processing.ct_io.load_volume` returns (fields ``rescale_slope``, ``rescale_intercept``:
-  ``HU = value * slope + intercept``) and the true voxel size (``spacing`` = (D, H, W) mm = ``(ZSpacing,
-  XYSpacing[0], XYSpacing[1])``, DICOM row then column spacing). With ``rescale="auto"`` (default) the values come
-  from the metadata CSV unless the file's own header already scales (then 1 / 0: nibabel applies it on load);
-  spacing comes from the header when it has a qform / sform, else from the metadata. ``rescale="none"`` records
-  1 / 0 (for re-exports already in HU). ``convert_volumes=True`` instead writes corrected copies,
-  ``volumes/<scan>/<volume>.nii.gz`` (int16 HU, affine with the recorded spacing), and records point there (slope
-  1, intercept 0). Either way every record says ``intensity: "hu"``. ``volume_folders="fixed"`` reads the
-  ``*_fixed`` folders instead of the originals. When files are opened (``validate_files``), a volume whose
-  rescaled values look wrong (less than 1 % of voxels are air, in [-1100, -850] HU: a missing rescale; or more
-  than 1 % lie below -1500 HU without being the padding value: a rescale applied twice) is counted as
-  ``implausible_hu`` in the card and logged, but kept.
-- **Splits** by patient (``train_<pid>`` / ``valid_<pid>``): upstream ``valid`` is our ``test``; our
-  ``validation`` (dev) is carved from upstream ``train`` by patient hash, exactly as
-  :mod:`~med3dqwen.builders.radgenome` does (:func:`~med3dqwen.builders.radgenome.split_probabilities`).
-- **Not chest.** Volumes listed in ``no_chest_{train,valid}.txt`` (a line may name a volume, with or without
-  ``.nii.gz``, or a scan) are left out on purpose: they are counted in the card and listed in ``filtered.jsonl``
-  (same line format as ``skipped.jsonl``), not in ``skipped.jsonl``, so that ``--strict`` still means "stop at bad
-  data".
-- **Skipped** (``skipped.jsonl``; ``--strict``: an error): ``malformed_row``, ``unsafe_path``, ``empty_report``
-  (while reading the CSVs), ``missing_volume``, ``unreadable_volume``, ``missing_metadata``,
-  ``malformed_metadata`` (per scan).
-- **Volumes are not copied** (without ``convert_volumes``): ``OUT/source/<folder>`` links to the upstream folder and
-  records hold paths through it (``source/train/train_1/train_1_a/train_1_a_1.nii.gz``); ``--push_to_hub`` never
-  uploads ``source/`` or ``volumes/`` (CT-RATE's terms forbid redistribution).
+One whole-volume report question per scan, the answer being its findings (and impression) text; the records say how
+to turn the stored values into HU and the true voxel size. Upstream layout and the decisions (reconstructions,
+question and answer text, HU and spacing, splits, not-chest volumes, skip reasons): ``docs/datasets/ctrate.md``.
 """
 
 from __future__ import annotations

@@ -1,44 +1,9 @@
 """Shared machinery of the dataset builders (``datasets_scripts/build_<name>.py``): resumable, parallel, sharded.
 
-A builder describes its dataset as an ordered list of **work units**, one per volume (:class:`WorkUnit`: an id, the
-patient it belongs to, its split and whatever inputs the builder needs, e.g. the CSV rows about that volume).
-:meth:`DatasetBuilder.process` turns one unit into JSONL records (:func:`~med3dqwen.data.rewrite.build_record`),
-skipped entries (:func:`skip_entry`) and files it writes itself (prompt PNGs, phantom volumes). :func:`run_build`
-does the rest:
-
-1. ``builder.prepare(out)`` (e.g. links to the upstream folders) and ``builder.plan()`` (units in canonical order,
-   plus rows rejected before any file is opened).
-2. The units of this shard (:func:`shard_of`) whose result is not on disk yet are processed, in this process
-   (``num_proc=1``) or in a ``multiprocessing`` pool (``spawn`` start method by default: nothing is inherited, the
-   builder and each unit are pickled). Each unit's result is written **atomically** to
-   ``OUT/.work/units/<unit_id>.json`` once the unit is complete: the file is the unit's done marker, so a killed
-   build leaves no half-written unit and a re-run processes only the missing ones.
-3. With one shard, or with ``merge_only``, :func:`merge_build` reads the unit files **in plan order** (never in the
-   order the workers finished) and writes ``data/{train,validation,test}.jsonl``, ``skipped.jsonl``,
-   ``filtered.jsonl`` (builders that leave rows out on purpose, see :class:`Plan`) and the dataset card ``README.md``
-   (features, counts, skipped reasons). Output is therefore byte-identical whatever ``num_proc``, however the work
-   was sharded, and whether or not the build was interrupted and resumed.
-
-Output folder::
-
-    README.md                        dataset card: configs (train / validation / test), features, counts, skipped
-    data/<split>.jsonl               one question per line, in plan order
-    skipped.jsonl                    one line per skipped item: reason, unit_id, source (file:row), rows, detail
-    filtered.jsonl                   one line per item left out on purpose (same format); only builders that filter
-    <builder files>                  e.g. prompts/<volume_id>/*.png, volumes/ (phantom), source/ (links, RadGenome)
-    .work/config.json                the configuration the work was done with (a different one is refused)
-    .work/units/<unit_id>.json       one finished unit: records, skipped entries, counters
-
-Sharding: unit ``u`` belongs to shard ``int(sha256(u.unit_id)[:16 hex], 16) % num_shards``, a hash of its id, so a
-unit keeps its shard when the dataset grows and every shard job computes the same assignment without talking to the
-others. A cluster job array runs ``--num_shards N --shard_index $i`` on a shared output folder (the unit files do
-not depend on the shard count, so a different ``N`` on a re-run reuses finished units), then one
-``--merge_only`` run with the same arguments assembles the dataset.
-
-Writing a new builder (CT-RATE, M3D-VQA, PMC-VQA): subclass :class:`DatasetBuilder`; it must be picklable (a plain
-object holding its configuration, defined at module level) and ``process`` must depend only on the configuration
-and the unit (fresh RNGs and normalisers per unit) so that any worker gives the same bytes. See
-:mod:`med3dqwen.builders.radgenome` for a full example and ``datasets_scripts/README.md`` for the command lines.
+A builder lists its dataset as work units (one per volume), :meth:`DatasetBuilder.process` turns one unit into
+records, and :func:`run_build` plans, shards, processes (one atomic ``.work/units/<id>.json`` per finished unit, so a
+killed build resumes) and merges in plan order, so the output is byte-identical however it was run. The output
+folder, sharding and how to write a new builder: ``docs/builders.md``.
 """
 
 from __future__ import annotations

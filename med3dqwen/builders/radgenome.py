@@ -1,71 +1,9 @@
 """RadGenome-ChestCT → boundary-prompt VQA JSONL (the library behind ``datasets_scripts/build_radgenome.py``).
 
-Upstream layout: the Hugging Face dataset repository ``RadGenome/RadGenome-ChestCT`` as downloaded, with its mask
-archives extracted in place (the anatomy-mask parts are one byte-split ``.tar.gz``: ``cat train_anatomy_mask_a? |
-tar xz``)::
-
-    ROOT/dataset/radgenome_files/{train,validation}_{vqa_presence,vqa_abnormality,vqa_location,vqa_size,
-                                                     case_disorders,region_report}.csv
-    ROOT/dataset/train_preprocessed/train_<pid>/train_<pid><scan>/train_<pid>_<scan>_<recon>.nii.gz
-    ROOT/dataset/valid_preprocessed/valid_<pid>/valid_<pid><scan>/valid_<pid>_<scan>_<recon>.nii.gz
-    ROOT/dataset/{train,valid}_anatomy_mask/seg_<volume>/<structure>.nii.gz     fine structures (names with spaces)
-    ROOT/dataset/{train,valid}_region_mask/seg_<volume>/<region>.nii.gz         the 10 regions
-
-Note the folder quirk: the scan folder is ``train_362a`` (no ``_`` before the scan letter) while the file is
-``train_362_a_1.nii.gz``; CT-RATE's own layout (``train_362_a``) is accepted as a fallback. Every folder can be
-overridden (:class:`RadGenomeBuildConfig`).
-
-CSV columns (read by name, extra columns such as a pandas index are ignored, a UTF-8 BOM is accepted):
-
-==================  =========================================  =====================================================
-file                columns                                    question
-==================  =========================================  =====================================================
-vqa_presence        Volumename, Anatomy, Finding, Presence     presence, closed: ``Yes.`` / ``No.`` (label 1 / 0)
-vqa_abnormality     Volumename, Anatomy, Abnormality           abnormality, open (comma-joined findings)
-vqa_location        Volumename, Anatomy, Abnormality           location, open, whole volume (the answer is where)
-vqa_size            Volumename, Anatomy, Abnormality, Size     size, open (noisy text kept: ``6x4 mm``, ``2 cm``)
-case_disorders      Volumename, Disorders                      case_disorders, open, whole volume (1 row / volume)
-region_report       Volumename, Anatomy, Sentence              region_report, open (empty Anatomy: whole report)
-==================  =========================================  =====================================================
-
-Decisions (documented in ``datasets_scripts/README.md`` too):
-
-- **Volumes are not copied.** The build links the six upstream folders into ``OUT/source/`` (``source/
-  train_preprocessed`` → the upstream ``train_preprocessed`` …) and records hold paths relative to ``OUT`` through
-  those links (``source/train_preprocessed/train_362/train_362a/train_362_a_1.nii.gz``). ``OUT / volume_path``
-  resolves to the upstream file; after moving the data, re-run with the new ``data_root`` (finished volumes are
-  reused, the links refreshed: the configuration check covers options, not the data's location).
-  ``--push_to_hub`` never uploads ``source/`` (the licence forbids redistribution).
-- **Paths from CSVs are untrusted.** ``Volumename`` must match ``<split>_<pid>_<scan>_<recon>.nii.gz`` of the CSV's
-  own split; ``Anatomy`` components must not be empty, ``.``, ``..``, absolute or hold backslashes
-  (:func:`~med3dqwen.builders.engine.safe_relpath`); otherwise the row is skipped (``unsafe_path`` /
-  ``malformed_row``).
-- **Linking rule** (the official baseline's): head = first component of ``Anatomy``, leaf = last. Mask =
-  ``anatomy_mask/seg_<volume>/<leaf>.nii.gz``; if that file is missing (or, our addition, empty),
-  ``region_mask/seg_<volume>/<head>.nii.gz``; an unreadable or misaligned file is skipped, never replaced by the
-  region. The rule lives in the mask source (``get_mask_source("radgenome")``). If head or leaf is ``others`` /
-  ``whole scan`` (or ``Anatomy`` is empty in ``region_report``), the question is about the whole volume: no mask,
-  no contour, the no-prompt wording.
-  Location and case-disorder questions are always whole-volume (a contour around the answer would give it away).
-  A head outside the 10 regions is ``unknown_anatomy``.
-- **Deduplication.** Upstream repeats a finding at every level of the anatomy tree (``lung``, ``lung/lung``,
-  ``lung/lung/right lung``, …). Per volume, question type and answer content (finding + Yes/No, abnormality list,
-  finding + size, sentence), a row is dropped when another row with the same content sits at a *descendant* path
-  (keep the deepest level); rows left with the same leaf (``…/right lung/right lung upper lobe`` and ``…/lung upper
-  lobe/right lung upper lobe``: the same mask) are merged into the lexicographically first path. Location rows that
-  remain for one finding become one question whose answer names every leaf ("In the right lung upper lobe and the
-  left lung lower lobe."). Counts go to the card.
-- **Templates** (the CSVs hold no question text): our own small sets, :data:`TEMPLATES`, one chosen per row by
-  :func:`~med3dqwen.builders.engine.stable_index` from ``(seed, volume, type, anatomy, content)``, so the choice does
-  not depend on row order or worker. ``{region}`` is the anatomy leaf (RadLex-normalised by the rewriting, e.g.
-  "right lung upper lobe" → "upper lobe of right lung"), ``{finding}`` the upstream text verbatim.
-- **Splits** are by patient (``train_<pid>`` / ``valid_<pid>``; ``train_7`` and ``valid_7`` are different people).
-  Upstream ``validation`` (manually verified) is our ``test``. Our ``validation`` (dev) is carved from upstream
-  ``train`` by patient hash (:func:`~med3dqwen.data.splits.assign_split`). ``split_ratios = (train, validation,
-  test)`` are target fractions of patients; see :func:`split_probabilities` for the two ``split_mode`` s.
-- **Skipped** (with ``--strict``: an error): ``malformed_row``, ``unsafe_path``, ``unknown_anatomy`` (while reading
-  CSVs), ``missing_volume``, ``unreadable_volume`` (all rows of the volume at once), ``missing_mask``,
-  ``unreadable_mask``, ``mask_mismatch`` (mask grid ≠ volume grid), ``empty_roi`` (per row, after the fallback).
+Reads the six upstream CSVs per split, links the upstream volume and mask folders under ``OUT/source/`` and turns each
+row into one question whose contour comes from the RadGenome mask source (leaf mask, else its region). Upstream
+layout, CSV columns and the decisions (untrusted paths, linking rule, deduplication, templates, splits, skip
+reasons): ``docs/datasets/radgenome.md``.
 """
 
 from __future__ import annotations

@@ -1,26 +1,7 @@
 """Weight-free masks from Hounsfield thresholds: body, lungs (left/right), airway, bone.
 
-Good enough for the phantom and demos, not a segmentation model. All steps are vectorised ``scipy.ndimage`` calls
-restricted to the body's bounding box (a 128 × 256 × 256 chest CT takes 0.3-0.5 s on two CPU cores):
-
-- ``body``: HU > ``body_hu`` (-500), the largest 3D component, holes filled slice by slice (so the lungs and the
-  airway lie inside the body).
-- ``airway`` (RadGenome's "trachea and bronchie"; also answers ``trachea``): air (HU < ``air_hu``, -400) inside the
-  body whose axial cross-sections are small (< ``airway_max_area_mm2``) and which forms a tube of air (median HU
-  below ``airway_hu``, -900) that reaches the superior end of the body near the midline: the trachea and the main
-  bronchi down to where they enter the lungs (there a cross-section merges with the lung and becomes large, which
-  ends the tube). Empty on scans without the trachea.
-- ``lung`` / ``lung_left`` / ``lung_right``: the remaining air inside the body, in components whose median HU lies
-  between ``gas_hu`` (-960: bowel and stomach gas are nearly pure air, lung parenchyma is not) and ``lung_max_hu``
-  (-600: partial-volume air, e.g. the gap between the back and the table) and that hold at least
-  ``min_lung_fraction`` of the largest such component; a component is assigned to the side of the body's midline
-  (per slice) where most of it lies, and a component that spans both sides (lungs fused at the anterior junction) is
-  cut at the midline. Holes (vessels, nodules) are filled slice by slice. In the (D, H, W) layout of
-  :mod:`~med3dqwen.processing.ct_io` the patient's right is at small ``w``: ``lung_right`` is the low-``w`` side.
-- ``bone``: HU > ``bone_hu`` (250) inside the body.
-
-Known limits: pleural effusions, consolidation and large masses at the lung border are not lung by HU (they are left
-out); the airway below the hilum stays inside the lungs.
+Good enough for the phantom and demos, not a segmentation model; vectorised ``scipy.ndimage`` steps restricted to the
+body's bounding box. Each structure's rule and the known limits: ``docs/segmentation.md``.
 """
 
 from __future__ import annotations

@@ -1,30 +1,9 @@
 """VISTA-3D (MONAI) as a mask source: class prompts → masks on the CT volume's own grid.
 
-The source runs the MONAI code path of the ``vista3d`` bundle's ``configs/inference.json`` (model-zoo bundle 0.5.4,
-checked against the metadata of 0.6.0) for automatic segmentation with class prompts:
-
-- network: ``monai.networks.nets.vista3d132`` (SegResNetDS2 encoder + class head + point head), weights from the
-  bundle's ``models/model.pt`` (a plain state dict, or ``{"model": state_dict}`` as MONAI's ``CheckpointLoader``
-  accepts);
-- pre-processing, in the bundle's order: ``Spacingd`` to 1.5 mm isotropic (bilinear) → ``CropForegroundd``
-  (voxels > 0 HU, margin 10, ``allow_smaller``) → ``VistaPreTransformd`` (class names → ids; 2 kidney, 20 lung and
-  21 bone expanded into their parts) → ``ScaleIntensityRanged`` (-963.8247715525971 … 1053.678477684517 HU → 0 … 1,
-  clipped) → ``Orientationd("RAS")`` → float32;
-- inference: ``SlidingWindowInfererAdapt`` with 128³ windows, ``with_coord=True``, the network called with
-  ``class_vector`` = the prompts ([N, 1]) and ``transpose=True`` (the bundle's ``Vista3dInferer`` for class prompts);
-  window overlap 0.3 (the bundle's ``inferer.overlap``) and ``"replicate"`` padding (changelog 0.5.7);
-- post-processing: ``VistaPostTransformd`` (negative logits → 0; one prompt: logit > 0; several: argmax over the
-  prompts, background where all are ≤ 0; channel → class id) → ``Invertd`` of the whole pre-processing with nearest
-  interpolation, i.e. back to the input volume's grid and orientation.
-
-Not verified here: the bundle code after 0.5.4 (only its changelog and metadata were readable offline), hence the
-window overlap and padding mode are the stated intent of later versions, not code seen running; AMP (the bundle
-evaluates under CUDA autocast) is used only on CUDA devices.
-
-**Weights.** Real masks need the released weights (NVIDIA OneWay Noncommercial licence):
-``monai.bundle.download("vista3d", bundle_dir="bundles")`` with internet, then ``Vista3DSource("bundles/vista3d")``.
-Without a bundle the network has random weights: the pipeline runs (tests use this), the masks mean nothing, and a
-warning says so.
+Runs the MONAI code path of the ``vista3d`` bundle's ``configs/inference.json`` for automatic segmentation with class
+prompts (pre-processing, sliding-window inference, post-processing inverted back to the input grid). Without the
+released weights the network is random and a warning says so. The pipeline step by step, what was verified and how
+to get the weights: ``docs/segmentation.md``.
 """
 
 from __future__ import annotations
