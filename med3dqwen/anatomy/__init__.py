@@ -4,6 +4,7 @@ This subpackage imports nothing else of ``med3dqwen``: every other part looks na
 """
 
 from .labels import (
+    RADGENOME_ANATOMY_PATHS,
     RADGENOME_NO_CONTOUR,
     RADGENOME_REGIONS,
     RADGENOME_SUBSET_LEAVES,
@@ -18,6 +19,7 @@ from .vocabulary import Vocabulary, VocabularyEntry, default_vocabulary, name_ke
 
 
 __all__ = [
+    "RADGENOME_ANATOMY_PATHS",
     "RADGENOME_NO_CONTOUR",
     "RADGENOME_REGIONS",
     "RADGENOME_SUBSET_LEAVES",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = [
     "TOTALSEGMENTATOR_V2_LABELS",
+    "RADGENOME_ANATOMY_PATHS",
     "RADGENOME_NO_CONTOUR",
     "RADGENOME_REGIONS",
     "RADGENOME_SUBSET_LEAVES",
@@ -173,3 +174,39 @@ def _radgenome_leaves() -> tuple[str, ...]:
 
 RADGENOME_SUBSET_LEAVES: tuple[str, ...] = _radgenome_leaves()
 """The 139 ``Anatomy`` leaves seen in RadGenome-ChestCT's official 2,000-volume train subset (sorted)."""
+
+
+def _radgenome_anatomy_paths() -> dict[str, str]:
+    paths = {
+        "lung_right": "lung/lung/right lung",
+        "lung_left": "lung/lung/left lung",
+        "lung_upper_lobe_right": "lung/lung/right lung/right lung upper lobe",
+        "lung_middle_lobe_right": "lung/lung/right lung/right lung middle lobe",
+        "lung_lower_lobe_right": "lung/lung/right lung/right lung lower lobe",
+        "lung_upper_lobe_left": "lung/lung/left lung/left lung upper lobe",
+        "lung_lower_lobe_left": "lung/lung/left lung/left lung lower lobe",
+        "heart": "heart/heart",
+        "aorta": "mediastinum/aorta",
+        "trachea": "trachea and bronchie/trachea",
+        "esophagus": "esophagus/esophagus",
+        "liver": "abdomen/abdomen/liver",
+        "spleen": "abdomen/abdomen/spleen",
+        "stomach": "abdomen/abdomen/stomach",
+        "vertebrae": "bone/bone/vertebrae",
+        "ribs": "bone/bone/rib",
+        "sternum": "bone/bone/sternum",
+    }
+    groups = {"C": ("cervical vertebrae", 7), "T": ("thoracic vertebrae", 12), "L": ("lumbar vertebrae", 5)}
+    for letter, (group, count) in groups.items():
+        for i in range(1, count + 1):
+            leaf = f"{group} {i} ({letter.lower()}{i})"
+            paths[f"vertebrae_{letter}{i}"] = f"bone/bone/vertebrae/{group}/{leaf}"
+    for side in ("left", "right"):
+        for k in range(1, 13):
+            paths[f"rib_{side}_{k}"] = f"bone/bone/rib/{side} rib/{side} rib {k}"
+    return paths
+
+
+RADGENOME_ANATOMY_PATHS: dict[str, str] = _radgenome_anatomy_paths()
+"""Canonical key (TotalSegmentator-style) → RadGenome-ChestCT ``Anatomy`` path (``head/.../leaf``) of the chest
+structures whose place in RadGenome's anatomy tree is known; the leaf is RadGenome's mask file name."""

@@ -1,8 +1,17 @@
 """Vocabulary: VISTA-3D, TotalSegmentator, RadGenome-ChestCT and RadLex names through canonical keys."""
 
+import re
+
 import pytest
 
-from med3dqwen.anatomy import RADGENOME_REGIONS, RADGENOME_SUBSET_LEAVES, VISTA3D_LABELS, Vocabulary
+from med3dqwen.anatomy import (
+    RADGENOME_ANATOMY_PATHS,
+    RADGENOME_REGIONS,
+    RADGENOME_SUBSET_LEAVES,
+    VISTA3D_LABELS,
+    Vocabulary,
+    default_vocabulary,
+)
 from med3dqwen.anatomy.labels import TOTALSEGMENTATOR_V2_LABELS
 from med3dqwen.anatomy.radlex import RADLEX_PREFERRED, RADLEX_TABLE, RadLexNormalizer
 from med3dqwen.anatomy.vocabulary import name_key
@@ -178,3 +187,21 @@ def test_names_lists_each_sources_vocabulary(vocab):
     assert set(vocab.names("vista3d")) == set(VISTA3D_LABELS.values())
     assert set(TOTALSEGMENTATOR_V2_LABELS.values()) <= set(vocab.names("totalsegmentator"))
     assert set(vocab.names("radgenome")) == (set(RADGENOME_SUBSET_LEAVES) | set(RADGENOME_REGIONS)) - {"others"}
+
+
+def test_radgenome_anatomy_paths_agree_with_the_vocabulary():
+    # The one table of RadGenome anatomy-tree paths (the phantom takes its paths from it): heads are regions, every
+    # level the vocabulary knows names the same structure family, and each leaf the vocabulary knows is its key.
+    vocabulary = default_vocabulary()
+    unknown = []
+    for key, path in RADGENOME_ANATOMY_PATHS.items():
+        levels = path.split("/")
+        assert levels[0] in RADGENOME_REGIONS, path
+        leaf = vocabulary.canonical(levels[-1])
+        if leaf is None:
+            unknown.append(levels[-1])
+        else:
+            assert leaf == key, (path, leaf)
+    # Only numbered vertebrae that the official 2,000-volume subset never names are outside the vocabulary.
+    assert all(re.fullmatch(r"(cervical|lumbar) vertebrae \d \([cl]\d\)", name) for name in unknown), unknown
+    assert "thoracic vertebrae 7 (t7)" in RADGENOME_ANATOMY_PATHS["vertebrae_T7"]

@@ -441,7 +441,7 @@ def _spine(grid: _Grid, labels: np.ndarray, p: _Patient) -> tuple[Box, dict[str,
     arch |= _ellipse2d(y, x, (canal_y - 2.0, p.cx + 22.0), (5.0, 12.0)) <= 1
     endplate = max(grid.spacing[0], 2.0)
     level_boxes = {}
-    for i, (name, _) in enumerate(_VERTEBRAE):
+    for i, name in enumerate(_VERTEBRAE):
         top, bottom = tops[i], tops[i] - heights[i]
         body_r2 = _ellipse2d(y, x, (p.spine_y, p.cx), (body_semi_y[i], body_semi_x[i]))
         body = body_r2 <= 1
