@@ -238,7 +238,7 @@ class RadLexNormalizer:
 
     Attributes:
         unknown_terms: how often each unknown term (by its lookup key, i.e. lower case with single spaces) was
-            seen by :meth:`normalize_term` and :meth:`normalize_anatomy_path`.
+            seen by :meth:`normalize_term`.
 
     Raises:
         ValueError: if ``extra_terms`` has an empty key or two keys that differ only in case or separators but map to
@@ -305,30 +305,6 @@ class RadLexNormalizer:
         if original[0].isupper():
             return preferred[0].upper() + preferred[1:]
         return preferred
-
-    def normalize_anatomy_path(self, path: str) -> str:
-        """Normalise a RadGenome ``Anatomy`` path level by level.
-
-        Each ``/``-separated level is stripped and normalised with :meth:`normalize_term`; empty levels are dropped,
-        and so is a level equal (case-insensitively) to the one before it, which removes RadGenome's repeated head
-        and any repeat that normalisation creates. The result is joined with ``/`` again, so its last level is still
-        the leaf that names the mask file (in normalised form).
-
-        Args:
-            path: e.g. ``"lung/lung/right lung/right lung upper lobe"``.
-
-        Returns:
-            e.g. ``"lung/right lung/upper lobe of right lung"``.
-        """
-        levels: list[str] = []
-        for level in path.split("/"):
-            level = level.strip()
-            if not level:
-                continue
-            level = self.normalize_term(level)
-            if not levels or levels[-1].lower() != level.lower():
-                levels.append(level)
-        return "/".join(levels)
 
     def stats(self) -> dict[str, int]:
         """Counts since construction.

@@ -368,16 +368,7 @@ class Vocabulary:
             names |= {alias for entry in self._entries.values() for alias in entry.aliases if alias in lookup}
         return sorted(names)
 
-    def vista3d_ids(self, name: str) -> list[int]:
-        """VISTA-3D class ids of a structure (of its parts for unions); ``[]`` if VISTA-3D cannot serve it."""
-        by_name = {label: i for i, label in VISTA3D_LABELS.items()}
-        return [by_name[n] for n in self.components(name, "vista3d")]
-
     # -- reporting -------------------------------------------------------------------------------------------------
-
-    def unmatched_names(self) -> list[tuple[str, int]]:
-        """Names that were asked for and not known, most frequent first (never silently mapped)."""
-        return self.unmatched.most_common()
 
     def report(self) -> dict[str, list]:
         """``{"unmatched": [(name, count), ...], "missing": [((key, source), count), ...]}``, most frequent first."""

@@ -206,7 +206,7 @@ class HUThresholdSource(MaskSource):
             return np.zeros_like(air), np.zeros_like(air)
         lung_like &= sizes >= self.min_lung_fraction * sizes[lung_like].max()
         # Per-slice midline of the body (its column centroid), broadcast over the slice.
-        d_size, _, w_size = air.shape
+        w_size = air.shape[2]
         w = np.arange(w_size)
         counts = body.sum(axis=1)  # (D, W)
         totals = counts.sum(axis=1)

@@ -111,28 +111,6 @@ def test_normalize_text_counts():
     assert normalizer.stats() == {"replaced": 2, "known": 1, "unknown": 0}
 
 
-@pytest.mark.parametrize(
-    ("path", "expected"),
-    [
-        ("lung/lung/right lung/right lung upper lobe", "lung/right lung/upper lobe of right lung"),
-        ("heart/heart/heart tissue", "heart/heart tissue"),
-        ("bone/bone/rib/left rib/left rib 4", "bone/rib/left rib/left fourth rib"),
-        ("trachea and bronchie/trachea and bronchie/bronchie", "trachea and bronchi/bronchi"),
-        (" lung / lung /", "lung"),
-        ("bronchie/bronchi", "bronchi"),
-    ],
-)
-def test_normalize_anatomy_path(path, expected):
-    assert RadLexNormalizer().normalize_anatomy_path(path) == expected
-
-
-def test_anatomy_path_counts_unknown_levels():
-    normalizer = RadLexNormalizer()
-    normalizer.normalize_anatomy_path("heart/heart/heart tissue")
-    assert normalizer.unknown_terms == {"heart tissue": 1}
-    assert normalizer.stats() == {"replaced": 0, "known": 2, "unknown": 1}
-
-
 def test_extra_terms():
     normalizer = RadLexNormalizer(extra_terms={"ticker": "heart", "Spine": "spinal cord"})
     assert normalizer.normalize_text("The ticker and the spine.") == "The heart and the spinal cord."

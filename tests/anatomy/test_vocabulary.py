@@ -87,7 +87,7 @@ def test_every_radgenome_leaf_and_region_is_known(vocab):
         key = vocab.canonical(name)
         assert key is not None, name
         assert vocab.to_source_name(key, "radgenome") in (name, "thyroid gland"), name  # region "thyroid"
-    assert [name for name, _ in vocab.unmatched_names()] == ["others"]
+    assert [name for name, _ in vocab.report()["unmatched"]] == ["others"]
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,6 @@ def test_components_build_unions_where_a_source_has_parts_only(vocab):
     assert vocab.components("lung_left", "radgenome") == ["left lung"]
     assert vocab.components("lung", "vista3d") == ["lung"]  # VISTA-3D expands class 20 itself
     assert len(vocab.components("lung", "totalsegmentator")) == 5
-    assert vocab.vista3d_ids("lung_right") == [30, 31, 32]
     vertebrae = vocab.components("vertebrae", "totalsegmentator")
     assert len(vertebrae) == 25 and "vertebrae_T7" in vertebrae and "vertebrae_S1" in vertebrae
     bone = vocab.components("bone", "totalsegmentator")
