@@ -26,3 +26,11 @@ def test_gpu_model_script_runs_on_cpu_with_a_tiny_preset(tmp_path):
     assert row["preset"] == "tiny" and row["train_step_s_median"] > 0 and row["trainable_params"] > 0
     # 2 volumes × 3 new tokens in the measured generate call.
     assert row["generate_tokens_per_s"] > 0
+
+
+def test_hu_threshold_bench_runs_on_a_small_grid():
+    script = REPO / "bench" / "bench_hu_threshold.py"
+    cmd = [sys.executable, str(script), "--repeats", "1", "--shape", "32", "64", "64"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| 32×64×64 | 1 |" in result.stdout
