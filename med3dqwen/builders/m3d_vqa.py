@@ -1,51 +1,8 @@
 """M3D-VQA → closed / open VQA JSONL (the library behind ``datasets_scripts/build_m3d_vqa.py``).
 
-Upstream: the CSVs of the Hugging Face dataset ``GoodBaiBai88/M3D-VQA`` and the ``.npy`` images of M3D-Cap
-(``GoodBaiBai88/M3D-Cap``) that the CSVs point to::
-
-    DATA_ROOT/M3D_VQA_train.csv, M3D_VQA_val.csv, M3D_VQA_test.csv      (also M3D_VQA_test5k.csv)
-        Image Path, Text, Question Type, Question, Choice A, Choice B, Choice C, Choice D, Answer, Answer Choice
-        (the test CSV has an extra ``Note`` column)
-    IMAGE_ROOT/M3D_Cap_npy/<source>/<case>/<image>.npy
-        e.g. M3D_Cap_npy/ct_quizze/005749/Axial_non_contrast.npy
-
-``Image Path`` is relative to ``IMAGE_ROOT`` (M3D's ``data_root``). Columns are read by name; ``Text`` (the
-report) is not used; extra columns (``Note``, a pandas index) are ignored and named in the card.
-
-Decisions (documented in ``datasets_scripts/README.md`` too):
-
-- **Two answer modes from the same rows** (``mode``): ``closed``: the question followed by ``"Choices: A. ... B. ...
-  C. ... D. ..."`` (M3D's own prompt layout; choices upstream filled with ``NA`` are left out of the list but keep
-  their letter), answer ``"<letter>. <choice text>"``, ``closed_label`` = the letter's index (A = 0 ... D = 3);
-  ``open``: the question alone, answer = the ``Answer`` text. ``both`` (default) writes a closed and an open record
-  per row, in that order. The closed answer uses the choice text of ``Answer Choice`` (so the label set is
-  consistent); rows where ``Answer`` differs from that choice text are counted in the card.
-- **Question types** 1-5 are recorded by name: plane, phase, organ, abnormality, location.
-- **Intensity.** The images are ``float32`` arrays of shape (1, 32, 256, 256), normalised to [0, 1] from 8-bit
-  Radiopaedia PNG slices: not HU. Every record says ``intensity: "unit"``: the processor must not apply an HU window
-  (use the identity window ``[0, 1]``). The leading channel axis is part of the file; readers drop it.
-- **Prompts only where a mask exists.** M3D-VQA has no masks. With ``mask_source="none"`` (default) every question is
-  un-prompted, whatever ``prompt`` says. With a mask source, a question of type organ, abnormality or location whose
-  *question stem* (never the choices or the answer) names a structure the source can outline gets that structure's
-  contour and the prompt wording; plane and phase questions are about the whole image and never get one. Sources:
-  ``totalsegmentator_files`` (``MASK_DIR/<Image Path without .npy>/<class>.nii.gz``: TotalSegmentator's per-class
-  output for that image), ``totalsegmentator_multilabel`` (``MASK_DIR/<Image Path without .npy>.nii.gz``),
-  ``hu_threshold`` (thresholds on pseudo-HU ``value * 1200 - 1000``, i.e. the image read as if it were
-  chest-windowed: rough, for demos). Masks must lie on the image's grid: save ``array[0]`` with
-  :func:`~med3dqwen.processing.ct_io.save_nifti` (1-mm standard affine) before segmenting it. The mask used is
-  written to ``masks/<unit>/<structure>.nii.gz`` (it may be a union of parts or a threshold result, so it is
-  written, not linked); questions left un-prompted are counted per reason in the card.
-- **Splits and leakage.** Upstream train / val / test CSVs become our train / validation / test (comparable with
-  M3D's benchmark). The patient unit is the Radiopaedia case: the two folders above the image file
-  (``ct_quizze/005749``). A case found in more than one split is a leak; ``case_overlap="drop"`` (default) keeps it
-  in its highest-priority split (test > validation > train) and leaves its rows in the other splits out on purpose
-  (``filtered.jsonl``, counted in the card); ``"keep"`` only warns; ``"error"`` stops the build.
-- **Skipped** (``skipped.jsonl``; ``--strict``: an error): ``malformed_row`` (field count, unknown question type,
-  answer letter not A-D or pointing at an ``NA`` choice, empty question, an image path that is not a ``.npy``),
-  ``unsafe_path`` (absolute paths, ``..``), ``missing_volume``, ``unreadable_volume`` (not a numeric (1, D, H, W) or
-  (D, H, W) array, NaN values).
-- **Volumes are not copied**: ``OUT/source/images`` links to ``IMAGE_ROOT`` and records hold paths through it
-  (``source/images/M3D_Cap_npy/ct_quizze/005749/Axial_non_contrast.npy``).
+Reads the M3D-VQA CSVs and points records at the M3D-Cap ``.npy`` images they name; each row gives a closed
+(multiple-choice) and/or an open record. Upstream layout and the decisions (answer modes, question types,
+intensity, splits and case overlap, skip reasons): ``docs/datasets/m3d_vqa.md``.
 """
 
 from __future__ import annotations

@@ -1,56 +1,8 @@
 """PMC-VQA → CT-only closed / open VQA JSONL on 2D figures (the library behind ``datasets_scripts/build_pmc_vqa.py``).
 
-Upstream: the Hugging Face dataset ``xmcmic/PMC-VQA`` as downloaded, with its image archive extracted::
-
-    ROOT/train.csv, test.csv (test_clean.csv)     v1: Figure_path, Question, Answer, Choice A, Choice B, Choice C,
-                                                      Choice D, Answer_label          (one revision spells ``Anwser``)
-    ROOT/images/<Figure_path>                     v1 figures (images.zip)
-    ROOT/train_2.csv, test_2.csv                  v2: index, Figure_path, Caption, Question, Choice A, Choice B,
-                                                      Choice C, Choice D, Answer (a letter), split
-    ROOT/images_2/<Figure_path>                   v2 figures (images_2.zip); --image_dir if it extracts elsewhere
-
-The schema is recognised per file from its header: with ``Answer_label`` it is v1 (``Answer`` / ``Anwser`` = the
-answer text, ``Answer_label`` = the letter), without it v2 (``Answer`` = the letter). ``Caption`` is used when
-present. Choices may carry their letter (``"A:Diffuse uptake"``, ``" A:"``, ``"A. ..."``, ``"(A) ..."``): it is
-removed. Other columns (``index``, ``split``, a pandas index) are ignored and named in the card.
-
-Decisions (documented in ``datasets_scripts/README.md`` too):
-
-- **CT only**, by a keyword rule on each *figure*: the text of its caption(s), its questions and their correct
-  answers (never the distractor choices, which often list modalities). In order:
-
-  1. ``pet_spect_ct``: a hybrid scan (``PET/CT``, ``PET-CT``, ``PET CT``, ``SPECT/CT``, ``CT/PET``, ...);
-  2. ``cbct_or_micro_ct``: ``CBCT``, ``cone-beam``, ``micro-CT``, ``µCT`` (dental / preclinical imaging);
-  3. ``not_ct``: no CT evidence: neither an abbreviation (case-sensitive ``CT``, ``CTs``, ``CTA``, ``HRCT``,
-     ``MDCT``, ``MSCT``, ``CECT``, ``NCCT``, ``NECT``, ``CCTA``, ``CTPA``) nor ``computed / computerized
-     tomography`` (any case);
-  4. ``mixed_modality``: CT and another modality are named (``MRI``, ``MR``, ``T1/T2-weighted``, ``FLAIR``, ``DWI``,
-     ``X-ray``, ``radiograph``, ``ultrasound``, ``sonography``, ``echocardiography``, ``Doppler``, ``mammography``,
-     ``PET``, ``SPECT``, ``scintigraphy``, ``endoscopy``, ``histology``, ``H&E``, ``immunohistochemistry``,
-     ``microscopy``, ``fundus``, ``OCT``, ``DSA``): compound figures are common;
-  5. otherwise kept, with the matched keyword in ``ct_evidence``.
-
-  Excluded figures are counted per reason in the card and listed in ``filtered.jsonl`` (one line per figure, same
-  format as ``skipped.jsonl``), not in ``skipped.jsonl``: they are a selection, not bad data, so ``--strict`` does
-  not stop at them. The rule is a heuristic: audit a sample of ``filtered.jsonl`` and of the kept figures.
-  ``ct_filter=False`` keeps every figure.
-- **Article-level split**: the group is the PMCID, ``Figure_path.split('_')[0]`` (``PMC1064097_F1.jpg`` →
-  ``PMC1064097``), hashed with the seed into train / validation / test (default 8 : 1 : 1) over the rows of all the
-  CSVs read (upstream train and test together; ``upstream_split`` records where each row came from). Rows repeated
-  across files (``test_clean.csv`` is a subset of ``test.csv``) are kept once.
-- **2D figures are single-slice volumes.** The figure is not copied: ``image_path`` (and, by default,
-  ``volume_path``) is ``source/images/<Figure_path>`` through the link ``OUT/source/images`` → the image folder. The
-  model sees it as a grey (D, H, W) volume with D = 1: the reader converts it to 8-bit grey (PIL mode ``L``) and
-  scales it to [0, 1] (``intensity: "unit"``, no HU window); resizing to the model's depth repeats that slice D
-  times. ``convert_images=True`` writes that (1, H, W) float32 array as ``volumes/<figure>/<figure>.npy`` and points
-  ``volume_path`` there, so readers of ``.npy`` volumes need no image decoder.
-- **No masks**, so every question keeps the no-prompt wording and system prompt whatever ``prompt`` says.
-- **Modes** as M3D-VQA: ``closed``: question + ``"Choices: A. ... B. ... C. ... D. ..."``, answer ``"<letter>.
-  <choice>"``, ``closed_label`` = letter index; ``open``: the question alone, answer = the answer text (v1) or the
-  choice text (v2); ``both`` (default) writes one of each per row.
-- **Skipped** (``skipped.jsonl``; ``--strict``: an error): ``malformed_row`` (field count, empty question, answer
-  letter not A-D or pointing at an empty choice, not an image file name), ``unsafe_path`` (absolute paths, ``..``),
-  ``missing_volume`` (no figure file), ``unreadable_volume`` (the figure does not decode).
+Recognises both upstream CSV schemas per file, keeps figures that a keyword rule calls CT and writes closed and/or
+open records per question. Upstream layout and the decisions (the CT rule, answers, splits by article, skip
+reasons): ``docs/datasets/pmc_vqa.md``.
 """
 
 from __future__ import annotations
