@@ -13,7 +13,7 @@ import numpy as np
 
 from med3dqwen.io import atomic_output, save_nifti
 
-from .geometry import _tight_box
+from .geometry import tight_box
 from .structures import _PARENT, ANATOMY_PATHS
 
 
@@ -177,7 +177,7 @@ class Phantom:
                 found.append(f)
             elif f.kind == "effusion" and _PARENT.get(structure) == f.structure:
                 if (i, structure) not in self._reaches:  # cached: a full-volume test per (effusion, lobe)
-                    box = _tight_box(mask, tuple(slice(0, n) for n in mask.shape))
+                    box = tight_box(mask, tuple(slice(0, n) for n in mask.shape))
                     reaches = box is not None and bool((mask[box] & self.masks[structure][box]).any())
                     self._reaches[(i, structure)] = reaches
                 if self._reaches[(i, structure)]:

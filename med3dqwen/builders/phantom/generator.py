@@ -12,9 +12,9 @@ import numpy as np
 from med3dqwen.processing.ct_io import standard_affine
 
 from .config import DEFAULT_FOV_MM, LESION_KINDS, Finding, Phantom, PhantomConfig
-from .geometry import _Grid
-from .lesions import _add_lesions
-from .organs import _build_anatomy
+from .geometry import Grid
+from .lesions import add_lesions
+from .organs import build_anatomy
 from .questions import (
     ABNORMALITY_TEMPLATES,
     LOCATION_TEMPLATES,
@@ -23,7 +23,7 @@ from .questions import (
     SIZE_TEMPLATES,
     generate_questions,
 )
-from .render import _render
+from .render import render_hu
 from .structures import ANATOMY_NAMES, ANATOMY_PATHS
 
 
@@ -67,11 +67,11 @@ def generate_phantom(seed: int, config: PhantomConfig | None = None) -> Phantom:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     config = PhantomConfig() if config is None else config
     anatomy_rng, intensity_rng, lesion_rng, noise_rng = np.random.default_rng(int(seed)).spawn(4)
-    grid = _Grid(config.shape, config.resolved_spacing)
+    grid = Grid(config.shape, config.resolved_spacing)
 
-    anatomy = _build_anatomy(grid, anatomy_rng, config)
-    volume, tissue_hu = _render(grid, anatomy, intensity_rng)
-    findings, lesion_masks = _add_lesions(grid, anatomy.masks, volume, tissue_hu, lesion_rng, config)
+    anatomy = build_anatomy(grid, anatomy_rng, config)
+    volume, tissue_hu = render_hu(grid, anatomy, intensity_rng)
+    findings, lesion_masks = add_lesions(grid, anatomy.masks, volume, tissue_hu, lesion_rng, config)
     if config.noise_sigma > 0:
         # (D, H, W) float32 noise; drawn from its own stream so lesions never shift it.
         noise = noise_rng.standard_normal(grid.shape, dtype=np.float32)

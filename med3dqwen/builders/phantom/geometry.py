@@ -10,7 +10,7 @@ import numpy as np
 Box = tuple[slice, slice, slice]
 
 
-class _Grid:
+class Grid:
     """Voxel-centre coordinates in mm relative to the volume centre: z superior, y posterior, x patient-left."""
 
     def __init__(self, shape: tuple[int, int, int], spacing: tuple[float, float, float]):
@@ -41,11 +41,12 @@ class _Grid:
         return self.z[box[0]][:, None, None], self.y[box[1]][None, :, None], self.x[box[2]][None, None, :]
 
 
-def _union(a: Box, b: Box) -> Box:
+def union_box(a: Box, b: Box) -> Box:
+    """Smallest box holding both boxes."""
     return tuple(slice(min(p.start, q.start), max(p.stop, q.stop)) for p, q in zip(a, b, strict=True))
 
 
-def _tight_box(mask: np.ndarray, box: Box) -> Box | None:
+def tight_box(mask: np.ndarray, box: Box) -> Box | None:
     """Smallest box holding the True voxels of ``mask`` inside ``box``; None when there are none."""
     local = mask[box]
     slices = []
@@ -57,17 +58,18 @@ def _tight_box(mask: np.ndarray, box: Box) -> Box | None:
     return tuple(slices)
 
 
-def _paint(labels: np.ndarray, box: Box, where: np.ndarray, label: int) -> None:
+def paint(labels: np.ndarray, box: Box, where: np.ndarray, label: int) -> None:
+    """Set ``labels[box]`` to ``label`` where ``where`` (shaped like the box) is True, in place."""
     np.copyto(labels[box], np.uint8(label), where=where)
 
 
-def _ellipse2d(y: np.ndarray, x: np.ndarray, centre: tuple[float, float], semi: tuple[float, float]) -> np.ndarray:
+def ellipse2d(y: np.ndarray, x: np.ndarray, centre: tuple[float, float], semi: tuple[float, float]) -> np.ndarray:
     """Normalised squared radius ((y - cy)/sy)² + ((x - cx)/sx)² (broadcast shapes)."""
     return ((y - centre[0]) / semi[0]) ** 2 + ((x - centre[1]) / semi[1]) ** 2
 
 
-def _tube(
-    grid: _Grid, labels: np.ndarray, points: np.ndarray, radius: np.ndarray, label: int, within: int | None = None
+def tube(
+    grid: Grid, labels: np.ndarray, points: np.ndarray, radius: np.ndarray, label: int, within: int | None = None
 ) -> Box:
     """Paint a tube along a polyline and return its bounding box.
 
@@ -95,12 +97,12 @@ def _tube(
         inside = d2 <= (ra + t * (rb - ra)) ** 2
         if within is not None:
             inside &= labels[box] == within
-        _paint(labels, box, inside, label)
-        total = box if total is None else _union(total, box)
+        paint(labels, box, inside, label)
+        total = box if total is None else union_box(total, box)
     return total
 
 
-def _bezier(p0, p1, p2, n: int = 24) -> np.ndarray:
+def bezier(p0, p1, p2, n: int = 24) -> np.ndarray:
     """(n, 3) points of the quadratic Bézier curve p0 → p2 with control point p1."""
     t = np.linspace(0.0, 1.0, n)[:, None]
     p0, p1, p2 = (np.asarray(p, dtype=float) for p in (p0, p1, p2))

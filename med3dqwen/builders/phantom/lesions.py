@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from .config import Finding, PhantomConfig
-from .geometry import Box, _Grid, _tight_box
+from .geometry import Box, Grid, tight_box
 from .structures import _EFFUSION_HOSTS, _SOLID_HOSTS
 
 
-def _add_lesions(
-    grid: _Grid,
+def add_lesions(
+    grid: Grid,
     masks: dict[str, np.ndarray],
     volume: np.ndarray,
     tissue: dict[str, float],
@@ -72,7 +72,7 @@ def _add_lesions(
 
 
 def _solid_lesion(
-    grid: _Grid,
+    grid: Grid,
     host: np.ndarray,
     occupied: np.ndarray,
     diameter: float,
@@ -88,7 +88,7 @@ def _solid_lesion(
     Returns:
         ``(box, local mask, centre voxel, diameter)``, or None if the host is empty.
     """
-    tight = _tight_box(host, tuple(slice(0, n) for n in grid.shape))
+    tight = tight_box(host, tuple(slice(0, n) for n in grid.shape))
     if tight is None:
         return None
     best = None
@@ -127,13 +127,13 @@ def _solid_lesion(
     return best[1:]
 
 
-def _effusion(grid: _Grid, lung: np.ndarray, occupied: np.ndarray, thickness: float):
+def _effusion(grid: Grid, lung: np.ndarray, occupied: np.ndarray, thickness: float):
     """Dependent pleural fluid: the posterior layer of the lung, ``thickness`` mm at the base, thinning upwards.
 
     Returns:
         ``(box, local mask, centre voxel)`` or None if the lung is empty.
     """
-    box = _tight_box(lung, tuple(slice(0, n) for n in grid.shape))
+    box = tight_box(lung, tuple(slice(0, n) for n in grid.shape))
     if box is None:
         return None
     local = lung[box]

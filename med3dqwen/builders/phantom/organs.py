@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import PhantomConfig
-from .geometry import Box, _bezier, _ellipse2d, _Grid, _paint, _tube, _union
+from .geometry import Box, Grid, bezier, ellipse2d, paint, tube, union_box
 from .structures import _VERTEBRAE, ANATOMY_PATHS
 
 
@@ -43,7 +43,7 @@ _STRUCTURE_LABELS = {
 
 
 @dataclass
-class _Anatomy:
+class Anatomy:
     labels: np.ndarray  # (D, H, W) uint8 tissue labels
     masks: dict[str, np.ndarray]
     lung_box: Box  # box holding both lungs, for the parenchyma texture
@@ -71,7 +71,7 @@ class _Patient:
         return 1.0 - 0.22 * u**1.5
 
     def in_cavity(self, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-        return _ellipse2d(y, x, (self.cy, self.cx), self.cavity_semi) <= self.taper(z) ** 2
+        return ellipse2d(y, x, (self.cy, self.cx), self.cavity_semi) <= self.taper(z) ** 2
 
     def diaphragm(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         """z of the diaphragm surface over (y, x): two domes, deeper laterally and in the posterior recesses."""
@@ -83,7 +83,7 @@ class _Patient:
         return np.maximum(*domes)
 
 
-def _build_anatomy(grid: _Grid, rng: np.random.Generator, cfg: PhantomConfig) -> _Anatomy:
+def build_anatomy(grid: Grid, rng: np.random.Generator, cfg: PhantomConfig) -> Anatomy:
     """Paint the tissue label volume, later structures over earlier ones, and cut the structure masks from it."""
     jit, sj = cfg.position_jitter_mm, cfg.size_jitter
 
@@ -156,10 +156,10 @@ def _build_anatomy(grid: _Grid, rng: np.random.Generator, cfg: PhantomConfig) ->
             masks[name].reshape(-1)[flat] = True
     order = {name: i for i, name in enumerate(ANATOMY_PATHS)}
     masks = dict(sorted(masks.items(), key=lambda item: order[item[0]]))
-    return _Anatomy(labels, masks, _union(boxes["lung_right"], boxes["lung_left"]))
+    return Anatomy(labels, masks, union_box(boxes["lung_right"], boxes["lung_left"]))
 
 
-def _body(grid: _Grid, labels: np.ndarray, p: _Patient) -> None:
+def _body(grid: Grid, labels: np.ndarray, p: _Patient) -> None:
     """Skin outline (a squarish super-ellipse, the same on every slice), subcutaneous fat and muscle."""
     y, x = grid.y[:, None], grid.x[None, :]
     power = 2.4
@@ -170,19 +170,19 @@ def _body(grid: _Grid, labels: np.ndarray, p: _Patient) -> None:
     labels[...] = section  # (H, W) → every slice
 
 
-def _abdomen(grid: _Grid, labels: np.ndarray, p: _Patient) -> None:
+def _abdomen(grid: Grid, labels: np.ndarray, p: _Patient) -> None:
     """Below the diaphragm: intra-abdominal fat under a 6 mm diaphragm muscle (organs are painted over it)."""
     cay, cax = p.cavity_semi
     box = grid.box((-1e4, p.cy - cay, p.cx - cax), (max(p.dome_right, p.dome_left), p.cy + cay, p.cx + cax))
     z, y, x = grid.coords(box)
-    inside = _ellipse2d(y, x, (p.cy, p.cx), p.cavity_semi) <= 1  # (1, h, w)
+    inside = ellipse2d(y, x, (p.cy, p.cx), p.cavity_semi) <= 1  # (1, h, w)
     dome = p.diaphragm(y, x)
     below = inside & (z < dome)
-    _paint(labels, box, below, _FAT)
-    _paint(labels, box, below & (z >= dome - 6.0), _SOFT)
+    paint(labels, box, below, _FAT)
+    paint(labels, box, below & (z >= dome - 6.0), _SOFT)
 
 
-def _lungs(grid: _Grid, labels: np.ndarray, p: _Patient, rng, offset, grow):
+def _lungs(grid: Grid, labels: np.ndarray, p: _Patient, rng, offset, grow):
     """Mediastinal fat, then both lungs: ellipsoids cut by the chest wall, the diaphragm and the mediastinum."""
     # Mediastinum: an elliptic column between the lungs, fat above the diaphragm.
     med_centre, med_semi = (p.cy - 5.0, p.cx + 2.0), (72.0, 28.0 * grow())
@@ -191,8 +191,8 @@ def _lungs(grid: _Grid, labels: np.ndarray, p: _Patient, rng, offset, grow):
         (200.0, med_centre[0] + med_semi[0], med_centre[1] + med_semi[1]),
     )
     z, y, x = grid.coords(box)
-    column = _ellipse2d(y, x, med_centre, med_semi) <= 1
-    _paint(labels, box, column & (z > p.diaphragm(y, x)) & (z < p.apex + 10.0), _FAT)
+    column = ellipse2d(y, x, med_centre, med_semi) <= 1
+    paint(labels, box, column & (z > p.diaphragm(y, x)) & (z < p.apex + 10.0), _FAT)
 
     lung_boxes, fissures = [], {}
     cay, cax = p.cavity_semi
@@ -202,11 +202,11 @@ def _lungs(grid: _Grid, labels: np.ndarray, p: _Patient, rng, offset, grow):
         centre = (p.apex - semi[0], p.cy + 2.0 + offset(0.3), p.cx + side * (0.5 * cax + 4.0) + offset(0.3))
         box = grid.around(centre, semi)
         z, y, x = grid.coords(box)
-        inside = ((z - centre[0]) / semi[0]) ** 2 + _ellipse2d(y, x, centre[1:], semi[1:]) <= 1
+        inside = ((z - centre[0]) / semi[0]) ** 2 + ellipse2d(y, x, centre[1:], semi[1:]) <= 1
         inside &= p.in_cavity(z, y, x)
         inside &= z > p.diaphragm(y, x)
-        inside &= ~(_ellipse2d(y, x, med_centre, med_semi) <= 1)
-        _paint(labels, box, inside, label)
+        inside &= ~(ellipse2d(y, x, med_centre, med_semi) <= 1)
+        paint(labels, box, inside, label)
         lung_boxes.append(box)
         # Oblique fissure z = z0 + slope (y - cy): the lower lobe is below/behind it (posterior-inferior).
         fissures[label] = {
@@ -217,7 +217,7 @@ def _lungs(grid: _Grid, labels: np.ndarray, p: _Patient, rng, offset, grow):
     return lung_boxes[0], lung_boxes[1], fissures
 
 
-def _split_lobes(grid: _Grid, masks: dict[str, np.ndarray], boxes: dict[str, Box], fissures) -> dict[str, np.ndarray]:
+def _split_lobes(grid: Grid, masks: dict[str, np.ndarray], boxes: dict[str, Box], fissures) -> dict[str, np.ndarray]:
     """Lobe masks: each lung cut by its oblique fissure (and, on the right, the horizontal fissure)."""
     lobes = {}
     for name, label in (("lung_right", _LUNG_RIGHT), ("lung_left", _LUNG_LEFT)):
@@ -241,30 +241,30 @@ def _split_lobes(grid: _Grid, masks: dict[str, np.ndarray], boxes: dict[str, Box
     return lobes
 
 
-def _liver(grid: _Grid, labels: np.ndarray, p: _Patient, offset, grow) -> Box:
+def _liver(grid: Grid, labels: np.ndarray, p: _Patient, offset, grow) -> Box:
     """Liver: right upper abdomen under the diaphragm; its left lobe is thinner and anterior."""
     s = grow()
     semi = (80.0 * s, 85.0 * s, 100.0 * s)
     centre = (p.dome_right - 65.0 + offset(0.5), p.cy + offset(0.5), p.cx - 45.0 + offset())
     box = grid.around(centre, semi)
     z, y, x = grid.coords(box)
-    inside = ((z - centre[0]) / semi[0]) ** 2 + _ellipse2d(y, x, centre[1:], semi[1:]) <= 1
+    inside = ((z - centre[0]) / semi[0]) ** 2 + ellipse2d(y, x, centre[1:], semi[1:]) <= 1
     inside &= z < p.diaphragm(y, x) - 6.0  # below the diaphragm muscle
-    inside &= _ellipse2d(y, x, (p.cy, p.cx), p.cavity_semi) <= 1  # inside the abdominal wall
+    inside &= ellipse2d(y, x, (p.cy, p.cx), p.cavity_semi) <= 1  # inside the abdominal wall
     inside &= (y - p.cy) < 90.0 - 1.2 * np.maximum(x - p.cx + 10.0, 0.0)  # the left lobe is anterior only
-    _paint(labels, box, inside, _LIVER)
+    paint(labels, box, inside, _LIVER)
     return box
 
 
-def _spleen_and_stomach(grid: _Grid, labels: np.ndarray, p: _Patient, offset, grow) -> tuple[Box, Box]:
+def _spleen_and_stomach(grid: Grid, labels: np.ndarray, p: _Patient, offset, grow) -> tuple[Box, Box]:
     """Spleen (posterior-left) and stomach (anterior-left: 4 mm wall, fluid, gas rising anteriorly) under the
     left hemidiaphragm."""
 
     def organ(centre, semi) -> tuple[Box, np.ndarray, np.ndarray]:
         box = grid.around(centre, semi)
         z, y, x = grid.coords(box)
-        r2 = ((z - centre[0]) / semi[0]) ** 2 + _ellipse2d(y, x, centre[1:], semi[1:])
-        allowed = (z < p.diaphragm(y, x) - 6.0) & (_ellipse2d(y, x, (p.cy, p.cx), p.cavity_semi) <= 1)
+        r2 = ((z - centre[0]) / semi[0]) ** 2 + ellipse2d(y, x, centre[1:], semi[1:])
+        allowed = (z < p.diaphragm(y, x) - 6.0) & (ellipse2d(y, x, (p.cy, p.cx), p.cavity_semi) <= 1)
         return box, r2, allowed & (r2 <= 1)
 
     cay, cax = p.cavity_semi  # organs sit relative to the abdominal wall, whatever the body size
@@ -273,20 +273,20 @@ def _spleen_and_stomach(grid: _Grid, labels: np.ndarray, p: _Patient, offset, gr
         (p.dome_left - 45.0 + offset(0.5), p.cy + 0.55 * cay + offset(0.5), p.cx + cax - 32.0 + offset(0.3)),
         (50.0 * s, 50.0 * s, 25.0 * s),
     )
-    _paint(labels, spleen_box, spleen, _SPLEEN)
+    paint(labels, spleen_box, spleen, _SPLEEN)
     s = grow()
     semi = (55.0 * s, 45.0 * s, 40.0 * s)
     centre = (p.dome_left - 50.0 + offset(0.5), p.cy - 15.0 + offset(0.5), p.cx + 0.45 * cax + offset(0.5))
     box, r2, stomach = organ(centre, semi)
     lumen = stomach & (r2 <= (1 - 4.0 / min(semi)) ** 2)
     _, y, _ = grid.coords(box)
-    _paint(labels, box, stomach, _STOMACH_WALL)
-    _paint(labels, box, lumen, _STOMACH_FLUID)
-    _paint(labels, box, lumen & (y < centre[1] - 0.55 * semi[1]), _STOMACH_GAS)  # supine: gas is anterior
+    paint(labels, box, stomach, _STOMACH_WALL)
+    paint(labels, box, lumen, _STOMACH_FLUID)
+    paint(labels, box, lumen & (y < centre[1] - 0.55 * semi[1]), _STOMACH_GAS)  # supine: gas is anterior
     return spleen_box, box
 
 
-def _heart(grid: _Grid, labels: np.ndarray, p: _Patient, rng, offset, grow) -> Box:
+def _heart(grid: Grid, labels: np.ndarray, p: _Patient, rng, offset, grow) -> Box:
     """Heart: an ellipsoid whose long axis points anterior-left-inferior, wrapped in pericardial fat."""
     s = grow()
     semi = (52.0 * s, 68.0 * s, 50.0 * s)  # (z, long axis, short axis)
@@ -304,14 +304,14 @@ def _heart(grid: _Grid, labels: np.ndarray, p: _Patient, rng, offset, grow) -> B
         a, b, c = semi[0] + grow_mm, semi[1] + grow_mm, semi[2] + grow_mm
         return (dz / a) ** 2 + (u / b) ** 2 + (v / c) ** 2
 
-    _paint(labels, box, (radius2(4.0) <= 1) & cavity, _FAT)  # pericardial fat
+    paint(labels, box, (radius2(4.0) <= 1) & cavity, _FAT)  # pericardial fat
     heart = (radius2(0.0) <= 1) & cavity
-    _paint(labels, box, heart, _HEART_WALL)
-    _paint(labels, box, heart & (radius2(-8.0) <= 1), _HEART_BLOOD)  # 8 mm myocardium
+    paint(labels, box, heart, _HEART_WALL)
+    paint(labels, box, heart & (radius2(-8.0) <= 1), _HEART_BLOOD)  # 8 mm myocardium
     return box
 
 
-def _great_vessels(grid: _Grid, labels: np.ndarray, p: _Patient, offset) -> list[np.ndarray]:
+def _great_vessels(grid: Grid, labels: np.ndarray, p: _Patient, offset) -> list[np.ndarray]:
     """Superior vena cava, pulmonary trunk and pulmonary arteries (unlabelled). Returns the right and left hila
     (the ends of the pulmonary arteries, inside the lungs) in mm."""
     cz = p.carina[0]
@@ -325,12 +325,12 @@ def _great_vessels(grid: _Grid, labels: np.ndarray, p: _Patient, offset) -> list
         (right, [9.0, 8.0, 7.0]),
         (left, [9.0, 7.0]),
     ):
-        _tube(grid, labels, np.array(points), np.array(radius), _VESSEL)
+        tube(grid, labels, np.array(points), np.array(radius), _VESSEL)
     return [right[-1], left[-1]]
 
 
 def _lung_vessels(
-    grid: _Grid, labels: np.ndarray, rng: np.random.Generator, hilum: np.ndarray, lung: int, vessel: int, box: Box
+    grid: Grid, labels: np.ndarray, rng: np.random.Generator, hilum: np.ndarray, lung: int, vessel: int, box: Box
 ) -> None:
     """A three-generation pulmonary vessel tree from the hilum, drawn only over that lung's parenchyma.
 
@@ -352,7 +352,7 @@ def _lung_vessels(
         step = picks[0] - start
         length = float(np.linalg.norm(step))
         end = start + step * min(0.55, max_length / max(length, 1e-6))
-        _tube(grid, labels, np.array([start, end]), np.array([r0, r1]), vessel, within=lung)
+        tube(grid, labels, np.array([start, end]), np.array([r0, r1]), vessel, within=lung)
         return end
 
     for _ in range(5):
@@ -363,27 +363,27 @@ def _lung_vessels(
                 branch(end2, end2 - end1, 30.0, 1.4, 0.9)
 
 
-def _esophagus(grid: _Grid, labels: np.ndarray, p: _Patient, offset) -> Box:
+def _esophagus(grid: Grid, labels: np.ndarray, p: _Patient, offset) -> Box:
     """Esophagus: behind the trachea, in front of the spine, turning left through the diaphragm to the stomach."""
     shift = np.array([offset(0.3), offset(0.3), offset(0.3)])
     points = np.array([[200.0, p.cy + 15, p.cx + 3], [-40.0, p.cy + 14, p.cx + 8], [-85.0, p.cy, p.cx + 35]])
-    return _tube(grid, labels, points + shift, np.full(3, 7.5), _ESOPHAGUS)
+    return tube(grid, labels, points + shift, np.full(3, 7.5), _ESOPHAGUS)
 
 
-def _aorta(grid: _Grid, labels: np.ndarray, p: _Patient, offset) -> Box:
+def _aorta(grid: Grid, labels: np.ndarray, p: _Patient, offset) -> Box:
     """Aorta: root inside the heart, ascending anterior, arch over the left main bronchus, descending left of
     the spine into the abdomen."""
     shift = np.array([offset(0.5), offset(0.5), offset(0.5)])
     cy, cx = p.cy, p.cx
     ascending = np.array([[p.dome_left + 45.0, cy - 30.0, cx + 2.0], [60.0, cy - 38.0, cx + 4.0]])
-    arch = _bezier((60.0, cy - 38.0, cx + 4.0), (100.0, cy - 5.0, cx + 24.0), (62.0, cy + 28.0, cx + 26.0))
+    arch = bezier((60.0, cy - 38.0, cx + 4.0), (100.0, cy - 5.0, cx + 24.0), (62.0, cy + 28.0, cx + 26.0))
     descending = np.array([[-90.0, cy + 28.0, cx + 24.0], [-200.0, cy + 26.0, cx + 8.0]])
     points = np.concatenate([ascending, arch[1:], descending]) + shift
     radius = np.concatenate([[15.0, 15.0], np.linspace(15.0, 12.0, len(arch) - 1), [12.0, 11.0]])
-    return _tube(grid, labels, points, radius, _AORTA)
+    return tube(grid, labels, points, radius, _AORTA)
 
 
-def _airways(grid: _Grid, labels: np.ndarray, p: _Patient) -> Box:
+def _airways(grid: Grid, labels: np.ndarray, p: _Patient) -> Box:
     """Trachea (lumen + 2 mm wall) down to the carina, then the two main bronchi (not in the trachea mask)."""
     carina = np.array(p.carina)
     trachea = np.array([[220.0, carina[1], carina[2]], carina])
@@ -398,13 +398,13 @@ def _airways(grid: _Grid, labels: np.ndarray, p: _Patient) -> Box:
         (left, 4.5, _BRONCHUS_LUMEN),
         (trachea, 8.0, _TRACHEA_LUMEN),
     ):
-        box = _tube(grid, labels, points, np.full(len(points), radius), label)
+        box = tube(grid, labels, points, np.full(len(points), radius), label)
         if label == _TRACHEA_WALL:
             trachea_box = box
     return trachea_box
 
 
-def _spine(grid: _Grid, labels: np.ndarray, p: _Patient) -> tuple[Box, dict[str, Box]]:
+def _spine(grid: Grid, labels: np.ndarray, p: _Patient) -> tuple[Box, dict[str, Box]]:
     """Vertebrae C5-L3 (bodies with cortex and endplates, posterior arch, spinous and transverse processes),
     discs and the spinal canal. Returns the spine box and each level's box."""
     n_levels = len(_VERTEBRAE)
@@ -431,19 +431,19 @@ def _spine(grid: _Grid, labels: np.ndarray, p: _Patient) -> tuple[Box, dict[str,
     def extrude(z_low: float, z_high: float, area: np.ndarray, label: int) -> None:
         zbox = grid.box((z_low, 0, 0), (z_high, 0, 0))[0]
         sub = (zbox, box[1], box[2])
-        _paint(labels, sub, area[None], label)
+        paint(labels, sub, area[None], label)
 
     # Spinal canal (CSF and cord) runs through every level and disc.
-    canal = _ellipse2d(y, x, (canal_y, p.cx), (8.0, 8.0)) <= 1
-    arch = (_ellipse2d(y, x, (canal_y, p.cx), (14.0, 13.0)) <= 1) & ~canal
-    arch |= _ellipse2d(y, x, (canal_y + 22.0, p.cx), (9.0, 4.0)) <= 1  # spinous process
-    arch |= _ellipse2d(y, x, (canal_y - 2.0, p.cx - 22.0), (5.0, 12.0)) <= 1  # transverse processes
-    arch |= _ellipse2d(y, x, (canal_y - 2.0, p.cx + 22.0), (5.0, 12.0)) <= 1
+    canal = ellipse2d(y, x, (canal_y, p.cx), (8.0, 8.0)) <= 1
+    arch = (ellipse2d(y, x, (canal_y, p.cx), (14.0, 13.0)) <= 1) & ~canal
+    arch |= ellipse2d(y, x, (canal_y + 22.0, p.cx), (9.0, 4.0)) <= 1  # spinous process
+    arch |= ellipse2d(y, x, (canal_y - 2.0, p.cx - 22.0), (5.0, 12.0)) <= 1  # transverse processes
+    arch |= ellipse2d(y, x, (canal_y - 2.0, p.cx + 22.0), (5.0, 12.0)) <= 1
     endplate = max(grid.spacing[0], 2.0)
     level_boxes = {}
     for i, name in enumerate(_VERTEBRAE):
         top, bottom = tops[i], tops[i] - heights[i]
-        body_r2 = _ellipse2d(y, x, (p.spine_y, p.cx), (body_semi_y[i], body_semi_x[i]))
+        body_r2 = ellipse2d(y, x, (p.spine_y, p.cx), (body_semi_y[i], body_semi_x[i]))
         body = body_r2 <= 1
         cortex_in = (1 - 2.5 / min(body_semi_y[i], body_semi_x[i])) ** 2
         extrude(bottom, top, arch & ~body, _VERT_POSTERIOR)
@@ -456,7 +456,7 @@ def _spine(grid: _Grid, labels: np.ndarray, p: _Patient) -> tuple[Box, dict[str,
     return box, level_boxes
 
 
-def _ribs_and_sternum(grid: _Grid, labels: np.ndarray, p: _Patient, rng):
+def _ribs_and_sternum(grid: Grid, labels: np.ndarray, p: _Patient, rng):
     """Twelve pairs of ribs in the chest wall and the sternum.
 
     Each rib follows the (tapered) inner chest-wall ellipse 5 mm outside the lungs, from the transverse process
@@ -506,7 +506,7 @@ def _ribs_and_sternum(grid: _Grid, labels: np.ndarray, p: _Patient, rng):
         (p.dome_left - 15.0, centre[0] - 7.0, centre[1] - 15.0), (p.t1_top - 25.0, centre[0] + 7.0, centre[1] + 15.0)
     )
     _, y, x = grid.coords(sternum_box)
-    r2 = _ellipse2d(y, x, centre, (6.0, 14.0))
-    _paint(labels, sternum_box, r2 <= 1, _STERNUM_CORTEX)
-    _paint(labels, sternum_box, r2 <= 0.4, _STERNUM_MARROW)
+    r2 = ellipse2d(y, x, centre, (6.0, 14.0))
+    paint(labels, sternum_box, r2 <= 1, _STERNUM_CORTEX)
+    paint(labels, sternum_box, r2 <= 0.4, _STERNUM_MARROW)
     return rib_box, sternum_box, rib_voxels

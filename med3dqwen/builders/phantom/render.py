@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .geometry import _Grid
+from .geometry import Grid
 from .organs import (
     _AIR,
     _AORTA,
@@ -37,11 +37,11 @@ from .organs import (
     _VERT_CORTEX,
     _VERT_POSTERIOR,
     _VESSEL,
-    _Anatomy,
+    Anatomy,
 )
 
 
-def _render(grid: _Grid, anatomy: _Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
+def render_hu(grid: Grid, anatomy: Anatomy, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
     """HU volume (float32, no noise) from the tissue labels; per-phantom tissue values vary a little."""
     tissue = {
         "fat": -100.0 + float(rng.uniform(-10, 10)),
