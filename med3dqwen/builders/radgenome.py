@@ -38,7 +38,7 @@ from med3dqwen.builders.upstream import UpstreamCSV
 from med3dqwen.data.rewrite import build_record, rewrite_qa
 from med3dqwen.data.splits import DEFAULT_RATIOS, assign_split
 from med3dqwen.io import UnsafePathError, safe_relpath
-from med3dqwen.segmentation import MaskFileNotFoundError, UnknownStructureError, get_mask_source
+from med3dqwen.segmentation import MaskFileNotFoundError, MaskResult, UnknownStructureError, get_mask_source
 
 
 __all__ = [
@@ -511,10 +511,10 @@ class _Masks:
 
         anatomy = f"{head}/{leaf}"
         volume_id = self.volume.volume_id
-        tried = f"anatomy mask {self._rel('anatomy', leaf)}: {{}}; region mask {self._rel('region', head)}: {{}}"
         try:
+            tried = f"anatomy mask {self._rel('anatomy', leaf)}: {{}}; region mask {self._rel('region', head)}: {{}}"
             if self.image is None:
-                files, fallback = self.source.resolve(anatomy, volume_id)
+                _, fallback = self.source.resolve(anatomy, volume_id)
                 result = None
             else:
                 result = self.source.get_mask(self.image, anatomy, volume_id=volume_id)
@@ -538,7 +538,7 @@ class _Masks:
         mask = (rel, f"radgenome_{kind}_mask", name, self._write_pngs(kind, name, rel, result))
         return mask, reason, ""
 
-    def _write_pngs(self, kind: str, name: str, rel: str, result) -> list[str]:
+    def _write_pngs(self, kind: str, name: str, rel: str, result: MaskResult | None) -> list[str]:
         if result is None:
             return []
         if rel not in self.pngs:

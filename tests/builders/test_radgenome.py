@@ -621,5 +621,7 @@ def test_broken_leaf_mask_is_skipped_not_outlined_by_its_region(data_root, tmp_p
         "radgenome_region_mask",
         "lung",
     )
+    mask, reason, detail = masks.lookup("lung", "left lung..upper lobe")  # passes parse_anatomy, not the source
+    assert mask is None and reason == "unsafe_path" and "contains '..'" in detail
     mask, reason, _ = masks.lookup("lung", "right lung upper lobe")
     assert reason == "" and mask[1:3] == ("radgenome_anatomy_mask", "right lung upper lobe")
