@@ -1,7 +1,9 @@
-"""Dataset cards: render ``hub_cards/dataset_card.md`` for a built dataset folder (``configs:``, features, counts)."""
+"""Dataset cards: render the ``dataset_card.md`` template for a built dataset folder (``configs:``, features,
+counts)."""
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,8 +18,9 @@ from med3dqwen.io import atomic_output
 
 __all__ = ["CARD_TEMPLATE", "PAPER_CITATION", "DatasetStats", "render_dataset_card"]
 
-# The templates live at the repository's top level (hub_cards/), next to the package.
-CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "hub_cards" / "dataset_card.md"
+# Package data, shipped in the wheel (hub_cards/ at the repository root links to this folder). Installed wheels are
+# plain files, so the resource is a path on disk.
+CARD_TEMPLATE = Path(str(importlib.resources.files(__package__) / "templates" / "dataset_card.md"))
 
 PAPER_CITATION = """@article{boundary_guidance_3dct,
   title  = {Boundary Guidance for Efficient 3D CT Vision-Language Reasoning},
@@ -115,13 +118,13 @@ def render_dataset_card(
             ``load_dataset`` uses these types (a column that is ``null`` in a whole split keeps its type).
         extra_fields: name → meaning of the builder's own record fields, for the field table.
         tags: extra Hub tags.
-        template: the Jinja template (default ``hub_cards/dataset_card.md``).
+        template: the Jinja template (default :data:`CARD_TEMPLATE`, ``med3dqwen/builders/templates/``).
 
     Returns:
         The card path.
 
     Raises:
-        FileNotFoundError: the template is missing (e.g. a wheel install without the repository's hub_cards/).
+        FileNotFoundError: the template is missing.
         ValueError: neither ``records_by_split`` nor ``stats`` is given.
     """
     template = Path(template)

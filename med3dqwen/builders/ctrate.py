@@ -288,48 +288,68 @@ def _scan_id(volume: VolumeName) -> str:
 
 @dataclass
 class CTRateBuildConfig:
-    """What to build.
-
-    Args:
-        data_root: the downloaded ``CT-RATE`` repository (holds ``dataset/``).
-        output_dir: the dataset folder (created).
-        prompt: recorded only: reports are whole-volume questions, never prompted (see the module docstring).
-        seed: template choice and dev-split hash.
-        split_ratios: target (train, validation, test) patient fractions; see
-            :func:`~med3dqwen.builders.radgenome.split_probabilities`.
-        split_mode: ``upstream`` (test = upstream valid) or ``overall`` (ratios over all patients).
-        reconstructions: ``first`` (one record per scan) or ``all`` (one per reconstruction).
-        report_sections: ``findings_impressions`` or ``findings``.
-        volume_folders: ``original`` (``dataset/{train,valid}``) or ``fixed`` (``dataset/{train,valid}_fixed``).
-        rescale: ``auto`` (metadata unless the header scales) or ``none`` (the files are in HU already).
-        convert_volumes: write corrected int16 HU copies under ``volumes/`` and point the records there.
-        exclude_no_chest: leave out the volumes of ``no_chest_{train,valid}.txt``.
-        validate_files: open every volume (unreadable files are skipped, the HU range is checked); ``False`` reads
-            only the headers.
-        normalize_anatomy: RadLex-normalise anatomy terms in questions and reports.
-        reports_dir, metadata_dir, no_chest_dir, train_volume_dir, valid_volume_dir: override the folders under
-            ``data_root/dataset/``.
+    """What to build: one field per setting, declared once; its ``help`` says what it does, and the build
+    command (``--help``) takes it as an option of the same name.
     """
 
-    data_root: str
-    output_dir: str
-    prompt: str = "none"
-    seed: int = 0
-    split_ratios: tuple[float, float, float] = DEFAULT_RATIOS
-    split_mode: str = "upstream"
-    reconstructions: str = "first"
-    report_sections: str = "findings_impressions"
-    volume_folders: str = "original"
-    rescale: str = "auto"
-    convert_volumes: bool = False
-    exclude_no_chest: bool = True
-    validate_files: bool = True
-    normalize_anatomy: bool = True
-    reports_dir: str | None = None
-    metadata_dir: str | None = None
-    no_chest_dir: str | None = None
-    train_volume_dir: str | None = None
-    valid_volume_dir: str | None = None
+    data_root: str = field(metadata={"help": "The downloaded CT-RATE repository (holds dataset/)."})
+    output_dir: str = field(metadata={"help": "Folder to write the dataset to (created)."})
+    prompt: str = field(
+        default="none",
+        metadata={"help": "red | blue | none. Recorded only: reports are whole-volume questions, never outlined."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the template choice and of the dev split."})
+    split_ratios: tuple[float, float, float] = field(
+        default=DEFAULT_RATIOS,
+        metadata={
+            "help": "Target train / validation / test patient fractions. split_mode=upstream: test = upstream "
+            "valid and upstream train is split train:validation = ratio[0]:ratio[1]; overall: the "
+            "fractions hold over all patients (test topped up from upstream train)."
+        },
+    )
+    split_mode: str = field(default="upstream", metadata={"help": "upstream | overall (see split_ratios)."})
+    reconstructions: str = field(
+        default="first",
+        metadata={"help": "first: one record per scan (its first reconstruction with a file) | all: one per file."},
+    )
+    report_sections: str = field(
+        default="findings_impressions",
+        metadata={"help": 'findings_impressions ("Findings: ...\\nImpression: ...") | findings (findings only).'},
+    )
+    volume_folders: str = field(
+        default="original",
+        metadata={"help": "original (dataset/{train,valid}) | fixed (dataset/{train,valid}_fixed)."},
+    )
+    rescale: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: slope/intercept from the metadata CSV unless the NIfTI header scales | none: the files"
+            " are in HU already (records get 1 / 0)."
+        },
+    )
+    convert_volumes: bool = field(
+        default=False,
+        metadata={"help": "Write int16 HU NIfTI copies with the metadata spacing under OUT/volumes/ and use them."},
+    )
+    exclude_no_chest: bool = field(
+        default=True, metadata={"help": "Leave out the volumes listed in no_chest_{train,valid}.txt."}
+    )
+    validate_files: bool = field(
+        default=True,
+        metadata={"help": "Open every volume (skip unreadable ones, check the HU range); False: read headers only."},
+    )
+    normalize_anatomy: bool = field(
+        default=True, metadata={"help": "RadLex-normalise anatomy terms in questions and reports."}
+    )
+    reports_dir: str | None = field(default=None, metadata={"help": "Default ROOT/dataset/radiology_text_reports."})
+    metadata_dir: str | None = field(default=None, metadata={"help": "Default ROOT/dataset/metadata."})
+    no_chest_dir: str | None = field(default=None, metadata={"help": "Default: the metadata folder."})
+    train_volume_dir: str | None = field(
+        default=None, metadata={"help": "Default ROOT/dataset/train (or train_fixed)."}
+    )
+    valid_volume_dir: str | None = field(
+        default=None, metadata={"help": "Default ROOT/dataset/valid (or valid_fixed)."}
+    )
     _folders: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:

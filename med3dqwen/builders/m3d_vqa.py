@@ -219,41 +219,54 @@ def find_structure(text: str) -> str | None:
 
 @dataclass
 class M3DVQABuildConfig:
-    """What to build.
-
-    Args:
-        data_root: folder holding the M3D-VQA CSVs.
-        output_dir: the dataset folder (created).
-        image_root: folder the ``Image Path`` column is relative to (holds ``M3D_Cap_npy/``); default ``data_root``.
-        mode: ``closed``, ``open`` or ``both``.
-        prompt: contour colour ``red`` / ``blue`` or ``none``; only questions with a mask are prompted.
-        write_png: ``none``, ``montage`` or ``stack`` (prompt PNGs of the outlined questions).
-        thickness: contour thickness of the PNGs.
-        mask_source: ``none`` or one of :data:`MASK_SOURCES`; ``mask_dir`` holds the files of the file sources.
-        case_overlap: ``drop``, ``keep`` or ``error`` (a case in two splits).
-        question_types: subset of the five type names to build.
-        validate_files: open every image (unreadable arrays are skipped, the range is checked); ``False`` only
-            checks that the files exist.
-        normalize_anatomy: RadLex-normalise anatomy terms in questions, choices and answers.
-        train_csv, val_csv, test_csv: file names (in ``data_root``) of the three upstream CSVs.
+    """What to build: one field per setting, declared once; its ``help`` says what it does, and the build
+    command (``--help``) takes it as an option of the same name.
     """
 
-    data_root: str
-    output_dir: str
-    image_root: str | None = None
-    mode: str = "both"
-    prompt: str = "red"
-    write_png: str = "none"
-    thickness: int = 3
-    mask_source: str = "none"
-    mask_dir: str | None = None
-    case_overlap: str = "drop"
-    question_types: tuple[str, ...] = tuple(QUESTION_TYPES.values())
-    validate_files: bool = True
-    normalize_anatomy: bool = True
-    train_csv: str = DEFAULT_CSVS["train"]
-    val_csv: str = DEFAULT_CSVS["validation"]
-    test_csv: str = DEFAULT_CSVS["test"]
+    data_root: str = field(metadata={"help": "Folder with the M3D-VQA CSVs (the downloaded GoodBaiBai88/M3D-VQA)."})
+    output_dir: str = field(metadata={"help": "Folder to write the dataset to (created)."})
+    image_root: str | None = field(
+        default=None,
+        metadata={"help": "Folder the 'Image Path' column is relative to (holds M3D_Cap_npy/); default data_root."},
+    )
+    mode: str = field(default="both", metadata={"help": "closed (multiple choice) | open | both."})
+    prompt: str = field(
+        default="red",
+        metadata={"help": "Contour colour (red | blue) or none; only questions with a mask (see mask_source)."},
+    )
+    write_png: str = field(
+        default="none", metadata={"help": "Prompt PNGs of outlined questions: none | montage | stack."}
+    )
+    thickness: int = field(default=3, metadata={"help": "Contour thickness in pixels for the PNGs."})
+    mask_source: str = field(
+        default="none",
+        metadata={
+            "help": "none | totalsegmentator_files | totalsegmentator_multilabel | hu_threshold (rough: the [0, "
+            "1] image read as chest-windowed HU)."
+        },
+    )
+    mask_dir: str | None = field(
+        default=None,
+        metadata={"help": "Masks mirroring the image paths (TotalSegmentator output per image, on the .npy grid)."},
+    )
+    case_overlap: str = field(
+        default="drop",
+        metadata={"help": "A case in two splits: drop (keep it in test > validation > train) | keep (warn) | error."},
+    )
+    question_types: tuple[str, ...] = field(
+        default=tuple(QUESTION_TYPES.values()), metadata={"help": "Question types to build."}
+    )
+    validate_files: bool = field(
+        default=True, metadata={"help": "Open every image (skip unreadable ones); False: existence only."}
+    )
+    normalize_anatomy: bool = field(
+        default=True, metadata={"help": "RadLex-normalise anatomy terms in questions, choices and answers."}
+    )
+    train_csv: str = field(default=DEFAULT_CSVS["train"], metadata={"help": "Train CSV file name in data_root."})
+    val_csv: str = field(default=DEFAULT_CSVS["validation"], metadata={"help": "Validation CSV file name."})
+    test_csv: str = field(
+        default=DEFAULT_CSVS["test"], metadata={"help": "Test CSV file name (or M3D_VQA_test5k.csv)."}
+    )
     _paths: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:

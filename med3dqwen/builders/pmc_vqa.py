@@ -231,38 +231,39 @@ def read_pmc_csv(path: Path) -> tuple[list[Row], list[dict[str, Any]], str, list
 
 @dataclass
 class PMCVQABuildConfig:
-    """What to build.
-
-    Args:
-        data_root: the downloaded ``PMC-VQA`` repository (holds the CSVs).
-        output_dir: the dataset folder (created).
-        version: ``v1`` or ``v2``: which CSVs and image folder are read by default.
-        csv_files: CSV file names in ``data_root`` (default :data:`DEFAULT_CSV_FILES` of the version).
-        image_dir: the folder holding the files named in ``Figure_path`` (default ``data_root/`` +
-            :data:`DEFAULT_IMAGE_DIRS` of the version).
-        mode: ``closed``, ``open`` or ``both``.
-        prompt: recorded only: there are no masks, so nothing is outlined.
-        seed: article split hash.
-        split_ratios: (train, validation, test) fractions of articles.
-        ct_filter: keep only CT figures (see the module docstring).
-        convert_images: write the grey (1, H, W) ``.npy`` of each kept figure under ``volumes/``.
-        validate_files: decode every figure (unreadable ones are skipped); ``False`` only checks that they exist.
-        normalize_anatomy: RadLex-normalise anatomy terms in questions, choices and answers.
+    """What to build: one field per setting, declared once; its ``help`` says what it does, and the build
+    command (``--help``) takes it as an option of the same name.
     """
 
-    data_root: str
-    output_dir: str
-    version: str = "v2"
-    csv_files: tuple[str, ...] | None = None
-    image_dir: str | None = None
-    mode: str = "both"
-    prompt: str = "none"
-    seed: int = 0
-    split_ratios: tuple[float, float, float] = DEFAULT_RATIOS
-    ct_filter: bool = True
-    convert_images: bool = False
-    validate_files: bool = True
-    normalize_anatomy: bool = True
+    data_root: str = field(metadata={"help": "The downloaded PMC-VQA repository (holds the CSVs)."})
+    output_dir: str = field(metadata={"help": "Folder to write the dataset to (created)."})
+    version: str = field(
+        default="v2", metadata={"help": "v2 (train_2.csv, test_2.csv, images_2/) | v1 (train.csv, test.csv, images/)."}
+    )
+    csv_files: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "CSV file names in data_root (default: the version's train and test CSVs)."}
+    )
+    image_dir: str | None = field(
+        default=None, metadata={"help": "Folder with the figures named in Figure_path (default ROOT/images[_2])."}
+    )
+    mode: str = field(default="both", metadata={"help": "closed (multiple choice) | open | both."})
+    prompt: str = field(
+        default="none", metadata={"help": "red | blue | none. Recorded only: PMC-VQA has no masks to outline."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the article split."})
+    split_ratios: tuple[float, float, float] = field(
+        default=DEFAULT_RATIOS, metadata={"help": "Train / validation / test fractions of articles."}
+    )
+    ct_filter: bool = field(default=True, metadata={"help": "Keep only CT figures (documented keyword rule)."})
+    convert_images: bool = field(
+        default=False, metadata={"help": "Also write each kept figure as a grey (1, H, W) float32 .npy volume."}
+    )
+    validate_files: bool = field(
+        default=True, metadata={"help": "Decode every figure (skip unreadable ones); False: existence only."}
+    )
+    normalize_anatomy: bool = field(
+        default=True, metadata={"help": "RadLex-normalise anatomy terms in questions, choices and answers."}
+    )
     _paths: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -401,42 +401,49 @@ def _slug(name: str) -> str:
 
 @dataclass
 class RadGenomeBuildConfig:
-    """What to build.
-
-    Args:
-        data_root: the downloaded ``RadGenome-ChestCT`` repository (holds ``dataset/``).
-        output_dir: the dataset folder (created).
-        prompt: contour colour ``red`` / ``blue`` or ``none`` (no-prompt variant).
-        write_png: ``none`` (default: 25k volumes), ``montage`` or ``stack``; once per (volume, ROI).
-        thickness: contour thickness of the PNGs.
-        seed: template choice and dev-split hash.
-        split_ratios: target (train, validation, test) patient fractions; meaning per ``split_mode``, see
-            :func:`split_probabilities`.
-        split_mode: ``upstream`` (test = upstream validation) or ``overall`` (ratios over all patients).
-        question_types: which of :data:`QUESTION_TYPES` to build (their CSVs must exist).
-        validate_files: open every volume and mask (unreadable files, grid mismatch, empty ROI are skipped);
-            ``False`` only checks that the files exist (fast, for a first look at a huge build).
-        csv_dir, train_volume_dir, valid_volume_dir, train_anatomy_mask_dir, valid_anatomy_mask_dir,
-            train_region_mask_dir, valid_region_mask_dir: override the folders under ``data_root/dataset/``.
+    """What to build: one field per setting, declared once; its ``help`` says what it does, and the build
+    command (``--help``) takes it as an option of the same name.
     """
 
-    data_root: str
-    output_dir: str
-    prompt: str = "red"
-    write_png: str = "none"
-    thickness: int = 3
-    seed: int = 0
-    split_ratios: tuple[float, float, float] = DEFAULT_RATIOS
-    split_mode: str = "upstream"
-    question_types: tuple[str, ...] = QUESTION_TYPES
-    validate_files: bool = True
-    csv_dir: str | None = None
-    train_volume_dir: str | None = None
-    valid_volume_dir: str | None = None
-    train_anatomy_mask_dir: str | None = None
-    valid_anatomy_mask_dir: str | None = None
-    train_region_mask_dir: str | None = None
-    valid_region_mask_dir: str | None = None
+    data_root: str = field(metadata={"help": "The downloaded RadGenome-ChestCT repository (holds dataset/)."})
+    output_dir: str = field(metadata={"help": "Folder to write the dataset to (created)."})
+    prompt: str = field(
+        default="red", metadata={"help": "Contour colour (red | blue) or 'none' for the no-prompt variant."}
+    )
+    write_png: str = field(
+        default="none", metadata={"help": "Prompt PNGs: none | montage (one per volume and ROI) | stack."}
+    )
+    thickness: int = field(default=3, metadata={"help": "Contour thickness in pixels for the PNGs."})
+    seed: int = field(default=0, metadata={"help": "Seed of the template choice and of the dev split."})
+    split_ratios: tuple[float, float, float] = field(
+        default=DEFAULT_RATIOS,
+        metadata={
+            "help": "Target train / validation / test patient fractions. split_mode=upstream: test = upstream "
+            "validation and upstream train is split train:validation = ratio[0]:ratio[1]; overall: the "
+            "fractions hold over all patients (test topped up from upstream train)."
+        },
+    )
+    split_mode: str = field(default="upstream", metadata={"help": "upstream | overall (see split_ratios)."})
+    question_types: tuple[str, ...] = field(default=QUESTION_TYPES, metadata={"help": "Question types to build."})
+    validate_files: bool = field(
+        default=True,
+        metadata={"help": "Open every volume and mask (skip unreadable, mismatched, empty); False: existence only."},
+    )
+    csv_dir: str | None = field(default=None, metadata={"help": "Default ROOT/dataset/radgenome_files."})
+    train_volume_dir: str | None = field(default=None, metadata={"help": "Default ROOT/dataset/train_preprocessed."})
+    valid_volume_dir: str | None = field(default=None, metadata={"help": "Default ROOT/dataset/valid_preprocessed."})
+    train_anatomy_mask_dir: str | None = field(
+        default=None, metadata={"help": "Default ROOT/dataset/train_anatomy_mask."}
+    )
+    valid_anatomy_mask_dir: str | None = field(
+        default=None, metadata={"help": "Default ROOT/dataset/valid_anatomy_mask."}
+    )
+    train_region_mask_dir: str | None = field(
+        default=None, metadata={"help": "Default ROOT/dataset/train_region_mask."}
+    )
+    valid_region_mask_dir: str | None = field(
+        default=None, metadata={"help": "Default ROOT/dataset/valid_region_mask."}
+    )
     _folders: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:

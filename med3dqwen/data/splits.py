@@ -1,4 +1,4 @@
-"""Deterministic, group-level dataset splits (DESIGN.md "Splits").
+"""Deterministic, group-level dataset splits (docs/design.md "Records and splits").
 
 A sample's split depends only on its group id (patient for RadGenome / CT-RATE / the phantom, article for
 PMC-VQA) and a seed, hashed with SHA-256: all samples of one patient land in one split, the assignment is stable

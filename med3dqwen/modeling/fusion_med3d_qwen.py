@@ -2,7 +2,7 @@
 
 Self-contained on purpose (torch and the standard library only) so it can ship as Hub remote code.
 
-Layout the model is expected to use (DESIGN.md "Model"): the slice tokens V (N_s x H, from
+Layout the model is expected to use (docs/design.md "Model layout"): the slice tokens V (N_s x H, from
 `Med3DQwenSliceTokenizer`) are appended after the 256 visual tokens; `apply_slice_fusion` is called with an SSA
 module after each of the first k decoder blocks and with an MSSA module after block k.
 

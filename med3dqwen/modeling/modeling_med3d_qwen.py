@@ -233,7 +233,7 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
         self.vision_encoder.eval()
 
     def _install_fusion(self) -> None:
-        """Attach SSA after each of the first k decoder blocks and MSSA after block k (DESIGN.md "Model")."""
+        """Attach SSA after each of the first k decoder blocks and MSSA after block k (docs/design.md, "Model")."""
         per_layer: dict[int, list[nn.Module]] = {}
         for i, module in enumerate(self.slice_self_attention or []):
             per_layer.setdefault(i, []).append(module)

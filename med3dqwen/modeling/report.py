@@ -7,7 +7,7 @@ Usage:
 
 Counts per part: DCFormer encoder, MLP-Mixer projector, decoder (Qwen2.5, incl. an untied LM head), fusion (slice
 token projection, SSA gates, MSSA) and the closed head; LoRA with rank r on every linear layer of the decoder blocks
-(q, k, v, o, gate, up, down); "trainable" is the SFT recipe of DESIGN.md (LoRA + fusion + closed head; encoder,
+(q, k, v, o, gate, up, down); "trainable" is the SFT recipe of docs/design.md (LoRA + fusion + closed head; encoder,
 projector and decoder frozen). Weight memory is bf16 (2 bytes per parameter) of the full model.
 """
 

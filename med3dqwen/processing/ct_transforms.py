@@ -207,7 +207,7 @@ def resized_affine(affine: np.ndarray, in_shape: Sequence[int], out_shape: Seque
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Boundary prompt (paper eq. 1, DESIGN.md "Contour")
+# Boundary prompt (paper eq. 1, docs/design.md "Contours")
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -387,7 +387,7 @@ def boundary_mask(
     mode: BoundaryMode = "inner",
     keep_largest: bool = True,
 ):
-    """Slice-wise boundary band of a 3D ROI mask (paper eq. 1 with DESIGN.md's semantics).
+    """Slice-wise boundary band of a 3D ROI mask (paper eq. 1 with the semantics of docs/design.md).
 
     Per axial slice, with 8-neighbourhoods and Chebyshev (square) distances measured inside the slice only:
 
@@ -466,7 +466,7 @@ def render_prompt(
 ) -> PromptResult:
     """Draw the boundary prompt of ``mask`` into a windowed volume, as the model will see it.
 
-    The DCFormer stem has one input channel, so a colour cannot reach it (DESIGN.md):
+    The DCFormer stem has one input channel, so a colour cannot reach it (docs/design.md):
 
     - ``burn_in`` (default, the paper's way): band voxels set to ``burn_value`` (the maximum normalised intensity);
     - ``channel``: a second channel holding the band as 0/1 (the stem's kernel for it starts at zero);

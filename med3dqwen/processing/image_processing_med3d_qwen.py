@@ -31,7 +31,7 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
     its 2D backends.
 
     The mask follows the volume's geometric transform with nearest-neighbour sampling and the contour is drawn
-    after resizing, so it stays `contour_thickness` pixels thin at the model's resolution (DESIGN.md).
+    after resizing, so it stays `contour_thickness` pixels thin at the model's resolution (docs/design.md).
 
     Args:
         volume_size (`list[int]`, *optional*, defaults to `[128, 256, 256]`): model input (D, H, W).

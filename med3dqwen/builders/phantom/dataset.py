@@ -51,27 +51,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PhantomBuildConfig:
-    """What to build.
+    """What to build: one field per setting, declared once; its ``help`` says what it does, and the build
+    command (``--help``) takes it as an option of the same name.
 
-    Args:
-        output_dir: the dataset folder (created).
-        num_volumes: number of phantoms, one patient each.
-        seed: master seed; volume ``i`` uses :func:`volume_seed` ``(seed, i)`` and splits are hashed with it.
-        prompt: contour colour ``red`` / ``blue`` (rewritten questions) or ``none`` (the no-prompt variant).
-        write_png: ``none``, ``montage`` (one montage per volume and ROI) or ``stack`` (montage + every ROI slice).
-        shape: phantom grid (D, H, W).
-        thickness: contour thickness in px for the PNGs.
-        split_ratios: train / validation / test fractions of patients.
+    ``phantom`` (not a command-line option) replaces the generator's :class:`PhantomConfig`; by default it is
+    the generator's defaults on the grid ``shape``. Volume ``i`` uses the seed :func:`volume_seed` ``(seed, i)``.
     """
 
-    output_dir: str
-    num_volumes: int = 20
-    seed: int = 0
-    prompt: str = "red"
-    write_png: str = "montage"
-    shape: tuple[int, int, int] = (128, 256, 256)
-    thickness: int = 3
-    split_ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    output_dir: str = field(metadata={"help": "Folder to write the dataset to (created)."})
+    num_volumes: int = field(default=20, metadata={"help": "Number of phantoms (one synthetic patient each)."})
+    seed: int = field(default=0, metadata={"help": "Master seed of phantoms, templates and the patient split."})
+    prompt: str = field(
+        default="red", metadata={"help": "Contour colour (red | blue) or 'none' for the no-prompt variant."}
+    )
+    write_png: str = field(
+        default="montage", metadata={"help": "Prompt PNGs: none | montage (one per volume and ROI) | stack."}
+    )
+    shape: tuple[int, int, int] = field(default=(128, 256, 256), metadata={"help": "Phantom grid D H W."})
+    thickness: int = field(default=3, metadata={"help": "Contour thickness in pixels for the PNGs."})
+    split_ratios: tuple[float, float, float] = field(
+        default=DEFAULT_RATIOS, metadata={"help": "Train / validation / test patient fractions."}
+    )
     phantom: PhantomConfig | None = field(default=None, repr=False)
 
     def __post_init__(self):
