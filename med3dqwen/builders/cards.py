@@ -147,7 +147,7 @@ def render_dataset_card(
     splits = stats.splits
     extra: dict[str, Any] = {}
     if features is not None:
-        extra["dataset_info"] = {"features": features._to_yaml_list()}
+        extra["dataset_info"] = {"config_name": "default", "features": features._to_yaml_list()}
     card_data = DatasetCardData(
         pretty_name=pretty_name,
         license=license,

@@ -53,6 +53,8 @@ def test_load_dataset_of_a_moved_copy_decodes_volumes_masks_and_pngs(moved):
     first = next(iter(ds.values()))
     assert first.features["volume_path"] == datasets.Nifti() and first.features["mask_path"] == datasets.Nifti()
     assert first.features["prompt_pngs"] == datasets.List(datasets.Image())
+    # the card's declared types, not inferred ones (inference makes the mixed content parts a Json column)
+    assert first.features["messages"] == record_features()["messages"]
     outlined = [row for row in rows if row["roi"] is not None]
     whole = [row for row in rows if row["roi"] is None]
     assert outlined and whole
