@@ -108,11 +108,16 @@ def test_format_paper_writes_the_papers_layout(built, tmp_path):
     assert message_texts(loaded[0]) == message_texts(records[0])
 
 
-def test_card_names_a_relative_path_or_a_hub_id(built, tmp_path):
+def test_card_names_a_relative_path_or_a_hub_id(built, tmp_path, monkeypatch, capsys):
     out, config = built
     card = (out / "README.md").read_text()
     assert str(out) not in card and str(out.parent) not in card
     assert 'folder = "./phantom_small"' in card and "resolve_media(ds, folder)" in card
+    quick_start = card.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(out.parent)  # the quick start runs as written from the folder that holds the dataset
+    namespace = {}
+    exec(quick_start, namespace)
+    assert " -> " in capsys.readouterr().out and namespace["volume"].shape == SMALL[::-1]
     assert "dataset_info:" in card and "- name: prompt_pngs" in card
     hub = tmp_path / "hub"
     shutil.copytree(out, hub)
