@@ -272,38 +272,45 @@ def resolve_media(dataset, root: str | os.PathLike):
     root_path = Path(root).expanduser().resolve()
     if not root_path.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    if isinstance(dataset, datasets.DatasetDict):
-        return datasets.DatasetDict({split: resolve_media(ds, root_path) for split, ds in dataset.items()})
+    splits = dict(dataset) if isinstance(dataset, datasets.DatasetDict) else {None: dataset}
+    names = set().union(*(ds.column_names for ds in splits.values()))
+    columns = [name for name in ("volume_path", "mask_path", "prompt_pngs") if name in names]
+    splits = {split: _absolute_paths(ds, root_path, columns) for split, ds in splits.items()}
+    for name in columns:  # one type per column over all splits, so the splits stay compatible
+        paths = [
+            path
+            for ds in splits.values()
+            for value in ds[name]
+            for path in (value if isinstance(value, list) else [value])
+            if path is not None
+        ]
+        feature = _media_feature(paths, name)
+        if feature is not None:
+            feature = datasets.List(feature) if name == "prompt_pngs" else feature
+            splits = {split: ds.cast_column(name, feature) for split, ds in splits.items()}
+    return splits[None] if None in splits else datasets.DatasetDict(splits)
+
+
+def _absolute_paths(dataset, root: Path, columns: Sequence[str]):
+    """``dataset`` with the paths of ``columns`` joined to ``root``, each checked to exist inside it."""
 
     def absolute(path: str | None, column: str) -> str | None:
         if path is None:
             return None
         if os.path.isabs(path) or Path(os.path.normpath(path)).parts[:1] == ("..",):
-            raise ValueError(f"{column} path {path!r} is not relative to the dataset folder {root_path}")
-        full = root_path / path
+            raise ValueError(f"{column} path {path!r} is not relative to the dataset folder {root}")
+        full = root / path
         if not full.exists():
-            raise FileNotFoundError(f"{column} {path!r} of the dataset in {root_path} does not exist ({full})")
+            raise FileNotFoundError(f"{column} {path!r} of the dataset in {root} does not exist ({full})")
         return full.as_posix()
 
-    columns = [name for name in ("volume_path", "mask_path", "prompt_pngs") if name in dataset.column_names]
-
     def resolve(row: dict[str, Any]) -> dict[str, Any]:
-        resolved = {}
-        for name in columns:
-            if name == "prompt_pngs":
-                resolved[name] = [absolute(png, name) for png in row[name]]
-            else:
-                resolved[name] = absolute(row[name], name)
-        return resolved
+        return {
+            name: [absolute(png, name) for png in row[name]] if name == "prompt_pngs" else absolute(row[name], name)
+            for name in columns
+        }
 
-    dataset = dataset.map(resolve, desc="resolving media paths")
-    for name in columns:
-        values = dataset[name]
-        paths = [p for p in values for p in (p if isinstance(p, list) else [p]) if p is not None]
-        feature = _media_feature(paths, name)
-        if feature is not None:
-            dataset = dataset.cast_column(name, datasets.List(feature) if name == "prompt_pngs" else feature)
-    return dataset
+    return dataset.map(resolve, desc="resolving media paths")
 
 
 def _media_feature(paths: Sequence[str], column: str):

@@ -143,3 +143,10 @@ def test_resolve_media_bad_paths(folder, overrides, error, match):
 def test_resolve_media_needs_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_media(_dataset(_record()), tmp_path / "nowhere")
+
+
+def test_resolve_media_gives_every_split_the_same_types(folder):
+    whole = _record(mask_path=None, mask_source=None, roi=None, prompt_pngs=[])
+    ds = resolve_media(datasets.DatasetDict({"train": _dataset(_record()), "test": _dataset(whole)}), folder)
+    assert ds["test"].features == ds["train"].features and ds["test"].features["mask_path"] == datasets.Nifti()
+    assert ds["test"][0]["mask_path"] is None and ds["train"][0]["prompt_pngs"][0].size == (8, 8)
