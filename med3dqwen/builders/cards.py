@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from med3dqwen.data.schema import RECORD_FORMATS
 from med3dqwen.data.splits import SPLIT_NAMES
 from med3dqwen.io import atomic_output
 
@@ -29,9 +31,10 @@ PAPER_CITATION = """@article{boundary_guidance_3dct,
 }"""
 
 _DEFAULT_FILES = (
-    "Volumes are NIfTI files next to the JSONL; load one with "
+    "Volumes are NIfTI files in this folder; load one with "
     '`med3dqwen.processing.ct_io.load_volume(folder / sample["volume_path"])`.'
 )
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class DatasetStats:
@@ -102,6 +105,8 @@ def render_dataset_card(
     extra_fields: Mapping[str, str] | None = None,
     tags: Sequence[str] = (),
     template: str | os.PathLike = CARD_TEMPLATE,
+    record_format: str = "trl",
+    load_path: str | None = None,
 ) -> Path:
     """Write ``out_dir/README.md``: YAML ``configs:`` (so ``datasets.load_dataset(out_dir)`` finds
     ``data/<split>.jsonl``), the declared features, counts per split and per question type, and what was skipped.
@@ -119,15 +124,23 @@ def render_dataset_card(
         extra_fields: name → meaning of the builder's own record fields, for the field table.
         tags: extra Hub tags.
         template: the Jinja template (default :data:`CARD_TEMPLATE`, ``med3dqwen/builders/templates/``).
+        record_format: the layout of the records, ``trl`` or ``paper`` (:mod:`med3dqwen.data.schema`).
+        load_path: the Hub dataset id (``user/name``) the quick start loads; ``None`` names the folder relative to
+            its parent (``./<folder name>``), never an absolute path of the machine that built it.
 
     Returns:
         The card path.
 
     Raises:
         FileNotFoundError: the template is missing.
-        ValueError: neither ``records_by_split`` nor ``stats`` is given.
+        ValueError: neither ``records_by_split`` nor ``stats`` is given; ``load_path`` is not a Hub id; unknown
+            ``record_format``.
     """
     template = Path(template)
+    if record_format not in RECORD_FORMATS:
+        raise ValueError(f"record_format must be one of {RECORD_FORMATS}, got {record_format!r}")
+    if load_path is not None and not _HUB_ID.match(load_path):
+        raise ValueError(f"load_path must be a Hub dataset id (user/name), got {load_path!r}")
     if not template.is_file():
         raise FileNotFoundError(f"dataset card template not found: {template}")
     if stats is None:
@@ -137,7 +150,7 @@ def render_dataset_card(
     splits = stats.splits
     extra: dict[str, Any] = {}
     if features is not None:
-        extra["dataset_info"] = {"features": features._to_yaml_list()}
+        extra["dataset_info"] = {"config_name": "default", "features": features._to_yaml_list()}
     card_data = DatasetCardData(
         pretty_name=pretty_name,
         license=license,
@@ -172,7 +185,9 @@ def render_dataset_card(
         template_path=str(template),
         summary=summary,
         builder=builder,
-        load_path=str(out_dir),
+        load_path=load_path or f"./{Path(out_dir).resolve().name}",
+        from_hub=load_path is not None,
+        record_format=record_format,
         prompt_description=prompt_description,
         splits=splits,
         split_rows=split_rows,

@@ -29,7 +29,7 @@ import numpy as np
 from med3dqwen.builders.cards import DatasetStats, render_dataset_card
 from med3dqwen.builders.hub import push_dataset_to_hub
 from med3dqwen.data.rewrite import RewriteConfig
-from med3dqwen.data.schema import record_features
+from med3dqwen.data.schema import RECORD_FORMATS, record_features, to_format
 from med3dqwen.data.splits import SPLIT_NAMES
 from med3dqwen.io import atomic_output, read_jsonl, safe_relpath
 
@@ -288,8 +288,9 @@ class DatasetBuilder(abc.ABC):
         """``datasets`` feature types of the builder's own record fields (the ``extra`` of ``build_record``)."""
         return {}
 
-    def features(self):
-        return record_features(self.extra_features())
+    def features(self, format: str = "trl"):
+        """The ``datasets.Features`` of this builder's records in layout ``format`` (:mod:`~med3dqwen.data.schema`)."""
+        return record_features(self.extra_features(), format)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,6 +322,13 @@ class BuildArguments:
         metadata={"help": "Delete a previous build in output_dir (its .work/, data/ and the builder's files) first."},
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars (tqdm, on stderr)."})
+    format: str = field(
+        default="trl",
+        metadata={
+            "help": "Record layout of data/*.jsonl: trl (messages with content lists and an image placeholder, media "
+            "as path columns) | paper ([system, user, vision, assistant], vision = 'nifti:...; prompt_png:[...]')."
+        },
+    )
     start_method: str = field(
         default="spawn", metadata={"help": "multiprocessing start method of the pool: spawn | forkserver | fork."}
     )
@@ -337,6 +345,8 @@ class BuildArguments:
             raise ValueError(
                 f"start_method must be one of {multiprocessing.get_all_start_methods()}, got {self.start_method!r}"
             )
+        if self.format not in RECORD_FORMATS:
+            raise ValueError(f"format must be one of {RECORD_FORMATS}, got {self.format!r}")
         if self.push_to_hub and not self.hub_repo_id:
             raise ValueError("--push_to_hub needs --hub_repo_id")
         if self.push_to_hub and self.num_shards > 1 and not self.merge_only:
@@ -536,7 +546,7 @@ def run_build(builder: DatasetBuilder, out_dir: str | os.PathLike, args: BuildAr
         summary.units_processed = len(pending)
         summary.seconds = time.perf_counter() - process_start
     if args.merge_only or args.num_shards == 1:
-        merged = merge_build(builder, out, plan)
+        merged = merge_build(builder, out, plan, format=args.format, hub_repo_id=args.hub_repo_id)
         merged.units_in_shard, merged.units_processed = summary.units_in_shard, summary.units_processed
         merged.units_reused, merged.seconds = summary.units_reused, summary.seconds
         summary = merged
@@ -551,12 +561,21 @@ def run_build(builder: DatasetBuilder, out_dir: str | os.PathLike, args: BuildAr
     return summary
 
 
-def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan | None = None) -> BuildSummary:
+def merge_build(
+    builder: DatasetBuilder,
+    out_dir: str | os.PathLike,
+    plan: Plan | None = None,
+    *,
+    format: str = "trl",
+    hub_repo_id: str | None = None,
+) -> BuildSummary:
     """Assemble ``data/<split>.jsonl``, ``skipped.jsonl``, ``filtered.jsonl`` (if the plan has a ``filtered`` list)
     and ``README.md`` from the finished units, in plan order.
 
-    Every record is checked against the builder's features (same field names), so a builder bug fails here and not
-    in ``load_dataset``. Empty splits get no file (and no entry in the card's ``configs``).
+    Units hold ``trl`` records; each is written in layout ``format`` (:func:`~med3dqwen.data.schema.to_format`), so
+    one build can be merged in either layout. Every record is checked against the builder's features (same field
+    names), so a builder bug fails here and not in ``load_dataset``. Empty splits get no file (and no entry in the
+    card's ``configs``). The card's quick start loads ``hub_repo_id`` when given, else the folder by its name.
 
     Raises:
         BuildError: units of the plan are not built yet (names how many and the first few), or a record does not
@@ -570,7 +589,7 @@ def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan 
             f"{len(missing)} of {len(plan.units)} volumes are not built yet (e.g. {', '.join(missing[:3])}); "
             "run the missing shards (or the build without --merge_only) first"
         )
-    features = builder.features()
+    features = builder.features(format)
     names = set(features)
     stats = DatasetStats()
     skipped: Counter[str] = Counter()
@@ -604,6 +623,12 @@ def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan 
         for unit in plan.units:
             done = json.loads(_unit_path(out, unit.unit_id).read_text(encoding="utf-8"))
             for record in done["records"]:
+                if "prompt_pngs" not in record:
+                    raise BuildError(
+                        f"{unit.unit_id}: the unit file holds records of an older layout (no prompt_pngs); "
+                        "rebuild with --overwrite"
+                    )
+                record = to_format(record, format)
                 if set(record) != names:
                     raise BuildError(
                         f"{unit.unit_id}: record fields differ from the declared features: missing "
@@ -634,6 +659,8 @@ def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan 
         builder=builder.script,
         skipped=summary.skipped,
         features=features,
+        record_format=format,
+        load_path=hub_repo_id,
         **builder.card(summary),
     )
     return summary

@@ -6,8 +6,8 @@ normalised to RadLex, closed answers keep their label index and open answers get
 (``RewriteConfig(prompt=False)``, the paper's "No Prompt" baseline) keeps the normalisation and the labels but has no
 prefixes and a system prompt without the outline.
 
-One JSONL line holds the paper's message list ``[system, user, vision, assistant]`` plus structured fields, see
-:func:`build_record`.
+One JSONL line holds the conversation plus structured fields, see :func:`build_record`; its layout is declared in
+:mod:`med3dqwen.data.schema`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from med3dqwen.anatomy.radlex import RadLexNormalizer
+from med3dqwen.data.schema import RECORD_FIELDS, chat_messages, parse_vision_content, vision_content
 
 
 __all__ = [
@@ -66,8 +67,6 @@ _ANY_PREFIX = re.compile(
 )
 _LEADING_WORD = re.compile(r"[A-Za-z0-9]+")
 _CHOICE_LETTER = re.compile(r"^\(?([A-Za-z])\)?(?:[.:)]\s*(.*))?$", re.DOTALL)
-_VISION_SEPARATOR = "; prompt_png:["
-_PNG_SEPARATOR = ", "
 
 
 def system_prompt(color: str = "red", prompt: bool = True) -> str:
@@ -292,53 +291,6 @@ def rewrite_qa(
     )
 
 
-def vision_content(volume_path: str | os.PathLike, prompt_pngs: Sequence[str | os.PathLike] = ()) -> str:
-    """Content of the ``vision`` message: ``"nifti:<volume>; prompt_png:[<png 1>, <png 2>, ...]"``.
-
-    The PNG paths are joined with ``", "`` and the list is ``[]`` when there are no PNGs (no-prompt variant). Paths are
-    written as given (no quoting), so to keep the string parseable by :func:`parse_vision_content` the volume path
-    must not contain ``"; prompt_png:["`` and a PNG path must not contain ``", "``, ``"["`` or ``"]"``; no path may
-    contain a line break.
-
-    Args:
-        volume_path: path of the NIfTI volume.
-        prompt_pngs: paths of the prompt PNG stack, in slice order.
-
-    Returns:
-        The content string.
-
-    Raises:
-        ValueError: if the volume path is empty or a path contains a forbidden substring.
-    """
-    volume = os.fspath(volume_path)
-    pngs = [os.fspath(png) for png in prompt_pngs]
-    if not volume or _VISION_SEPARATOR in volume or "\n" in volume:
-        raise ValueError(f"volume path {volume!r} is empty or contains {_VISION_SEPARATOR!r} or a line break")
-    for png in pngs:
-        if not png or any(bad in png for bad in (_PNG_SEPARATOR, "[", "]", "\n")):
-            raise ValueError(f"prompt PNG path {png!r} is empty or contains ', ', '[', ']' or a line break")
-    return f"nifti:{volume}{_VISION_SEPARATOR}{_PNG_SEPARATOR.join(pngs)}]"
-
-
-def parse_vision_content(content: str) -> tuple[str, list[str]]:
-    """Inverse of :func:`vision_content`.
-
-    Args:
-        content: a ``vision`` message content.
-
-    Returns:
-        ``(volume_path, prompt_pngs)``.
-
-    Raises:
-        ValueError: if ``content`` does not have the ``"nifti:...; prompt_png:[...]"`` form.
-    """
-    volume, separator, pngs = content.partition(_VISION_SEPARATOR)
-    if not volume.startswith("nifti:") or not separator or not pngs.endswith("]"):
-        raise ValueError(f"not a vision content of the form 'nifti:...; prompt_png:[...]': {content!r}")
-    pngs = pngs[:-1]
-    return volume.removeprefix("nifti:"), pngs.split(_PNG_SEPARATOR) if pngs else []
-
-
 def build_record(
     qa: RewrittenQA,
     *,
@@ -354,11 +306,14 @@ def build_record(
     roi_empty: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One JSONL record: the message list plus the structured fields of :data:`RECORD_FIELDS`.
+    """One record in the default ``trl`` layout (:mod:`med3dqwen.data.schema`): the content-list conversation,
+    ``volume_path``, ``mask_path``, ``prompt_pngs`` and the other fields of :data:`RECORD_FIELDS`, then ``extra``.
 
-    ``messages`` is ``[system, user, vision, assistant]``, each ``{"role": ..., "content": str}``. A question about
-    the whole volume has no mask: pass ``None`` for ``mask_path``, ``mask_source`` and ``roi``; they are stored as
-    JSON ``null`` (never ``""``). Paths are stored as strings, as given.
+    ``messages`` is ``[system, user, assistant]`` with content lists; the user turn holds one ``{"type": "image"}``
+    placeholder (the volume) before the question. A question about the whole volume has no mask: pass ``None`` for
+    ``mask_path``, ``mask_source`` and ``roi``; they are stored as JSON ``null`` (never ``""``). Paths are stored as
+    strings, as given (builders pass paths relative to the dataset folder). The paper's layout is
+    :func:`~med3dqwen.data.schema.to_format` of this record.
 
     Args:
         qa: the rewritten sample.
@@ -373,21 +328,17 @@ def build_record(
         volume_id: id of the volume.
         prompt_pngs: paths of the prompt PNG stack (empty for the no-prompt variant).
         roi_empty: the mask is empty, so no contour was drawn.
-        extra: more fields to store; they must not reuse a name of ``messages`` or :data:`RECORD_FIELDS`.
+        extra: more fields to store; they must not reuse a record field name.
 
     Returns:
         The record, JSON-serialisable.
 
     Raises:
-        ValueError: if ``extra`` reuses a record field name.
+        ValueError: if ``extra`` reuses a record field name, or a path cannot be written in the paper's vision turn
+            (see :func:`~med3dqwen.data.schema.vision_content`), so both layouts can always be exported.
     """
-    record: dict[str, Any] = {
-        "messages": [
-            {"role": "system", "content": qa.system},
-            {"role": "user", "content": qa.question},
-            {"role": "vision", "content": vision_content(volume_path, prompt_pngs)},
-            {"role": "assistant", "content": qa.answer},
-        ],
+    vision_content(volume_path, prompt_pngs)  # both layouts must be writable: check the paths once, here
+    fields: dict[str, Any] = {
         "volume_path": os.fspath(volume_path),
         "mask_path": None if mask_path is None else os.fspath(mask_path),
         "mask_source": mask_source,
@@ -399,6 +350,15 @@ def build_record(
         "patient_id": patient_id,
         "volume_id": volume_id,
         "roi_empty": roi_empty,
+    }
+    if tuple(fields) != RECORD_FIELDS:  # the schema is the declaration; fail loudly if the two drift apart
+        raise RuntimeError(f"build_record fills {tuple(fields)}, the schema declares {RECORD_FIELDS}")
+    record: dict[str, Any] = {
+        "messages": chat_messages(qa.system, qa.question, qa.answer),
+        "volume_path": fields.pop("volume_path"),
+        "mask_path": fields.pop("mask_path"),
+        "prompt_pngs": [os.fspath(png) for png in prompt_pngs],
+        **fields,
     }
     clashes = sorted(set(extra or {}) & set(record))
     if clashes:

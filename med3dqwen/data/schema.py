@@ -1,53 +1,332 @@
-"""The one declaration of a dataset record: its structured fields and its ``datasets.Features``."""
+"""The one declaration of a dataset record: its fields, their types, the ``datasets.Features`` and the message layouts.
+
+Two layouts of the same record (``--format``, :data:`RECORD_FORMATS`):
+
+``trl`` (default): the ecosystem's conversation, the form TRL, ``apply_chat_template`` and
+``pipeline("image-text-to-text")`` read::
+
+    {"messages": [{"role": "system", "content": [{"type": "text", "text": <system prompt>}]},
+                  {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": <question>}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": <answer>}]}],
+     "volume_path": "volumes/x.nii.gz", "mask_path": "volumes/x/masks/heart.nii.gz" | null,
+     "prompt_pngs": ["prompts/x/heart_montage.png", ...], <structured fields>, <builder fields>}
+
+The ``{"type": "image"}`` placeholder stands for the volume (one per conversation); the volume, the mask and the
+prompt PNGs are columns holding paths relative to the dataset folder. :func:`resolve_media` turns them into
+``datasets`` ``Nifti`` / ``Image`` columns (nibabel and PIL images on access).
+
+``paper``: the paper's layout ``[system, user, vision, assistant]`` with string contents, the vision turn being
+``"nifti:<volume>; prompt_png:[<png>, ...]"`` (:func:`vision_content`); no ``prompt_pngs`` column.
+
+Every other module derives the record from here: :func:`~med3dqwen.data.rewrite.build_record` fills
+:data:`STRUCTURED_FIELDS`, the dataset builders write :func:`to_format` of it, the card declares
+:func:`record_features`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
-__all__ = ["RECORD_FIELDS", "record_features"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "NIFTI_SUFFIXES",
+    "PAPER_ROLES",
+    "RECORD_FIELDS",
+    "RECORD_FORMATS",
+    "STRUCTURED_FIELDS",
+    "TRL_ROLES",
+    "chat_messages",
+    "message_texts",
+    "paper_messages",
+    "parse_vision_content",
+    "record_features",
+    "record_fields",
+    "record_media",
+    "resolve_media",
+    "to_format",
+    "vision_content",
+]
 
-RECORD_FIELDS = (
-    "volume_path",
-    "mask_path",
-    "mask_source",
-    "roi",
-    "question_type",
-    "answer_type",
-    "closed_label",
-    "split",
-    "patient_id",
-    "volume_id",
-    "roi_empty",
-)
-"""Structured fields of a JSONL record, next to ``messages``."""
+RECORD_FORMATS = ("trl", "paper")
+"""``--format`` values: the ecosystem's content-list conversation (default) or the paper's message layout."""
+
+STRUCTURED_FIELDS: dict[str, str] = {
+    "volume_path": "string",
+    "mask_path": "string",
+    "mask_source": "string",
+    "roi": "string",
+    "question_type": "string",
+    "answer_type": "string",
+    "closed_label": "int64",
+    "split": "string",
+    "patient_id": "string",
+    "volume_id": "string",
+    "roi_empty": "bool",
+}
+"""Structured fields of every record, next to ``messages``, with their ``datasets.Value`` dtype (``null`` allowed for
+``mask_path``, ``mask_source`` and ``roi``: whole-volume questions)."""
+
+RECORD_FIELDS = tuple(STRUCTURED_FIELDS)
+"""Names of :data:`STRUCTURED_FIELDS`, in record order."""
+
+TRL_ROLES = ("system", "user", "assistant")
+"""Roles of a ``trl`` conversation, in order."""
+PAPER_ROLES = ("system", "user", "vision", "assistant")
+"""Roles of a ``paper`` message list, in order."""
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+"""Path suffixes :func:`resolve_media` casts to ``datasets.Nifti``."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""Path suffixes :func:`resolve_media` casts to ``datasets.Image``."""
+
+_VISION_SEPARATOR = "; prompt_png:["
+_PNG_SEPARATOR = ", "
 
 
-def record_features(extra: Mapping[str, Any] | None = None):
-    """The ``datasets.Features`` of a JSONL record: ``messages`` + :data:`~med3dqwen.data.rewrite.RECORD_FIELDS`
-    (+ ``extra``, the builder's own fields). Written into the card so ``load_dataset`` uses exactly these types."""
+def record_fields(format: str = "trl") -> tuple[str, ...]:
+    """Field names of a record in ``format`` (without the builder's own fields), in record order.
+
+    Raises:
+        ValueError: unknown ``format``.
+    """
+    _check_format(format)
+    if format == "paper":
+        return ("messages", *RECORD_FIELDS)
+    return ("messages", "volume_path", "mask_path", "prompt_pngs", *RECORD_FIELDS[2:])
+
+
+def chat_messages(system: str, question: str, answer: str) -> list[dict[str, Any]]:
+    """The ``trl`` conversation: system text, user turn with one ``{"type": "image"}`` placeholder (the volume)
+    then the question, assistant answer."""
+    return [
+        {"role": "system", "content": [{"type": "text", "text": system}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+
+
+def paper_messages(
+    system: str, question: str, answer: str, volume_path: str | os.PathLike, prompt_pngs: Sequence[str] = ()
+) -> list[dict[str, str]]:
+    """The paper's ``[system, user, vision, assistant]`` message list (contents are strings)."""
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": question},
+        {"role": "vision", "content": vision_content(volume_path, prompt_pngs)},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def vision_content(volume_path: str | os.PathLike, prompt_pngs: Sequence[str | os.PathLike] = ()) -> str:
+    """Content of the paper's ``vision`` message: ``"nifti:<volume>; prompt_png:[<png 1>, <png 2>, ...]"``.
+
+    The PNG paths are joined with ``", "`` and the list is ``[]`` when there are no PNGs (no-prompt variant). Paths are
+    written as given (no quoting), so to keep the string parseable by :func:`parse_vision_content` the volume path
+    must not contain ``"; prompt_png:["`` and a PNG path must not contain ``", "``, ``"["`` or ``"]"``; no path may
+    contain a line break.
+
+    Args:
+        volume_path: path of the NIfTI volume.
+        prompt_pngs: paths of the prompt PNG stack, in slice order.
+
+    Returns:
+        The content string.
+
+    Raises:
+        ValueError: if the volume path is empty or a path contains a forbidden substring.
+    """
+    volume = os.fspath(volume_path)
+    pngs = [os.fspath(png) for png in prompt_pngs]
+    if not volume or _VISION_SEPARATOR in volume or "\n" in volume:
+        raise ValueError(f"volume path {volume!r} is empty or contains {_VISION_SEPARATOR!r} or a line break")
+    for png in pngs:
+        if not png or any(bad in png for bad in (_PNG_SEPARATOR, "[", "]", "\n")):
+            raise ValueError(f"prompt PNG path {png!r} is empty or contains ', ', '[', ']' or a line break")
+    return f"nifti:{volume}{_VISION_SEPARATOR}{_PNG_SEPARATOR.join(pngs)}]"
+
+
+def parse_vision_content(content: str) -> tuple[str, list[str]]:
+    """Inverse of :func:`vision_content`: ``(volume_path, prompt_pngs)``.
+
+    Raises:
+        ValueError: if ``content`` does not have the ``"nifti:...; prompt_png:[...]"`` form.
+    """
+    volume, separator, pngs = content.partition(_VISION_SEPARATOR)
+    if not volume.startswith("nifti:") or not separator or not pngs.endswith("]"):
+        raise ValueError(f"not a vision content of the form 'nifti:...; prompt_png:[...]': {content!r}")
+    pngs = pngs[:-1]
+    return volume.removeprefix("nifti:"), pngs.split(_PNG_SEPARATOR) if pngs else []
+
+
+def message_texts(record: Mapping[str, Any]) -> dict[str, str]:
+    """``{"system": ..., "user": ..., "assistant": ...}``: the texts of a record's conversation, in either layout.
+
+    Raises:
+        ValueError: the messages have neither layout (the message names the roles found).
+    """
+    messages = record["messages"]
+    roles = tuple(m["role"] for m in messages)
+    if roles == PAPER_ROLES:
+        return {m["role"]: m["content"] for m in messages if m["role"] != "vision"}
+    if roles != TRL_ROLES:
+        raise ValueError(f"messages have roles {list(roles)}, expected {list(TRL_ROLES)} or {list(PAPER_ROLES)}")
+    texts = {}
+    for message in messages:
+        parts = [part["text"] for part in message["content"] if part["type"] == "text"]
+        if len(parts) != 1:
+            raise ValueError(f"the {message['role']} turn has {len(parts)} text parts, expected 1")
+        texts[message["role"]] = parts[0]
+    return texts
+
+
+def record_media(record: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """``(volume_path, prompt_pngs)`` of a record, in either layout (paths as stored: relative to the dataset)."""
+    if "prompt_pngs" in record:
+        return record["volume_path"], list(record["prompt_pngs"])
+    vision = [m["content"] for m in record["messages"] if m["role"] == "vision"]
+    if len(vision) != 1:
+        raise ValueError(f"a paper record needs one vision message, found {len(vision)}")
+    return parse_vision_content(vision[0])
+
+
+def to_format(record: Mapping[str, Any], format: str) -> dict[str, Any]:
+    """A ``trl`` record (as :func:`~med3dqwen.data.rewrite.build_record` makes it) in layout ``format``.
+
+    ``trl`` returns it unchanged; ``paper`` moves the volume and the prompt PNGs into the vision turn and drops the
+    ``prompt_pngs`` column (field order: ``messages``, :data:`RECORD_FIELDS`, the builder's fields).
+
+    Raises:
+        ValueError: unknown ``format``, or ``record`` is not a ``trl`` record.
+    """
+    _check_format(format)
+    if "prompt_pngs" not in record:
+        raise ValueError(f"not a trl record (no prompt_pngs field): fields {sorted(record)}")
+    if format == "trl":
+        return dict(record)
+    texts = message_texts(record)
+    paper = {
+        "messages": paper_messages(
+            texts["system"], texts["user"], texts["assistant"], record["volume_path"], record["prompt_pngs"]
+        )
+    }
+    paper.update((name, value) for name, value in record.items() if name not in ("messages", "prompt_pngs"))
+    return paper
+
+
+def record_features(extra: Mapping[str, Any] | None = None, format: str = "trl"):
+    """The ``datasets.Features`` of a JSONL record in ``format``: ``messages`` + :data:`STRUCTURED_FIELDS` (+
+    ``prompt_pngs`` for ``trl``) + ``extra`` (the builder's own fields). Written into the card so that
+    ``load_dataset`` uses exactly these types.
+
+    Paths are ``string`` here: a JSON path column declared ``Nifti``/``Image`` would resolve against the working
+    directory, not the dataset folder (datasets 5.2), so :func:`resolve_media` casts them after loading.
+
+    Raises:
+        ValueError: ``extra`` reuses a record field name; unknown ``format``.
+    """
     import datasets
 
     string = datasets.Value("string")
+    if format == "paper":
+        messages = datasets.List({"role": string, "content": string})
+    else:
+        _check_format(format)
+        messages = datasets.List({"role": string, "content": datasets.List({"type": string, "text": string})})
+    structured = {name: datasets.Value(dtype) for name, dtype in STRUCTURED_FIELDS.items()}
     features = {
-        "messages": datasets.List({"role": string, "content": string}),
-        "volume_path": string,
-        "mask_path": string,
-        "mask_source": string,
-        "roi": string,
-        "question_type": string,
-        "answer_type": string,
-        "closed_label": datasets.Value("int64"),
-        "split": string,
-        "patient_id": string,
-        "volume_id": string,
-        "roi_empty": datasets.Value("bool"),
+        name: messages if name == "messages" else datasets.List(string) if name == "prompt_pngs" else structured[name]
+        for name in record_fields(format)
     }
-    if set(features) != {"messages", *RECORD_FIELDS}:  # keep in step with rewrite.RECORD_FIELDS
-        raise RuntimeError(f"record_features is out of date with RECORD_FIELDS {RECORD_FIELDS}")
-    clashes = sorted(set(extra or {}) & set(features))
+    clashes = sorted(set(extra or {}) & {*features, "prompt_pngs"})
     if clashes:
         raise ValueError(f"extra features {clashes} clash with the record's own fields")
     features.update(extra or {})
     return datasets.Features(features)
+
+
+def resolve_media(dataset, root: str | os.PathLike):
+    """Make a loaded record dataset's media columns decodable: paths relative to ``root`` become absolute and are cast
+    to ``datasets.Nifti`` (``.nii``, ``.nii.gz``) or ``datasets.Image`` (PNG, JPEG, ...), by their suffix.
+
+    ``volume_path`` and ``mask_path`` (whole-volume questions: ``None``, kept) and ``prompt_pngs`` (``trl`` layout)
+    are resolved; a column whose files are of another kind (``.npy`` volumes, DICOM folders) keeps absolute path
+    strings. Accessing a row then gives nibabel images (``Nifti1ImageWrapper``) and PIL images.
+
+    Args:
+        dataset: a ``datasets.Dataset`` or ``DatasetDict`` of records, e.g. ``load_dataset(folder)``.
+        root: the dataset folder the paths are relative to.
+
+    Returns:
+        The dataset (dict) with absolute, typed media columns.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder, or a referenced file is missing (the message names it).
+        ValueError: a column mixes kinds (e.g. NIfTI and PNG), or a path is absolute or escapes ``root``.
+    """
+    import datasets
+
+    root_path = Path(root).expanduser().resolve()
+    if not root_path.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist")
+    splits = dict(dataset) if isinstance(dataset, datasets.DatasetDict) else {None: dataset}
+    names = set().union(*(ds.column_names for ds in splits.values()))
+    columns = [name for name in ("volume_path", "mask_path", "prompt_pngs") if name in names]
+    splits = {split: _absolute_paths(ds, root_path, columns) for split, ds in splits.items()}
+    for name in columns:  # one type per column over all splits, so the splits stay compatible
+        paths = [
+            path
+            for ds in splits.values()
+            for value in ds[name]
+            for path in (value if isinstance(value, list) else [value])
+            if path is not None
+        ]
+        feature = _media_feature(paths, name)
+        if feature is not None:
+            feature = datasets.List(feature) if name == "prompt_pngs" else feature
+            splits = {split: ds.cast_column(name, feature) for split, ds in splits.items()}
+    return splits[None] if None in splits else datasets.DatasetDict(splits)
+
+
+def _absolute_paths(dataset, root: Path, columns: Sequence[str]):
+    """``dataset`` with the paths of ``columns`` joined to ``root``, each checked to exist inside it."""
+
+    def absolute(path: str | None, column: str) -> str | None:
+        if path is None:
+            return None
+        if os.path.isabs(path) or Path(os.path.normpath(path)).parts[:1] == ("..",):
+            raise ValueError(f"{column} path {path!r} is not relative to the dataset folder {root}")
+        full = root / path
+        if not full.exists():
+            raise FileNotFoundError(f"{column} {path!r} of the dataset in {root} does not exist ({full})")
+        return full.as_posix()
+
+    def resolve(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            name: [absolute(png, name) for png in row[name]] if name == "prompt_pngs" else absolute(row[name], name)
+            for name in columns
+        }
+
+    return dataset.map(resolve, desc="resolving media paths")
+
+
+def _media_feature(paths: Sequence[str], column: str):
+    """``Nifti()`` or ``Image()`` when every path has one of their suffixes, ``None`` when none does."""
+    import datasets
+
+    kinds = {
+        "nifti" if p.lower().endswith(NIFTI_SUFFIXES) else "image" if p.lower().endswith(IMAGE_SUFFIXES) else "other"
+        for p in paths
+    }
+    if len(kinds) > 1:
+        raise ValueError(f"column {column} mixes file kinds {sorted(kinds)}; cannot give it one feature type")
+    kind = kinds.pop() if kinds else "other"
+    return {"nifti": datasets.Nifti(), "image": datasets.Image()}.get(kind)
+
+
+def _check_format(format: str) -> None:
+    if format not in RECORD_FORMATS:
+        raise ValueError(f"record format must be one of {RECORD_FORMATS}, got {format!r}")

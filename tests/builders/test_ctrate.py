@@ -36,7 +36,8 @@ from med3dqwen.builders.ctrate import (
     read_name_list,
 )
 from med3dqwen.builders.engine import BuildArguments, BuildError
-from med3dqwen.data.rewrite import parse_vision_content, system_prompt
+from med3dqwen.data.rewrite import system_prompt
+from med3dqwen.data.schema import message_texts, record_media
 from med3dqwen.data.splits import assign_split
 from med3dqwen.processing.ct_io import load_volume
 
@@ -247,14 +248,14 @@ def test_question_answer_and_no_prompt_wording(build):
     out, _ = build
     by_volume = {r["volume_id"]: r for r in read_records(out)}
     record = by_volume["train_1_a_1"]
-    system, question, vision, answer = (m["content"] for m in record["messages"])
+    system, question, answer = (message_texts(record)[role] for role in ("system", "user", "assistant"))
     assert system == system_prompt(prompt=False)  # a --prompt red build, but a whole-volume question
     assert question in TEMPLATES["findings_impressions"] and "red" not in question
     assert answer == "Findings: The trachea is patent. No pleural effusion.\nImpression: Normal chest CT."
     assert (record["answer_type"], record["closed_label"], record["question_type"]) == ("open", -1, "report")
     assert record["mask_path"] is None and record["roi"] is None and record["mask_source"] is None
-    assert parse_vision_content(vision) == (record["volume_path"], [])
-    assert by_volume["train_2_a_1"]["messages"][3]["content"] == "Findings: Emphysema in both lungs."  # "Not given."
+    assert record_media(record) == (record["volume_path"], [])
+    assert message_texts(by_volume["train_2_a_1"])["assistant"] == "Findings: Emphysema in both lungs."  # "Not given."
     assert record["source_row"] == "train_reports.csv:1"
 
 
@@ -337,8 +338,8 @@ def test_all_reconstructions(data_root, tmp_path):
     assert volumes == EXPECTED_VOLUMES | {"train_1_a_2"}
     assert summary.skipped["missing_volume"] == 2  # train_3_a_1 and now train_4_a_1 on its own
     for r in read_records(out):
-        assert r["messages"][1]["content"] in TEMPLATES["findings"]
-        assert not r["messages"][3]["content"].startswith("Findings:")
+        assert message_texts(r)["user"] in TEMPLATES["findings"]
+        assert not message_texts(r)["assistant"].startswith("Findings:")
 
 
 def test_convert_volumes_writes_hu_copies(data_root, tmp_path):

@@ -26,7 +26,8 @@ from helpers import (
 
 from med3dqwen.builders.engine import BuildArguments, BuildError
 from med3dqwen.builders.m3d_vqa import M3DVQABuildConfig, M3DVQABuilder, build_m3d_vqa_dataset, case_id, find_structure
-from med3dqwen.data.rewrite import parse_vision_content, system_prompt
+from med3dqwen.data.rewrite import system_prompt
+from med3dqwen.data.schema import message_texts, record_media
 from med3dqwen.io import save_nifti
 from med3dqwen.processing.ct_io import load_mask
 
@@ -174,23 +175,23 @@ def test_closed_and_open_records(plain):
     out, _ = plain
     records = read_records(out)
     closed = find_record(records, "M3D_VQA_train.csv:2", "closed")
-    system, question, vision, answer = (m["content"] for m in closed["messages"])
+    system, question, answer = (message_texts(closed)[role] for role in ("system", "user", "assistant"))
     assert system == system_prompt(prompt=False)  # --prompt red, but no mask source: never outlined
     assert question == "What abnormality is seen in the liver? Choices: A. Cyst B. Mass C. Abscess"  # NA left out
     assert (answer, closed["closed_label"], closed["question_type"]) == ("B. Mass", 1, "abnormality")
     assert closed["choices"] == ["Cyst", "Mass", "Abscess", ""]
-    assert parse_vision_content(vision) == (closed["volume_path"], [])
+    assert record_media(closed) == (closed["volume_path"], [])
     assert closed["volume_path"] == f"source/images/{IMG1}"
     open_ = find_record(records, "M3D_VQA_train.csv:2", "open")
-    assert open_["messages"][1]["content"] == "What abnormality is seen in the liver?"
-    assert (open_["messages"][3]["content"], open_["closed_label"]) == ("Mass", -1)
+    assert message_texts(open_)["user"] == "What abnormality is seen in the liver?"
+    assert (message_texts(open_)["assistant"], open_["closed_label"]) == ("Mass", -1)
     assert find_record(records, "M3D_VQA_train.csv:1", "closed")["closed_label"] == 0
-    assert find_record(records, "M3D_VQA_train.csv:3", "closed")["messages"][3]["content"] == "C. Upper pole"
+    assert message_texts(find_record(records, "M3D_VQA_train.csv:3", "closed"))["assistant"] == "C. Upper pole"
     organ = find_record(records, "M3D_VQA_train.csv:4", "closed")
-    assert (organ["messages"][3]["content"], organ["closed_label"]) == ("A. Spleen", 0)  # the choice text
+    assert (message_texts(organ)["assistant"], organ["closed_label"]) == ("A. Spleen", 0)  # the choice text
     window = find_record(records, "M3D_VQA_train.csv:7", "open")
-    assert window["messages"][3]["content"] == "Bone window"  # open: the Answer text
-    assert find_record(records, "M3D_VQA_train.csv:7", "closed")["messages"][3]["content"] == "C. Bone"
+    assert message_texts(window)["assistant"] == "Bone window"  # open: the Answer text
+    assert message_texts(find_record(records, "M3D_VQA_train.csv:7", "closed"))["assistant"] == "C. Bone"
 
 
 def test_modes(data_root, tmp_path):
@@ -248,20 +249,20 @@ def test_mask_source_outlines_named_structures(masked):
     out, summary = masked
     records = read_records(out)
     liver = find_record(records, "M3D_VQA_train.csv:2", "closed")
-    question = liver["messages"][1]["content"]
+    question = message_texts(liver)["user"]
     assert question.startswith("Within the red-outlined area of the CT volume, what abnormality is seen in the liver?")
-    assert liver["messages"][0]["content"] == system_prompt("red")
-    assert (liver["messages"][3]["content"], liver["closed_label"]) == ("B. Mass", 1)
+    assert message_texts(liver)["system"] == system_prompt("red")
+    assert (message_texts(liver)["assistant"], liver["closed_label"]) == ("B. Mass", 1)
     assert (liver["roi"], liver["mask_source"]) == ("liver", "totalsegmentator")
     mask = load_mask(out / liver["mask_path"])
     assert mask.shape == SHAPE[1:] and mask.sum() == 4 * 12 * 14
-    _, pngs = parse_vision_content(liver["messages"][2]["content"])
+    _, pngs = record_media(liver)
     assert len(pngs) == 1 and (out / pngs[0]).is_file()
     open_ = find_record(records, "M3D_VQA_train.csv:2", "open")
-    assert open_["messages"][3]["content"] == "Within the red boundary, mass"
+    assert message_texts(open_)["assistant"] == "Within the red boundary, mass"
     for source in ("M3D_VQA_train.csv:1", "M3D_VQA_train.csv:3", "M3D_VQA_train.csv:4"):
         record = find_record(records, source, "closed")  # plane; right kidney (no file); no structure named
-        assert record["mask_path"] is None and record["messages"][0]["content"] == system_prompt(prompt=False)
+        assert record["mask_path"] is None and message_texts(record)["system"] == system_prompt(prompt=False)
     assert summary.counters["prompted"] == {"abnormality": 1}
     unprompted = summary.counters["unprompted"]
     assert unprompted["structure not available"] == 1 and unprompted["no structure named"] == 1

@@ -10,7 +10,8 @@ from PIL import Image
 
 from med3dqwen.builders.engine import BuildArguments
 from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, build_phantom_dataset, volume_seed
-from med3dqwen.data.rewrite import parse_vision_content, system_prompt
+from med3dqwen.data.rewrite import system_prompt
+from med3dqwen.data.schema import message_texts, record_media
 from med3dqwen.processing.ct_io import load_mask, load_volume
 
 
@@ -30,7 +31,8 @@ def test_load_dataset_gives_the_splits(red_build):
     assert set(ds) == {name for name, n in summary.questions.items() if n}
     assert sum(len(split) for split in ds.values()) == sum(summary.questions.values())
     row = ds[next(iter(ds))][0]
-    assert [m["role"] for m in row["messages"]] == ["system", "user", "vision", "assistant"]
+    assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant"]
+    assert [part["type"] for part in row["messages"][1]["content"]] == ["image", "text"]
     assert row["answer_type"] in ("closed", "open")
 
 
@@ -41,17 +43,17 @@ def test_records_are_consistent_with_files_and_rewriting(red_build):
     by_patient = {}
     for r in records:
         assert r["split"] == by_patient.setdefault(r["patient_id"], r["split"])  # no patient crosses splits
-        volume_path, pngs = parse_vision_content(r["messages"][2]["content"])
+        volume_path, pngs = record_media(r)
         assert volume_path == r["volume_path"] and not Path(volume_path).is_absolute()
         assert (out / volume_path).is_file()
-        question, answer = r["messages"][1]["content"], r["messages"][3]["content"]
+        question, answer = message_texts(r)["user"], message_texts(r)["assistant"]
         if r["roi"] is None:  # whole-volume question: no contour, so no prompt wording
             assert r["mask_path"] is None and pngs == []
-            assert r["messages"][0]["content"] == system_prompt(prompt=False)
+            assert message_texts(r)["system"] == system_prompt(prompt=False)
             assert "red" not in question
         else:
             assert (out / r["mask_path"]).is_file() and not r["roi_empty"]
-            assert r["messages"][0]["content"] == system_prompt("red")
+            assert message_texts(r)["system"] == system_prompt("red")
             assert question.startswith(("Within the red-outlined area of the CT volume,", "Inside the red boundary,"))
             assert pngs == [f"prompts/{r['volume_id']}/{r['roi']}_montage.png"]
             assert (out / pngs[0]).is_file()
@@ -129,9 +131,9 @@ def test_no_prompt_variant(tmp_path):
     records = read_records(out)
     assert not (out / "prompts").exists()
     for r in records:
-        assert r["messages"][0]["content"] == system_prompt(prompt=False)
-        assert "boundary" not in r["messages"][1]["content"] and "outlined" not in r["messages"][1]["content"]
-        assert parse_vision_content(r["messages"][2]["content"])[1] == []
+        assert message_texts(r)["system"] == system_prompt(prompt=False)
+        assert "boundary" not in message_texts(r)["user"] and "outlined" not in message_texts(r)["user"]
+        assert record_media(r)[1] == []
 
 
 def test_volume_seeds_are_distinct():
@@ -158,4 +160,4 @@ def test_script_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "load it with" in result.stdout
     records = read_records(out)
-    assert any(r["messages"][1]["content"].startswith("Within the blue-outlined area") for r in records)
+    assert any(message_texts(r)["user"].startswith("Within the blue-outlined area") for r in records)

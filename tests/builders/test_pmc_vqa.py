@@ -35,7 +35,8 @@ from med3dqwen.builders.pmc_vqa import (
     pmcid,
     strip_choice_letter,
 )
-from med3dqwen.data.rewrite import parse_vision_content, system_prompt
+from med3dqwen.data.rewrite import system_prompt
+from med3dqwen.data.schema import message_texts, record_media
 from med3dqwen.data.splits import assign_split
 from med3dqwen.processing.ct_io import load_volume
 
@@ -200,18 +201,18 @@ def test_closed_and_open_records(build):
     out, _ = build
     records = read_records(out)
     closed = find_record(records, "train_2.csv:1", "closed")
-    system, question, vision, answer = (m["content"] for m in closed["messages"])
+    system, question, answer = (message_texts(closed)[role] for role in ("system", "user", "assistant"))
     assert system == system_prompt(prompt=False)  # --prompt red, but no masks
     assert question == "What is seen in the right lung? Choices: A. Nodule B. Mass C. Cavity D. Normal"
     assert (answer, closed["closed_label"], closed["question_type"]) == ("A. Nodule", 0, "figure_vqa")
     assert closed["image_path"] == closed["volume_path"] == "source/images/PMC100_F1.jpg"
-    assert parse_vision_content(vision) == ("source/images/PMC100_F1.jpg", [])
+    assert record_media(closed) == ("source/images/PMC100_F1.jpg", [])
     assert (closed["intensity"], closed["ct_evidence"], closed["upstream_split"]) == ("unit", "CT", "train")
     where = find_record(records, "train_2.csv:2", "closed")  # choices with " A:" prefixes; "Windpipe" normalised
     assert where["choices"][3] == "Trachea" and where["closed_label"] == 1
-    assert where["messages"][3]["content"] == f"B. {where['choices'][1]}"
+    assert message_texts(where)["assistant"] == f"B. {where['choices'][1]}"
     # v2: the open answer is the choice text
-    assert find_record(records, "train_2.csv:2", "open")["messages"][3]["content"] == where["choices"][1]
+    assert message_texts(find_record(records, "train_2.csv:2", "open"))["assistant"] == where["choices"][1]
     assert find_record(records, "train_2.csv:3", "closed")["closed_label"] == 2
     assert find_record(records, "train_2.csv:8", "open")["ct_evidence"] == "CT"  # found in the question, no caption
 
@@ -268,11 +269,11 @@ def test_v1_schema_and_converted_images(v1_root, tmp_path):
     assert summary.counters["schemas"] == {"train.csv: v1": 2, "test.csv: v1": 1}
     records = read_records(out)
     open_ = find_record(records, "train.csv:2", "open")
-    assert open_["messages"][3]["content"] == "Pleural effusion"  # the "Anwser" column
+    assert message_texts(open_)["assistant"] == "Pleural effusion"  # the "Anwser" column
     closed = find_record(records, "train.csv:2", "closed")
-    assert (closed["messages"][3]["content"], closed["closed_label"]) == ("B. Pleural effusion", 1)
+    assert (message_texts(closed)["assistant"], closed["closed_label"]) == ("B. Pleural effusion", 1)
     trachea = find_record(records, "test.csv:1", "closed")
-    assert (trachea["messages"][3]["content"], trachea["closed_label"], trachea["upstream_split"]) == (
+    assert (message_texts(trachea)["assistant"], trachea["closed_label"], trachea["upstream_split"]) == (
         "C. Trachea",
         2,
         "test",

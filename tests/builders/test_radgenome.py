@@ -37,7 +37,8 @@ from med3dqwen.builders.radgenome import (
     parse_volume_name,
     split_probabilities,
 )
-from med3dqwen.data.rewrite import parse_vision_content, system_prompt
+from med3dqwen.data.rewrite import system_prompt
+from med3dqwen.data.schema import message_texts, record_media
 from med3dqwen.data.splits import assign_split
 from med3dqwen.io import UnsafePathError, save_nifti
 from med3dqwen.processing.ct_io import load_mask, load_volume
@@ -398,41 +399,41 @@ def test_rewritten_text_labels_and_masks(red_build):
     red = system_prompt("red")
 
     deepest = records[("train_1_a_1", "train_vqa_presence.csv:6")]
-    question, answer = deepest["messages"][1]["content"], deepest["messages"][3]["content"]
+    question, answer = message_texts(deepest)["user"], message_texts(deepest)["assistant"]
     assert question.startswith("Inside the red boundary, ")
     assert "upper lobe of right lung" in question and "nodule" in question  # RadLex-normalised region
     assert (answer, deepest["closed_label"], deepest["answer_type"]) == ("Yes.", 1, "closed")
     assert deepest["mask_path"] == "source/train_anatomy_mask/seg_train_1_a_1/right lung upper lobe.nii.gz"
     assert (deepest["mask_source"], deepest["roi"]) == ("radgenome_anatomy_mask", "right lung upper lobe")
     assert deepest["volume_path"] == "source/train_preprocessed/train_1/train_1a/train_1_a_1.nii.gz"
-    assert deepest["messages"][0]["content"] == red
+    assert message_texts(deepest)["system"] == red
 
     heart = records[("train_1_a_1", "train_vqa_presence.csv:7")]
-    assert (heart["messages"][3]["content"], heart["closed_label"]) == ("No.", 0)
+    assert (message_texts(heart)["assistant"], heart["closed_label"]) == ("No.", 0)
     assert heart["mask_path"] == "source/train_region_mask/seg_train_1_a_1/heart.nii.gz"  # fallback to region
     assert heart["mask_source"] == "radgenome_region_mask"
 
     others = records[("train_1_a_1", "train_vqa_presence.csv:8")]
     assert others["mask_path"] is None and others["roi"] is None  # whole volume: no contour
-    assert others["messages"][0]["content"] == system_prompt(prompt=False)
-    assert "thoracic cavity" in others["messages"][1]["content"] and "red" not in others["messages"][1]["content"]
+    assert message_texts(others)["system"] == system_prompt(prompt=False)
+    assert "thoracic cavity" in message_texts(others)["user"] and "red" not in message_texts(others)["user"]
 
     size = records[("train_1_a_1", "train_vqa_size.csv:2")]
-    assert size["messages"][3]["content"] == "Within the red boundary, 6x4 mm"  # noisy size kept as text
-    assert records[("train_1_a_1", "train_vqa_size.csv:3")]["messages"][3]["content"].endswith("2 cm")
+    assert message_texts(size)["assistant"] == "Within the red boundary, 6x4 mm"  # noisy size kept as text
+    assert message_texts(records[("train_1_a_1", "train_vqa_size.csv:3")])["assistant"].endswith("2 cm")
 
     location = records[("train_1_a_1", "train_vqa_location.csv:2;train_vqa_location.csv:3")]
-    assert location["messages"][3]["content"] == "In the upper lobe of right lung and the lower lobe of left lung."
+    assert message_texts(location)["assistant"] == "In the upper lobe of right lung and the lower lobe of left lung."
     assert location["mask_path"] is None and location["anatomy"] == "whole scan"
 
     trachea = records[("train_1_a_1", "train_region_report.csv:4")]
     assert trachea["mask_path"] == "source/train_region_mask/seg_train_1_a_1/trachea and bronchie.nii.gz"
-    assert "trachea and bronchi" in trachea["messages"][1]["content"]
+    assert "trachea and bronchi" in message_texts(trachea)["user"]
     whole = records[("train_1_a_1", "train_region_report.csv:1")]
-    assert whole["mask_path"] is None and whole["messages"][3]["content"] == "Whole report of the scan."
+    assert whole["mask_path"] is None and message_texts(whole)["assistant"] == "Whole report of the scan."
 
     case = records[("train_1_a_1", "train_case_disorders.csv:1")]
-    assert case["mask_path"] is None and case["messages"][3]["content"] == "pulmonary nodule, pericardial effusion"
+    assert case["mask_path"] is None and message_texts(case)["assistant"] == "pulmonary nodule, pericardial effusion"
 
     ct_rate_layout = records[("train_4_a_1", "train_vqa_presence.csv:18")]
     assert ct_rate_layout["volume_path"] == "source/train_preprocessed/train_4/train_4_a/train_4_a_1.nii.gz"
@@ -447,7 +448,7 @@ def test_paths_are_relative_and_stay_in_the_data_root(red_build, data_root):
     out, _ = red_build
     root = os.path.realpath(data_root)
     for r in read_records(out):
-        volume, pngs = parse_vision_content(r["messages"][2]["content"])
+        volume, pngs = record_media(r)
         assert volume == r["volume_path"] and pngs == []
         for path in filter(None, (r["volume_path"], r["mask_path"])):
             assert not Path(path).is_absolute() and ".." not in Path(path).parts
@@ -497,8 +498,8 @@ def test_no_prompt_variant(data_root, tmp_path):
     records = read_records(out)
     assert {r["question_type"] for r in records} == {"presence", "size"}
     for r in records:
-        assert r["messages"][0]["content"] == system_prompt(prompt=False)
-        assert "boundary" not in r["messages"][1]["content"] + r["messages"][3]["content"]
+        assert message_texts(r)["system"] == system_prompt(prompt=False)
+        assert "boundary" not in message_texts(r)["user"] + message_texts(r)["assistant"]
     assert any(r["mask_path"] for r in records)  # masks are still listed
 
 
@@ -510,7 +511,7 @@ def test_pngs_once_per_volume_and_roi(data_root, tmp_path):
     written = sorted((out / "prompts").glob("*/*.png"))
     assert len(written) == len(rois)
     for r in records:
-        _, pngs = parse_vision_content(r["messages"][2]["content"])
+        _, pngs = record_media(r)
         assert len(pngs) == (1 if r["mask_path"] else 0)
         assert all((out / p).is_file() and p.startswith(f"prompts/{r['volume_id']}/") for p in pngs)
 
@@ -584,7 +585,7 @@ def test_script_command_line(data_root, tmp_path):
     assert "load it with" in result.stdout and "skipped rows" in result.stdout
     ds = datasets.load_dataset(str(out))
     assert set(ds) == {"train", "validation", "test"}
-    questions = [m[1]["content"] for split in ds.values() for m in split["messages"]]
+    questions = [message_texts(row)["user"] for split in ds.values() for row in split]
     assert any(q.startswith("Within the blue-outlined area") for q in questions)
     assert "Expected upstream folder ROOT" in script_help("build_radgenome.py")
 

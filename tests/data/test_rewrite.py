@@ -16,7 +16,7 @@ from med3dqwen.data.rewrite import (
     system_prompt,
     vision_content,
 )
-from med3dqwen.data.schema import RECORD_FIELDS
+from med3dqwen.data.schema import RECORD_FIELDS, record_fields, to_format
 from med3dqwen.io import read_jsonl, write_jsonl
 
 
@@ -320,14 +320,19 @@ def _record(**overrides):
 
 def test_build_record():
     record = _record(extra={"finding": "nodule"})
-    assert set(record) == {"messages", *RECORD_FIELDS, "finding"}
-    assert [m["role"] for m in record["messages"]] == ["system", "user", "vision", "assistant"]
-    assert [m["content"] for m in record["messages"]] == [
-        RED_SYSTEM_PROMPT,
-        "Inside the red boundary, is there a nodule in the trachea?",
-        "nifti:vols/train_1_a_1.nii.gz; prompt_png:[png/0.png, png/1.png]",
-        "Yes.",
+    assert list(record) == [*record_fields("trl"), "finding"]
+    assert record["messages"] == [
+        {"role": "system", "content": [{"type": "text", "text": RED_SYSTEM_PROMPT}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": "Inside the red boundary, is there a nodule in the trachea?"},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
     ]
+    assert record["prompt_pngs"] == ["png/0.png", "png/1.png"]
     assert {field: record[field] for field in RECORD_FIELDS} == {
         "volume_path": "vols/train_1_a_1.nii.gz",
         "mask_path": "masks/trachea.nii.gz",
@@ -347,7 +352,13 @@ def test_build_record():
 def test_build_record_whole_volume_question():
     record = _record(mask_path=None, mask_source=None, roi=None, prompt_pngs=[], roi_empty=True)
     assert (record["mask_path"], record["mask_source"], record["roi"], record["roi_empty"]) == (None, None, None, True)
-    assert record["messages"][2]["content"] == "nifti:vols/train_1_a_1.nii.gz; prompt_png:[]"
+    assert record["prompt_pngs"] == [] and record["volume_path"] == "vols/train_1_a_1.nii.gz"
+    assert to_format(record, "paper")["messages"][2]["content"] == "nifti:vols/train_1_a_1.nii.gz; prompt_png:[]"
+
+
+def test_build_record_rejects_paths_the_paper_layout_cannot_hold():
+    with pytest.raises(ValueError, match="prompt PNG path"):
+        _record(prompt_pngs=["a, b.png"])
 
 
 def test_build_record_rejects_clashing_extra():
