@@ -428,16 +428,59 @@ def _check_plan(plan: Plan) -> None:
         seen.add(unit.unit_id)
 
 
+def _read_marker(out: Path) -> dict[str, Any] | None:
+    """The content of ``out/.work/config.json``, the marker of a folder a build of ours writes into (written before
+    anything else), or ``None`` if the folder has none. A file that is not ours raises :class:`BuildError`."""
+    path = out / WORK_DIR / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BuildError(f"{path} is not the configuration file of a build ({err}); use another --output_dir") from err
+    if not isinstance(found, dict) or not {"format", "builder", "config"} <= set(found):
+        raise BuildError(f"{path} is not the configuration file of a build; use another --output_dir")
+    return found
+
+
+def _output_names(builder: DatasetBuilder) -> tuple[str, ...]:
+    """Top-level entries of the output folder a build writes (besides ``.work/``)."""
+    return ("data", "skipped.jsonl", "filtered.jsonl", "README.md", *builder.owned_paths)
+
+
+def _check_output_folder(out: Path, builder: DatasetBuilder, overwrite: bool) -> None:
+    """Refuse to delete or replace files that no build of ours wrote.
+
+    A folder without the marker (``.work/config.json``) that already holds entries a build writes (a user's
+    ``README.md``, a ``data/`` folder) is not one of our builds: ``--overwrite`` would delete them and a build would
+    replace them (the dataset card replaces ``README.md``), so both stop with a :class:`BuildError` instead.
+    """
+    if _read_marker(out) is not None:
+        return
+    names = (WORK_DIR, *_output_names(builder)) if overwrite else _output_names(builder)
+    found = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+    if not found:
+        return
+    if overwrite:
+        raise BuildError(
+            f"--overwrite would delete {', '.join(found)} in {out}, but no build wrote that folder "
+            f"({WORK_DIR}/config.json is missing): delete them yourself, or choose another --output_dir"
+        )
+    raise BuildError(
+        f"{out} already holds {', '.join(found)}, which no build wrote ({WORK_DIR}/config.json is missing); the "
+        "build would replace them (README.md becomes the dataset card): move them away, or choose another --output_dir"
+    )
+
+
 def _check_config(out: Path, builder: DatasetBuilder) -> None:
     """Record the build configuration in ``.work/config.json``; refuse to mix work done with another one."""
     wanted = {"format": _FORMAT_VERSION, "builder": builder.name, "config": builder.config()}
     text = json.dumps(wanted, indent=2, sort_keys=True, default=str) + "\n"
     path = out / WORK_DIR / "config.json"
-    if path.exists():
-        found = path.read_text(encoding="utf-8")
-        if found != text:
-            old = json.loads(found).get("config", {})
-            new = json.loads(text)["config"]
+    found = _read_marker(out)
+    if found is not None:
+        if path.read_text(encoding="utf-8") != text:
+            old, new = found.get("config", {}), json.loads(text)["config"]
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise BuildError(
                 f"{out} holds work done with another configuration (changed: {', '.join(changed) or 'builder'}); "
@@ -449,7 +492,7 @@ def _check_config(out: Path, builder: DatasetBuilder) -> None:
 
 
 def _clear_outputs(out: Path, builder: DatasetBuilder) -> None:
-    for name in (WORK_DIR, "data", "skipped.jsonl", "filtered.jsonl", "README.md", *builder.owned_paths):
+    for name in (WORK_DIR, *_output_names(builder)):
         path = out / name
         if path.is_symlink() or path.is_file():
             path.unlink()
@@ -457,11 +500,27 @@ def _clear_outputs(out: Path, builder: DatasetBuilder) -> None:
             shutil.rmtree(path)  # never follows the symlinks inside (source/ links stay pointing at the data)
 
 
-def _remove_temporaries(folder: Path, prefix: str) -> None:
-    """Delete the temporary files ``atomic_output`` leaves behind when its process is killed."""
-    if folder.is_dir():
+_TEMPORARY = re.compile(r"^\..+\.(?:[a-z0-9_]{8}|\d+)\.tmp(?:\..*)?$")
+"""Names of the temporaries a build creates: ``.<name>.<8 random characters>.tmp<suffix>`` (:func:`atomic_output`,
+through :func:`tempfile.mkstemp`) and ``.<name>.<pid>.tmp`` (the new symlink of :func:`link_folder`)."""
+
+
+def _remove_temporaries(folder: Path, prefix: str = ".") -> None:
+    """Delete the temporaries (files or symlinks) named ``prefix*`` directly in ``folder``: what a killed write
+    leaves behind."""
+    if folder.is_dir() and not folder.is_symlink():
         for path in folder.glob(f"{prefix}*"):
-            if ".tmp" in path.name and path.is_file():
+            if _TEMPORARY.match(path.name) and (path.is_symlink() or path.is_file()):
+                path.unlink()
+
+
+def _remove_all_temporaries(out: Path) -> None:
+    """Delete every temporary a killed build left anywhere in ``out`` (never inside the symlinked upstream
+    folders). Only safe when no other build process writes into ``out``: at the merge."""
+    for dirpath, dirnames, filenames in os.walk(out):  # does not descend into symlinked folders
+        for name in (*dirnames, *filenames):
+            path = Path(dirpath) / name
+            if _TEMPORARY.match(name) and (path.is_symlink() or path.is_file()):
                 path.unlink()
 
 
@@ -548,6 +607,7 @@ def run_build(builder: DatasetBuilder, out_dir: str | os.PathLike, args: BuildAr
     args = args or BuildArguments()
     out = Path(out_dir)
     start = time.perf_counter()
+    _check_output_folder(out, builder, args.overwrite and not args.merge_only)
     if args.overwrite and not args.merge_only:
         _clear_outputs(out, builder)
     out.mkdir(parents=True, exist_ok=True)
@@ -612,10 +672,8 @@ def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan 
     counters: dict[str, Counter] = {}
     _merge_counters(counters, plan.counters)
     data = out / "data"
-    _remove_temporaries(data, ".")  # a merge killed half-way
-    _remove_temporaries(out, ".skipped.jsonl.")
-    _remove_temporaries(out, ".filtered.jsonl.")
-    _remove_temporaries(out, ".README.md.")
+    # What killed runs left: a merge (data/, skipped.jsonl, README.md), a configuration write, a link.
+    _remove_all_temporaries(out)
     with contextlib.ExitStack() as stack:
         files = {}
         for split in SPLIT_NAMES:

@@ -2,11 +2,17 @@
 are not UTF-8 or leave a quote open, ``--overwrite`` of a folder that is not a build, a user's README, temporaries
 left by a kill, what ``--push_to_hub`` uploads, and local paths in ``skipped.jsonl``."""
 
-import pytest
-from helpers import read_lines, write_csv
+import shutil
+from pathlib import Path
 
-from med3dqwen.builders.engine import BuildError
+import numpy as np
+import pytest
+from helpers import QUIET, file_tree, read_lines, write_csv
+
+from med3dqwen.builders.engine import BuildArguments, BuildError
+from med3dqwen.builders.m3d_vqa import M3DVQABuildConfig, build_m3d_vqa_dataset
 from med3dqwen.builders.upstream import UpstreamCSV
+from med3dqwen.io import save_nifti
 
 
 COLUMNS = ["Volumename", "Anatomy", "Sentence"]
@@ -77,3 +83,123 @@ def test_an_unclosed_quote_in_the_header_names_the_file(tmp_path):
     path.write_text('Volumename,"Anatomy,Sentence\nv1,lung,Clear.\n', encoding="utf-8")
     with pytest.raises(BuildError, match=r"table\.csv: the header has a quote that is never closed"):
         read_csv(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixture builds: a miniature M3D-VQA download (two images, one with a TotalSegmentator liver mask) and PMC-VQA v2
+# ---------------------------------------------------------------------------------------------------------------
+
+M3D_HEADER = ["Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C", "Choice D"]
+M3D_HEADER += ["Answer", "Answer Choice"]
+IMG1 = "M3D_Cap_npy/ct_case/000001/Axial.npy"
+IMG2 = "M3D_Cap_npy/ct_case/000002/Axial.npy"
+PLANE = "Which plane is the image viewed in?"
+M3D_ROWS = {
+    "M3D_VQA_train.csv": [
+        [IMG1, "Report.", "4", "What abnormality is seen in the liver?", "Cyst", "Mass", "Abscess", "NA", "Mass", "B"],
+        [IMG1, "Report.", "1", PLANE, "Axial", "Sagittal", "Coronal", "Oblique", "Axial", "A"],
+    ],
+    "M3D_VQA_val.csv": [[IMG2, "Report.", "1", PLANE, "Axial", "Sagittal", "Coronal", "Oblique", "Axial", "A"]],
+    "M3D_VQA_test.csv": [],
+}
+M3D_MASKED = {"prompt": "red", "mask_source": "totalsegmentator_files", "write_png": "montage", "thickness": 1}
+
+
+def make_m3d_root(root: Path) -> Path:
+    for name, rows in M3D_ROWS.items():
+        write_csv(root / name, M3D_HEADER, rows)
+    rng = np.random.default_rng(0)
+    for rel in (IMG1, IMG2):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(root / rel, rng.random((1, 8, 32, 32), dtype=np.float32))
+    liver = np.zeros((8, 32, 32), np.uint8)
+    liver[2:6, 8:20, 10:24] = 1
+    save_nifti(root / "ts_masks" / IMG1[: -len(".npy")] / "liver.nii.gz", liver)
+    return root
+
+
+def m3d_config(root: Path, out: Path, **kwargs) -> M3DVQABuildConfig:
+    return M3DVQABuildConfig(data_root=str(root), output_dir=str(out), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def m3d_root(tmp_path_factory) -> Path:
+    return make_m3d_root(tmp_path_factory.mktemp("m3d_root"))
+
+
+def test_a_build_skips_a_row_that_is_not_utf8_and_strict_names_file_and_line(tmp_path):
+    root = make_m3d_root(tmp_path / "root")
+    path = root / "M3D_VQA_train.csv"
+    path.write_bytes(path.read_bytes().replace(PLANE.encode(), "Which plane is the image viewed in\xbf".encode("cp1252")))
+    summary = build_m3d_vqa_dataset(m3d_config(root, tmp_path / "out"), QUIET)
+    assert summary.skipped == {"malformed_row": 1} and summary.questions["train"] == 2  # the other row, both modes
+    [entry] = read_lines(tmp_path / "out" / "skipped.jsonl")
+    assert (entry["source"], entry["detail"]) == ("M3D_VQA_train.csv:2", "not UTF-8: bytes 0xbf on line 3")
+    strict = BuildArguments(progress=False, strict=True)
+    with pytest.raises(BuildError, match=r"--strict: malformed_row \(M3D_VQA_train\.csv:2\): not UTF-8.* line 3"):
+        build_m3d_vqa_dataset(m3d_config(root, tmp_path / "strict"), strict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output folder: --overwrite and a user's README.md
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_overwrite_refuses_a_folder_that_no_build_wrote(m3d_root, tmp_path):
+    out = tmp_path / "thesis"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "results.csv").write_text("mine\n")
+    (out / "README.md").write_text("# My thesis\n")
+    before = file_tree(out)
+    overwrite = BuildArguments(progress=False, overwrite=True)
+    with pytest.raises(BuildError, match=r"--overwrite would delete data, README\.md in .*thesis, but no build wrote"):
+        build_m3d_vqa_dataset(m3d_config(m3d_root, out), overwrite)
+    assert file_tree(out) == before and not (out / ".work").exists()
+    # A folder holding nothing a build writes is fine to build into, and its other files stay.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep\n")
+    build_m3d_vqa_dataset(m3d_config(m3d_root, other), overwrite)
+    assert (other / "notes.txt").read_text() == "keep\n" and (other / "data" / "train.jsonl").is_file()
+    # Our own build is overwritten as before.
+    (other / "data" / "stale.jsonl").write_text("{}\n")
+    build_m3d_vqa_dataset(m3d_config(m3d_root, other), overwrite)
+    assert not (other / "data" / "stale.jsonl").exists() and (other / "notes.txt").is_file()
+
+
+def test_a_users_readme_is_never_replaced(m3d_root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# My notes\n")
+    with pytest.raises(BuildError, match=r"already holds README\.md, which no build wrote.*move them away"):
+        build_m3d_vqa_dataset(m3d_config(m3d_root, out), QUIET)
+    assert (out / "README.md").read_text() == "# My notes\n" and sorted(p.name for p in out.iterdir()) == ["README.md"]
+    # The card of our own build is rewritten by a re-run (resume, merge) as before.
+    (out / "README.md").unlink()
+    build_m3d_vqa_dataset(m3d_config(m3d_root, out), QUIET)
+    card = (out / "README.md").read_bytes()
+    build_m3d_vqa_dataset(m3d_config(m3d_root, out), QUIET)
+    assert (out / "README.md").read_bytes() == card
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Temporaries of a killed build
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_removes_every_temporary_a_killed_build_leaves(m3d_root, tmp_path):
+    out = tmp_path / "out"
+    config = {"mask_dir": str(m3d_root / "ts_masks"), **M3D_MASKED}
+    build_m3d_vqa_dataset(m3d_config(m3d_root, out, **config), QUIET)
+    ref = file_tree(out)
+    shutil.rmtree(out / "data")  # killed before the merge wrote data/
+    # Killed while writing .work/config.json (atomic_output's temporary), while replacing the source/images link
+    # (link_folder's temporary symlink, of another process id), and during a merge.
+    (out / ".work" / ".config.json.ab12cd_9.tmp.json").write_text("{")
+    (out / "source" / ".images.4242.tmp").symlink_to(m3d_root, target_is_directory=True)
+    (out / ".README.md.zz99yy88.tmp.md").write_text("---")
+    (out / ".skipped.jsonl.k3j4h5g6.tmp.jsonl").write_text("{")
+    build_m3d_vqa_dataset(m3d_config(m3d_root, out, **config), QUIET)
+    assert file_tree(out) == ref
+    assert sorted(p.name for p in (out / "source").iterdir()) == ["images"]
+    assert sorted(p.name for p in (out / ".work").iterdir()) == ["config.json", "units"]
