@@ -431,7 +431,6 @@ class CTRateBuilder(DatasetBuilder):
     name = "ctrate_reports"
     script = "datasets_scripts/build_ctrate_reports.py"
     owned_paths = ("source", "volumes")
-    hub_ignore_patterns = ("source", "source/*", "volumes", "volumes/*")
 
     def __init__(self, config: CTRateBuildConfig):
         self.cfg = config

@@ -289,8 +289,14 @@ class DatasetBuilder(abc.ABC):
     """The build script, named in the card (``datasets_scripts/build_<name>.py``)."""
     owned_paths: ClassVar[tuple[str, ...]] = ("prompts",)
     """Top-level entries of the output folder this builder writes (removed by ``--overwrite``)."""
+    hub_allow_patterns: ClassVar[tuple[str, ...]] = ("README.md", "data/*.jsonl", "skipped.jsonl", "filtered.jsonl")
+    """What ``--push_to_hub`` uploads: ``huggingface_hub`` patterns (``fnmatch``, ``*`` crosses ``/``) matched against
+    paths relative to the output folder. By default the dataset card and the JSONL files only: prompt PNGs, masks
+    and converted volumes are renderings of the upstream data, whose licence may forbid redistribution, and
+    ``source/`` links to it. A builder whose files may be redistributed adds them (the phantom: its synthetic
+    volumes and PNGs)."""
     hub_ignore_patterns: ClassVar[tuple[str, ...]] = ()
-    """Patterns ``--push_to_hub`` leaves out (besides ``.work/``), e.g. links to data that may not be redistributed."""
+    """Patterns taken out of what :attr:`hub_allow_patterns` allows (``.work/`` and temporaries always are)."""
 
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
@@ -640,7 +646,8 @@ def run_build(builder: DatasetBuilder, out_dir: str | os.PathLike, args: BuildAr
                 out,
                 args.hub_repo_id,
                 private=args.hub_private,
-                ignore=[WORK_DIR, f"{WORK_DIR}/*", *builder.hub_ignore_patterns],
+                allow=builder.hub_allow_patterns,
+                ignore=[WORK_DIR, f"{WORK_DIR}/*", ".*.tmp*", "*/.*.tmp*", *builder.hub_ignore_patterns],
             )
     logger.info("%s: done in %.1f s", builder.name, time.perf_counter() - start)
     return summary

@@ -10,7 +10,11 @@ import pytest
 from helpers import QUIET, file_tree, read_lines, write_csv
 
 from med3dqwen.builders.engine import BuildArguments, BuildError
-from med3dqwen.builders.m3d_vqa import M3DVQABuildConfig, build_m3d_vqa_dataset
+from med3dqwen.builders.ctrate import CTRateBuilder
+from med3dqwen.builders.m3d_vqa import M3DVQABuildConfig, M3DVQABuilder, build_m3d_vqa_dataset
+from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, PhantomBuilder, build_phantom_dataset
+from med3dqwen.builders.pmc_vqa import PMCVQABuilder
+from med3dqwen.builders.radgenome import RadGenomeBuilder
 from med3dqwen.builders.upstream import UpstreamCSV
 from med3dqwen.io import save_nifti
 
@@ -203,3 +207,94 @@ def test_resume_removes_every_temporary_a_killed_build_leaves(m3d_root, tmp_path
     assert file_tree(out) == ref
     assert sorted(p.name for p in (out / "source").iterdir()) == ["images"]
     assert sorted(p.name for p in (out / ".work").iterdir()) == ["config.json", "units"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --push_to_hub: exactly what datasets_scripts/README.md says
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """``huggingface_hub.HfApi`` replaced by a recorder of the ``upload_folder`` arguments (no network)."""
+    import huggingface_hub
+
+    uploads: list[dict] = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def upload_folder(self, **kwargs):
+            uploads.append(kwargs)
+            return "https://hub/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    return uploads
+
+
+def uploaded_files(upload: dict) -> list[str]:
+    """The files ``HfApi.upload_folder`` would upload with these arguments: the folder listed as it lists it, then
+    filtered by ``huggingface_hub``'s own ``filter_repo_objects`` with the exact patterns the push passed."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder = Path(upload["folder_path"])
+    files = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
+    allow, ignore = upload.get("allow_patterns"), upload.get("ignore_patterns")
+    return list(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore))
+
+
+PUSH = BuildArguments(progress=False, push_to_hub=True, hub_repo_id="me/data")
+
+
+def test_push_of_a_licence_restricted_build_uploads_only_the_card_and_jsonl(m3d_root, tmp_path, fake_hub):
+    out = tmp_path / "out"
+    (out / ".work").mkdir(parents=True)  # a temporary of a killed configuration write never goes up either
+    (out / ".work" / ".config.json.abcd1234.tmp.json").write_text("{")
+    build_m3d_vqa_dataset(m3d_config(m3d_root, out, mask_dir=str(m3d_root / "ts_masks"), **M3D_MASKED), PUSH)
+    [upload] = fake_hub
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    # The build holds the mask it used and the prompt PNG drawn on the image: renderings of M3D's images.
+    assert any(f.startswith("masks/") for f in on_disk) and any(f.startswith("prompts/") for f in on_disk)
+    assert uploaded_files(upload) == [
+        *["README.md", "data/train.jsonl", "data/validation.jsonl", "filtered.jsonl", "skipped.jsonl"]
+    ]
+
+
+EVERY_KIND = [
+    *["README.md", "data/train.jsonl", "data/test.jsonl", "skipped.jsonl", "filtered.jsonl", ".work/config.json"],
+    *[".work/units/p1.json", "source/images/M3D_Cap_npy/a.npy", "source/train/train_1/x.nii.gz"],
+    *["prompts/p1/lung_montage.png", "masks/p1/liver.nii.gz", "volumes/p1/volume.nii.gz"],
+]
+CARD_AND_JSONL = ["README.md", "data/test.jsonl", "data/train.jsonl", "filtered.jsonl", "skipped.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("builder", "expected"),
+    [
+        (RadGenomeBuilder, CARD_AND_JSONL),
+        (CTRateBuilder, CARD_AND_JSONL),
+        (M3DVQABuilder, CARD_AND_JSONL),
+        (PMCVQABuilder, CARD_AND_JSONL),
+        (PhantomBuilder, [*CARD_AND_JSONL, "prompts/p1/lung_montage.png", "volumes/p1/volume.nii.gz"]),
+    ],
+)
+def test_hub_rule_of_each_builder(builder, expected):
+    """The rule each builder declares, over every kind of file a build of any builder can hold: never ``source/``
+    (links to the upstream data) nor renderings of licence-restricted data; the phantom's synthetic files go up."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    kept = filter_repo_objects(EVERY_KIND, allow_patterns=list(builder.hub_allow_patterns), ignore_patterns=".work/*")
+    assert sorted(kept) == sorted(expected)
+
+
+def test_push_of_the_phantom_uploads_its_synthetic_volumes(tmp_path, fake_hub):
+    out = tmp_path / "phantom"
+    build_phantom_dataset(PhantomBuildConfig(output_dir=str(out), num_volumes=2, shape=(32, 64, 64)), PUSH)
+    [upload] = fake_hub
+    on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert uploaded_files(upload) == [f for f in on_disk if not f.startswith(".work/")]
+    assert any(f.startswith("volumes/") for f in on_disk) and any(f.startswith("prompts/") for f in on_disk)
