@@ -530,6 +530,37 @@ def _remove_all_temporaries(out: Path) -> None:
                 path.unlink()
 
 
+def _local_paths(out: Path) -> list[tuple[re.Pattern[str], str]]:
+    """How to write the machine's absolute paths relative in ``skipped.jsonl``: each link in the output folder's
+    top two levels (:func:`link_folder`'s links to the upstream folders, ``source/<name>``) stands for its target,
+    and the output folder for itself (``""``: paths relative to the dataset). Longest path first."""
+    pairs: dict[str, str] = {}
+    for link in (*out.glob("*"), *out.glob("*/*")):
+        if link.is_symlink():
+            relative = link.relative_to(out).as_posix()
+            pairs[os.readlink(link)] = relative
+            pairs[str(link.resolve())] = relative
+    for form in {str(out), str(out.absolute()), str(out.resolve())}:
+        if os.path.isabs(form):
+            pairs[form] = ""
+    # A path ends where the next character cannot continue a file name's component (a quote, a space, the end).
+    return [
+        (re.compile(re.escape(path) + (r"/" if not relative else r"(?=/|[^\w.-]|$)")), relative)
+        for path, relative in sorted(pairs.items(), key=lambda item: -len(item[0]))
+    ]
+
+
+def _without_local_paths(entry: dict[str, Any], local: list[tuple[re.Pattern[str], str]]) -> dict[str, Any]:
+    """A skipped / filtered entry whose ``detail`` and ``source`` name files relative to the dataset (or through
+    its links), never by the absolute paths of this machine (error messages of nibabel, PIL, numpy quote them)."""
+    entry = dict(entry)
+    for key in ("detail", "source"):
+        if isinstance(entry.get(key), str):
+            for pattern, relative in local:
+                entry[key] = pattern.sub(lambda _, relative=relative: relative, entry[key])
+    return entry
+
+
 def _build_unit(builder: DatasetBuilder, out: Path, unit: WorkUnit, strict: bool) -> int:
     # Leftovers of a killed attempt at this unit: its own folders and a half-written unit file.
     for name in builder.unit_dirs(unit):
@@ -689,10 +720,12 @@ def merge_build(builder: DatasetBuilder, out_dir: str | os.PathLike, plan: Plan 
         skipped_tmp = stack.enter_context(atomic_output(out / "skipped.jsonl"))
         skipped_file = stack.enter_context(open(skipped_tmp, "w", encoding="utf-8"))
 
+        local = _local_paths(out)
+
         def write_entries(file: TextIO, rows: Counter[str], entries: Iterable[dict[str, Any]]) -> None:
             for entry in entries:
                 rows[entry["reason"]] += int(entry.get("rows", 1))
-                file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                file.write(json.dumps(_without_local_paths(entry, local), ensure_ascii=False) + "\n")
 
         write_entries(skipped_file, skipped, plan.skipped)
         if plan.filtered is not None:

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import QUIET, file_tree, read_lines, write_csv
+from PIL import Image
 
-from med3dqwen.builders.engine import BuildArguments, BuildError
 from med3dqwen.builders.ctrate import CTRateBuilder
+from med3dqwen.builders.engine import BuildArguments, BuildError, link_folder, skip_entry
 from med3dqwen.builders.m3d_vqa import M3DVQABuildConfig, M3DVQABuilder, build_m3d_vqa_dataset
 from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, PhantomBuilder, build_phantom_dataset
-from med3dqwen.builders.pmc_vqa import PMCVQABuilder
+from med3dqwen.builders.pmc_vqa import PMCVQABuildConfig, PMCVQABuilder, build_pmc_vqa_dataset
 from med3dqwen.builders.radgenome import RadGenomeBuilder
 from med3dqwen.builders.upstream import UpstreamCSV
 from med3dqwen.io import save_nifti
@@ -134,7 +135,8 @@ def m3d_root(tmp_path_factory) -> Path:
 def test_a_build_skips_a_row_that_is_not_utf8_and_strict_names_file_and_line(tmp_path):
     root = make_m3d_root(tmp_path / "root")
     path = root / "M3D_VQA_train.csv"
-    path.write_bytes(path.read_bytes().replace(PLANE.encode(), "Which plane is the image viewed in\xbf".encode("cp1252")))
+    latin = "Which plane is the image viewed in\xbf".encode("cp1252")  # an inverted question mark: byte 0xbf
+    path.write_bytes(path.read_bytes().replace(PLANE.encode(), latin))
     summary = build_m3d_vqa_dataset(m3d_config(root, tmp_path / "out"), QUIET)
     assert summary.skipped == {"malformed_row": 1} and summary.questions["train"] == 2  # the other row, both modes
     [entry] = read_lines(tmp_path / "out" / "skipped.jsonl")
@@ -298,3 +300,51 @@ def test_push_of_the_phantom_uploads_its_synthetic_volumes(tmp_path, fake_hub):
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert uploaded_files(upload) == [f for f in on_disk if not f.startswith(".work/")]
     assert any(f.startswith("volumes/") for f in on_disk) and any(f.startswith("prompts/") for f in on_disk)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No local paths in skipped.jsonl
+# ---------------------------------------------------------------------------------------------------------------
+
+PMC_HEADER = ["index", "Figure_path", "Caption", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer"]
+PMC_CT = "Axial CT of the chest."
+
+
+def make_pmc_root(root: Path) -> Path:
+    """PMC-VQA v2 in miniature: a good figure, a missing one and one that does not decode."""
+    rows = [
+        [str(i), f"PMC10{i}_F1.jpg", PMC_CT, "What is shown?", "A:Cyst", "B:Mass", "C:Abscess", "D:None", "A"]
+        for i in range(3)
+    ]
+    write_csv(root / "train_2.csv", PMC_HEADER, rows)
+    write_csv(root / "test_2.csv", PMC_HEADER, [])
+    (root / "images_2").mkdir(parents=True)
+    Image.fromarray(np.full((20, 24), 128, np.uint8)).save(root / "images_2" / "PMC100_F1.jpg")
+    (root / "images_2" / "PMC102_F1.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # PIL's error quotes the full path
+    return root
+
+
+def test_skipped_entries_name_no_local_paths(tmp_path):
+    root = make_pmc_root(tmp_path / "pmc")
+    out = tmp_path / "out"
+    summary = build_pmc_vqa_dataset(PMCVQABuildConfig(data_root=str(root), output_dir=str(out)), QUIET)
+    assert summary.skipped == {"missing_volume": 1, "unreadable_volume": 1}
+    text = (out / "skipped.jsonl").read_text()
+    assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
+    details = {entry["unit_id"]: entry["detail"] for entry in read_lines(out / "skipped.jsonl")}
+    assert details["PMC101_F1"] == "PMC101_F1.jpg not found in source/images"
+    assert "cannot identify image file 'source/images/PMC102_F1.jpg'" in details["PMC102_F1"]
+
+
+def test_local_paths_are_replaced_only_as_whole_components(tmp_path):
+    from med3dqwen.builders import engine
+
+    upstream = tmp_path / "images"
+    upstream.mkdir()
+    out = tmp_path / "out"
+    link_folder(out, "source/images", upstream)
+    local = engine._local_paths(out)
+    entry = skip_entry("unreadable_volume", f"{upstream}/a.jpg; {upstream}_2/b.jpg; in {upstream}; {out}/prompts/x")
+    assert engine._without_local_paths(entry, local)["detail"] == (
+        f"source/images/a.jpg; {upstream}_2/b.jpg; in source/images; prompts/x"
+    )
