@@ -348,3 +348,12 @@ def test_local_paths_are_replaced_only_as_whole_components(tmp_path):
     assert engine._without_local_paths(entry, local)["detail"] == (
         f"source/images/a.jpg; {upstream}_2/b.jpg; in source/images; prompts/x"
     )
+
+
+def test_a_no_chest_list_that_is_not_utf8_names_its_bad_line(tmp_path):
+    from med3dqwen.builders.ctrate import read_name_list
+
+    path = tmp_path / "no_chest_train.txt"
+    path.write_bytes(b"train_1_a_1.nii.gz\ntrain_2_b\ntrain_3\xe9_a_1.nii.gz\n")
+    names, bad = read_name_list(path)
+    assert names == {"train_1_a_1", "train_2_b"} and bad == ["train_3\\xe9_a_1.nii.gz"]
