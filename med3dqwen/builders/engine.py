@@ -506,8 +506,8 @@ def _clear_outputs(out: Path, builder: DatasetBuilder) -> None:
             shutil.rmtree(path)  # never follows the symlinks inside (source/ links stay pointing at the data)
 
 
-_TEMPORARY = re.compile(r"^\..+\.(?:[a-z0-9_]{8}|\d+)\.tmp(?:\..*)?$")
-"""Names of the temporaries a build creates: ``.<name>.<8 random characters>.tmp<suffix>`` (:func:`atomic_output`,
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]+\.tmp(?:\..*)?$")
+"""Names of the temporaries a build creates: ``.<name>.<random characters>.tmp<suffix>`` (:func:`atomic_output`,
 through :func:`tempfile.mkstemp`) and ``.<name>.<pid>.tmp`` (the new symlink of :func:`link_folder`)."""
 
 
