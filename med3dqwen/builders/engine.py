@@ -472,9 +472,11 @@ def _check_output_folder(out: Path, builder: DatasetBuilder, overwrite: bool) ->
             f"--overwrite would delete {', '.join(found)} in {out}, but no build wrote that folder "
             f"({WORK_DIR}/config.json is missing): delete them yourself, or choose another --output_dir"
         )
+    them = "it" if len(found) == 1 else "them"
     raise BuildError(
-        f"{out} already holds {', '.join(found)}, which no build wrote ({WORK_DIR}/config.json is missing); the "
-        "build would replace them (README.md becomes the dataset card): move them away, or choose another --output_dir"
+        f"{out} already holds {', '.join(found)}, which no build wrote ({WORK_DIR}/config.json is missing), and a "
+        f"build would replace {them} (README.md becomes the dataset card): move {them} away, or choose another "
+        "--output_dir"
     )
 
 
@@ -638,8 +640,9 @@ def run_build(builder: DatasetBuilder, out_dir: str | os.PathLike, args: BuildAr
         A :class:`BuildSummary` (with counts when this run merged).
 
     Raises:
-        BuildError: ``--strict`` and a bad row; ``out_dir`` holds work done with another configuration; a merge with
-            unfinished units.
+        BuildError: ``--strict`` and a bad row; ``out_dir`` holds work done with another configuration, or files no
+            build wrote (without ``.work/config.json``: a user's ``README.md``, ``data/``), which a build would
+            replace and ``--overwrite`` would delete; a merge with unfinished units.
     """
     args = args or BuildArguments()
     out = Path(out_dir)

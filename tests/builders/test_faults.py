@@ -177,7 +177,7 @@ def test_a_users_readme_is_never_replaced(m3d_root, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "README.md").write_text("# My notes\n")
-    with pytest.raises(BuildError, match=r"already holds README\.md, which no build wrote.*move them away"):
+    with pytest.raises(BuildError, match=r"already holds README\.md, which no build wrote.*move it away"):
         build_m3d_vqa_dataset(m3d_config(m3d_root, out), QUIET)
     assert (out / "README.md").read_text() == "# My notes\n" and sorted(p.name for p in out.iterdir()) == ["README.md"]
     # The card of our own build is rewritten by a re-run (resume, merge) as before.
