@@ -537,11 +537,14 @@ def _local_paths(out: Path) -> list[tuple[re.Pattern[str], str]]:
     top two levels (:func:`link_folder`'s links to the upstream folders, ``source/<name>``) stands for its target,
     and the output folder for itself (``""``: paths relative to the dataset). Longest path first."""
     pairs: dict[str, str] = {}
-    for link in (*out.glob("*"), *out.glob("*/*")):
-        if link.is_symlink():
-            relative = link.relative_to(out).as_posix()
-            pairs[os.readlink(link)] = relative
-            pairs[str(link.resolve())] = relative
+    top = list(out.iterdir()) if out.is_dir() else []
+    second = [child for entry in top if entry.is_dir() and not entry.is_symlink() for child in entry.iterdir()]
+    for path in (*top, *second):  # links are never listed inside: an upstream folder can hold a million files
+        if path.is_symlink():
+            relative = path.relative_to(out).as_posix()
+            for target in (os.readlink(path), str(path.resolve())):
+                if os.path.isabs(target):
+                    pairs[target] = relative
     for form in {str(out), str(out.absolute()), str(out.resolve())}:
         if os.path.isabs(form):
             pairs[form] = ""
