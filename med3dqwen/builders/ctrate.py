@@ -252,7 +252,8 @@ def read_name_list(path: Path) -> tuple[set[str], list[str]]:
     that are neither."""
     names: set[str] = set()
     bad: list[str] = []
-    for line in path.read_text(encoding="utf-8-sig").splitlines():
+    # A byte that is not UTF-8 is written as \xNN: that line is no volume name and is reported with the others.
+    for line in path.read_text(encoding="utf-8-sig", errors="backslashreplace").splitlines():
         text = line.strip().strip(",").strip()
         if not text or text.startswith("#"):
             continue
@@ -398,7 +399,6 @@ class CTRateBuilder(DatasetBuilder):
     name = "ctrate_reports"
     script = "datasets_scripts/build_ctrate_reports.py"
     owned_paths = ("source", "volumes")
-    hub_ignore_patterns = ("source", "source/*", "volumes", "volumes/*")
 
     def __init__(self, config: CTRateBuildConfig):
         self.cfg = config

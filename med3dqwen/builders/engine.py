@@ -254,8 +254,14 @@ class DatasetBuilder(abc.ABC):
     """The build script, named in the card (``datasets_scripts/build_<name>.py``)."""
     owned_paths: ClassVar[tuple[str, ...]] = ("prompts",)
     """Top-level entries of the output folder this builder writes (removed by ``--overwrite``)."""
+    hub_allow_patterns: ClassVar[tuple[str, ...]] = ("README.md", "data/*.jsonl", "skipped.jsonl", "filtered.jsonl")
+    """What ``--push_to_hub`` uploads: ``huggingface_hub`` patterns (``fnmatch``, ``*`` crosses ``/``) matched against
+    paths relative to the output folder. By default the dataset card and the JSONL files only: prompt PNGs, masks
+    and converted volumes are renderings of the upstream data, whose licence may forbid redistribution, and
+    ``source/`` links to it. A builder whose files may be redistributed adds them (the phantom: its synthetic
+    volumes and PNGs)."""
     hub_ignore_patterns: ClassVar[tuple[str, ...]] = ()
-    """Patterns ``--push_to_hub`` leaves out (besides ``.work/``), e.g. links to data that may not be redistributed."""
+    """Patterns taken out of what :attr:`hub_allow_patterns` allows (``.work/`` and temporaries always are)."""
 
     @abc.abstractmethod
     def config(self) -> dict[str, Any]:
@@ -403,16 +409,61 @@ def _check_plan(plan: Plan) -> None:
         seen.add(unit.unit_id)
 
 
+def _read_marker(out: Path) -> dict[str, Any] | None:
+    """The content of ``out/.work/config.json``, the marker of a folder a build of ours writes into (written before
+    anything else), or ``None`` if the folder has none. A file that is not ours raises :class:`BuildError`."""
+    path = out / WORK_DIR / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BuildError(f"{path} is not the configuration file of a build ({err}); use another --output_dir") from err
+    if not isinstance(found, dict) or not {"format", "builder", "config"} <= set(found):
+        raise BuildError(f"{path} is not the configuration file of a build; use another --output_dir")
+    return found
+
+
+def _output_names(builder: DatasetBuilder) -> tuple[str, ...]:
+    """Top-level entries of the output folder a build writes (besides ``.work/``)."""
+    return ("data", "skipped.jsonl", "filtered.jsonl", "README.md", *builder.owned_paths)
+
+
+def _check_output_folder(out: Path, builder: DatasetBuilder, overwrite: bool) -> None:
+    """Refuse to delete or replace files that no build of ours wrote.
+
+    A folder without the marker (``.work/config.json``) that already holds entries a build writes (a user's
+    ``README.md``, a ``data/`` folder) is not one of our builds: ``--overwrite`` would delete them and a build would
+    replace them (the dataset card replaces ``README.md``), so both stop with a :class:`BuildError` instead.
+    """
+    if _read_marker(out) is not None:
+        return
+    names = (WORK_DIR, *_output_names(builder)) if overwrite else _output_names(builder)
+    found = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+    if not found:
+        return
+    if overwrite:
+        raise BuildError(
+            f"--overwrite would delete {', '.join(found)} in {out}, but no build wrote that folder "
+            f"({WORK_DIR}/config.json is missing): delete them yourself, or choose another --output_dir"
+        )
+    them = "it" if len(found) == 1 else "them"
+    raise BuildError(
+        f"{out} already holds {', '.join(found)}, which no build wrote ({WORK_DIR}/config.json is missing), and a "
+        f"build would replace {them} (README.md becomes the dataset card): move {them} away, or choose another "
+        "--output_dir"
+    )
+
+
 def _check_config(out: Path, builder: DatasetBuilder) -> None:
     """Record the build configuration in ``.work/config.json``; refuse to mix work done with another one."""
     wanted = {"format": _FORMAT_VERSION, "builder": builder.name, "config": builder.config()}
     text = json.dumps(wanted, indent=2, sort_keys=True, default=str) + "\n"
     path = out / WORK_DIR / "config.json"
-    if path.exists():
-        found = path.read_text(encoding="utf-8")
-        if found != text:
-            old = json.loads(found).get("config", {})
-            new = json.loads(text)["config"]
+    found = _read_marker(out)
+    if found is not None:
+        if path.read_text(encoding="utf-8") != text:
+            old, new = found.get("config", {}), json.loads(text)["config"]
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise BuildError(
                 f"{out} holds work done with another configuration (changed: {', '.join(changed) or 'builder'}); "
@@ -424,7 +475,7 @@ def _check_config(out: Path, builder: DatasetBuilder) -> None:
 
 
 def _clear_outputs(out: Path, builder: DatasetBuilder) -> None:
-    for name in (WORK_DIR, "data", "skipped.jsonl", "filtered.jsonl", "README.md", *builder.owned_paths):
+    for name in (WORK_DIR, *_output_names(builder)):
         path = out / name
         if path.is_symlink() or path.is_file():
             path.unlink()
@@ -432,12 +483,62 @@ def _clear_outputs(out: Path, builder: DatasetBuilder) -> None:
             shutil.rmtree(path)  # never follows the symlinks inside (source/ links stay pointing at the data)
 
 
-def _remove_temporaries(folder: Path, prefix: str) -> None:
-    """Delete the temporary files ``atomic_output`` leaves behind when its process is killed."""
-    if folder.is_dir():
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]+\.tmp(?:\..*)?$")
+"""Names of the temporaries a build creates: ``.<name>.<random characters>.tmp<suffix>`` (:func:`atomic_output`,
+through :func:`tempfile.mkstemp`) and ``.<name>.<pid>.tmp`` (the new symlink of :func:`link_folder`)."""
+
+
+def _remove_temporaries(folder: Path, prefix: str = ".") -> None:
+    """Delete the temporaries (files or symlinks) named ``prefix*`` directly in ``folder``: what a killed write
+    leaves behind."""
+    if folder.is_dir() and not folder.is_symlink():
         for path in folder.glob(f"{prefix}*"):
-            if ".tmp" in path.name and path.is_file():
+            if _TEMPORARY.match(path.name) and (path.is_symlink() or path.is_file()):
                 path.unlink()
+
+
+def _remove_all_temporaries(out: Path) -> None:
+    """Delete every temporary a killed build left anywhere in ``out`` (never inside the symlinked upstream
+    folders). Only safe when no other build process writes into ``out``: at the merge."""
+    for dirpath, dirnames, filenames in os.walk(out):  # does not descend into symlinked folders
+        for name in (*dirnames, *filenames):
+            path = Path(dirpath) / name
+            if _TEMPORARY.match(name) and (path.is_symlink() or path.is_file()):
+                path.unlink()
+
+
+def _local_paths(out: Path) -> list[tuple[re.Pattern[str], str]]:
+    """How to write the machine's absolute paths relative in ``skipped.jsonl``: each link in the output folder's
+    top two levels (:func:`link_folder`'s links to the upstream folders, ``source/<name>``) stands for its target,
+    and the output folder for itself (``""``: paths relative to the dataset). Longest path first."""
+    pairs: dict[str, str] = {}
+    top = list(out.iterdir()) if out.is_dir() else []
+    second = [child for entry in top if entry.is_dir() and not entry.is_symlink() for child in entry.iterdir()]
+    for path in (*top, *second):  # links are never listed inside: an upstream folder can hold a million files
+        if path.is_symlink():
+            relative = path.relative_to(out).as_posix()
+            for target in (os.readlink(path), str(path.resolve())):
+                if os.path.isabs(target):
+                    pairs[target] = relative
+    for form in {str(out), str(out.absolute()), str(out.resolve())}:
+        if os.path.isabs(form):
+            pairs[form] = ""
+    # A path ends where the next character cannot continue a file name's component (a quote, a space, the end).
+    return [
+        (re.compile(re.escape(path) + (r"/" if not relative else r"(?=/|[^\w.-]|$)")), relative)
+        for path, relative in sorted(pairs.items(), key=lambda item: -len(item[0]))
+    ]
+
+
+def _without_local_paths(entry: dict[str, Any], local: list[tuple[re.Pattern[str], str]]) -> dict[str, Any]:
+    """A skipped / filtered entry whose ``detail`` and ``source`` name files relative to the dataset (or through
+    its links), never by the absolute paths of this machine (error messages of nibabel, PIL, numpy quote them)."""
+    entry = dict(entry)
+    for key in ("detail", "source"):
+        if isinstance(entry.get(key), str):
+            for pattern, relative in local:
+                entry[key] = pattern.sub(lambda _, relative=relative: relative, entry[key])
+    return entry
 
 
 def _build_unit(builder: DatasetBuilder, out: Path, unit: WorkUnit, strict: bool) -> int:
@@ -517,12 +618,14 @@ def run_build(builder: DatasetBuilder, out_dir: str | os.PathLike, args: BuildAr
         A :class:`BuildSummary` (with counts when this run merged).
 
     Raises:
-        BuildError: ``--strict`` and a bad row; ``out_dir`` holds work done with another configuration; a merge with
-            unfinished units.
+        BuildError: ``--strict`` and a bad row; ``out_dir`` holds work done with another configuration, or files no
+            build wrote (without ``.work/config.json``: a user's ``README.md``, ``data/``), which a build would
+            replace and ``--overwrite`` would delete; a merge with unfinished units.
     """
     args = args or BuildArguments()
     out = Path(out_dir)
     start = time.perf_counter()
+    _check_output_folder(out, builder, args.overwrite and not args.merge_only)
     if args.overwrite and not args.merge_only:
         _clear_outputs(out, builder)
     out.mkdir(parents=True, exist_ok=True)
@@ -555,7 +658,8 @@ def run_build(builder: DatasetBuilder, out_dir: str | os.PathLike, args: BuildAr
                 out,
                 args.hub_repo_id,
                 private=args.hub_private,
-                ignore=[WORK_DIR, f"{WORK_DIR}/*", *builder.hub_ignore_patterns],
+                allow=builder.hub_allow_patterns,
+                ignore=[WORK_DIR, f"{WORK_DIR}/*", ".*.tmp*", "*/.*.tmp*", *builder.hub_ignore_patterns],
             )
     logger.info("%s: done in %.1f s", builder.name, time.perf_counter() - start)
     return summary
@@ -596,10 +700,8 @@ def merge_build(
     counters: dict[str, Counter] = {}
     _merge_counters(counters, plan.counters)
     data = out / "data"
-    _remove_temporaries(data, ".")  # a merge killed half-way
-    _remove_temporaries(out, ".skipped.jsonl.")
-    _remove_temporaries(out, ".filtered.jsonl.")
-    _remove_temporaries(out, ".README.md.")
+    # What killed runs left: a merge (data/, skipped.jsonl, README.md), a configuration write, a link.
+    _remove_all_temporaries(out)
     with contextlib.ExitStack() as stack:
         files = {}
         for split in SPLIT_NAMES:
@@ -608,10 +710,12 @@ def merge_build(
         skipped_tmp = stack.enter_context(atomic_output(out / "skipped.jsonl"))
         skipped_file = stack.enter_context(open(skipped_tmp, "w", encoding="utf-8"))
 
+        local = _local_paths(out)
+
         def write_entries(file: TextIO, rows: Counter[str], entries: Iterable[dict[str, Any]]) -> None:
             for entry in entries:
                 rows[entry["reason"]] += int(entry.get("rows", 1))
-                file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                file.write(json.dumps(_without_local_paths(entry, local), ensure_ascii=False) + "\n")
 
         write_entries(skipped_file, skipped, plan.skipped)
         if plan.filtered is not None:

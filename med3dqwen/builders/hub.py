@@ -16,10 +16,13 @@ def push_dataset_to_hub(
     repo_id: str,
     *,
     private: bool = True,
+    allow: Sequence[str] | None = None,
     ignore: Sequence[str] = (),
     token: str | None = None,
 ) -> str:
-    """Upload a built dataset folder to a Hub dataset repo (created if needed), leaving out ``ignore`` patterns.
+    """Upload a built dataset folder to a Hub dataset repo (created if needed): the files matching ``allow`` (all
+    when ``None``) and none of ``ignore`` (``huggingface_hub`` patterns, matched against paths relative to
+    ``out_dir``; the builders pass :attr:`~med3dqwen.builders.engine.DatasetBuilder.hub_allow_patterns`).
 
     Returns:
         The URL of the commit.
@@ -32,6 +35,7 @@ def push_dataset_to_hub(
         repo_id=repo_id,
         repo_type="dataset",
         folder_path=str(out_dir),
+        allow_patterns=None if allow is None else list(allow),
         ignore_patterns=list(ignore),
         commit_message="Upload dataset built with Med3DQwen",
     )

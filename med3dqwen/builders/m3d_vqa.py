@@ -375,7 +375,6 @@ class M3DVQABuilder(DatasetBuilder):
     name = "m3d_vqa"
     script = "datasets_scripts/build_m3d_vqa.py"
     owned_paths = ("prompts", "masks", "source")
-    hub_ignore_patterns = ("source", "source/*")
 
     def __init__(self, config: M3DVQABuildConfig):
         self.cfg = config

@@ -295,7 +295,6 @@ class PMCVQABuilder(DatasetBuilder):
     name = "pmc_vqa"
     script = "datasets_scripts/build_pmc_vqa.py"
     owned_paths = ("source", "volumes")
-    hub_ignore_patterns = ("source", "source/*", "volumes", "volumes/*")
 
     def __init__(self, config: PMCVQABuildConfig):
         self.cfg = config

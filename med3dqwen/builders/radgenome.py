@@ -572,7 +572,6 @@ class RadGenomeBuilder(DatasetBuilder):
     name = "radgenome"
     script = "datasets_scripts/build_radgenome.py"
     owned_paths = ("prompts", "source")
-    hub_ignore_patterns = ("source", "source/*")
 
     def __init__(self, config: RadGenomeBuildConfig):
         self.cfg = config

@@ -98,6 +98,8 @@ class PhantomBuilder(DatasetBuilder):
     name = "phantom"
     script = "datasets_scripts/build_phantom.py"
     owned_paths = ("prompts", "volumes")
+    # Synthetic data, apache-2.0: the volumes, masks and PNGs go up with the card and the JSONL files.
+    hub_allow_patterns = (*DatasetBuilder.hub_allow_patterns, "volumes/*", "prompts/*")
 
     def __init__(self, config: PhantomBuildConfig):
         self.cfg = config
