@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 import stat
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -292,6 +293,106 @@ def test_dicom_duplicate_slice_is_rejected(tmp_path, dicom_by_z):
     folder = _copy_series(dicom_by_z, tmp_path / "dup")
     shutil.copy(dicom_by_z[5], folder / "copy_of_slice_5")
     assert_error(InvalidVolumeError, folder, ("share one position",), lambda: load_volume(folder))
+
+
+def _truncate(file: Path, size: int) -> Path:
+    file.write_bytes(file.read_bytes()[:size])
+    return file
+
+
+@pytest.mark.parametrize("end", [0, -1])  # the first or the last slice along z
+@pytest.mark.parametrize(("size", "fragment"), [(0, "empty file"), (100, "preamble"), (1500, "no Rows")])
+def test_dicom_damaged_end_slice_is_named_not_dropped(tmp_path, dicom_by_z, end, size, fragment):
+    """A cut first/last slice used to be skipped as 'not DICOM', and the series loaded one slice short."""
+    folder = _copy_series(dicom_by_z, tmp_path / "series")
+    damaged = _truncate(folder / dicom_by_z[end].name, size)
+    assert_error(CorruptFileError, damaged, (fragment,), lambda: load_volume(folder))
+
+
+def test_dicom_truncated_header_mid_series_names_the_file(tmp_path, dicom_by_z):
+    """It used to surface as 'uneven slice spacing' on the folder, which does not say which file to replace."""
+    folder = _copy_series(dicom_by_z, tmp_path / "series")
+    damaged = _truncate(folder / dicom_by_z[10].name, 2000)
+    fragments = ("truncated", "no Rows", "CT Image Storage")
+    err = assert_error(CorruptFileError, damaged, fragments, lambda: load_volume(folder))
+    assert err.source == str(damaged)
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
+def test_dicom_truncated_pixel_data_names_the_file(tmp_path, dicom_by_z):
+    folder = _copy_series(dicom_by_z, tmp_path / "series")
+    damaged = _truncate(folder / dicom_by_z[-1].name, 20000)
+    assert_error(CorruptFileError, damaged, ("pixel",), lambda: load_volume(folder))
+
+
+def _edited_ct_small(real_ct: Path, path: Path, **tags) -> Path:
+    """CT_small.dcm with some tags replaced (values written as given, also invalid ones)."""
+    ds = pydicom.dcmread(real_ct / CT_SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about invalid DS values; writing them is the point
+        for name, value in tags.items():
+            setattr(ds, name, value)
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("modality", ["MR", "PT", "US"])
+def test_non_ct_modality_is_refused_unless_allowed(real_ct, tmp_path, modality):
+    path = _edited_ct_small(real_ct, tmp_path / f"{modality}.dcm", Modality=modality)
+    assert_error(InvalidVolumeError, path, (repr(modality), "not CT", "allow_non_ct=True"), lambda: load_volume(path))
+    volume = load_volume(path, allow_non_ct=True)
+    assert volume.meta["modality"] == modality
+    np.testing.assert_array_equal(volume.array, load_volume(real_ct / CT_SMALL).array)
+
+
+def test_non_ct_slice_in_a_series_is_named(tmp_path, dicom_by_z):
+    folder = _copy_series(dicom_by_z[:4], tmp_path / "series")
+    odd = folder / dicom_by_z[2].name
+    ds = pydicom.dcmread(odd)
+    ds.Modality = "MR"
+    ds.save_as(odd)
+    assert_error(InvalidVolumeError, odd, ("'MR'", "not CT"), lambda: load_volume(folder))
+    assert load_volume(folder, allow_non_ct=True).shape == (4, 512, 512)
+
+
+BAD_DICOM_GEOMETRY = {
+    "nan-position": ({"ImagePositionPatient": ["NaN", "0", "0"]}, "ImagePositionPatient"),
+    "inf-position": ({"ImagePositionPatient": ["0", "inf", "0"]}, "ImagePositionPatient"),
+    "two-value-position": ({"ImagePositionPatient": ["0", "0"]}, "ImagePositionPatient"),
+    "zero-pixel-spacing": ({"PixelSpacing": ["0", "0.661468"]}, "PixelSpacing"),
+    "negative-pixel-spacing": ({"PixelSpacing": ["0.66", "-0.66"]}, "PixelSpacing"),
+    "nan-pixel-spacing": ({"PixelSpacing": ["NaN", "0.66"]}, "PixelSpacing"),
+    "zero-orientation": ({"ImageOrientationPatient": ["0"] * 6}, "ImageOrientationPatient"),
+    "parallel-orientation": ({"ImageOrientationPatient": ["1", "0", "0", "1", "0", "0"]}, "ImageOrientationPatient"),
+    "nan-rescale-slope": ({"RescaleSlope": "NaN"}, "RescaleSlope"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DICOM_GEOMETRY))
+def test_bad_dicom_geometry_is_named(real_ct, tmp_path, case):
+    """These used to load with NaN spacing or crash inside nibabel ('Unable to find out axis')."""
+    tags, fragment = BAD_DICOM_GEOMETRY[case]
+    path = _edited_ct_small(real_ct, tmp_path / f"{case}.dcm", **tags)
+    assert_error(CorruptFileError, path, (fragment,), lambda: load_volume(path))
+
+
+def test_single_slice_with_unusable_thickness_falls_back_to_1_mm(real_ct, tmp_path):
+    """A NaN thickness used to reach the affine and crash in nibabel; a single slice has no step to measure."""
+    path = _edited_ct_small(real_ct, tmp_path / "t.dcm", SpacingBetweenSlices="NaN", SliceThickness="0")
+    np.testing.assert_allclose(load_volume(path).spacing, (1.0, 0.661468, 0.661468), atol=1e-6)
+    path = _edited_ct_small(real_ct, tmp_path / "u.dcm", SpacingBetweenSlices="0", SliceThickness="2.5")
+    np.testing.assert_allclose(load_volume(path).spacing, (2.5, 0.661468, 0.661468), atol=1e-6)
+
+
+def test_nan_position_in_a_series_names_the_file(tmp_path, dicom_by_z):
+    folder = _copy_series(dicom_by_z[:4], tmp_path / "series")
+    odd = folder / dicom_by_z[1].name
+    ds = pydicom.dcmread(odd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.ImagePositionPatient = ["NaN", "0", "0"]
+    ds.save_as(odd)
+    assert_error(CorruptFileError, odd, ("ImagePositionPatient", "nan"), lambda: load_volume(folder))
 
 
 # ---------------------------------------------------------------------------------------------------------------
