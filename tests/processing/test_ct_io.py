@@ -776,6 +776,31 @@ def test_truncated_gzip_really_is_truncated(tmp_path):
     assert gzip.decompress(data)[344:348] == b"n+1\x00"  # NIfTI-1 single-file magic
 
 
+def _flip_bit(path: Path, from_end: int) -> Path:
+    data = bytearray(path.read_bytes())
+    data[len(data) - from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("from_end", [12, 6, 3])  # last deflate block, CRC-32, ISIZE
+def test_nii_gz_with_a_flipped_bit_near_the_end_is_rejected(tmp_path, from_end):
+    """nibabel stops reading where the image ends, before the gzip trailer: these used to load silently."""
+    noise = np.random.default_rng(7).integers(-1024, 2000, size=(24, 20, 16)).astype(np.int16)
+    volume = _flip_bit(_nifti(tmp_path / "vol.nii.gz", noise), from_end)
+    assert_error(CorruptFileError, volume, ("cannot read NIfTI", "BadGzipFile"), lambda: load_volume(volume))
+    mask = _flip_bit(_nifti(tmp_path / "mask.nii.gz", (noise > 0).astype(np.uint8)), from_end)
+    assert_error(CorruptFileError, mask, ("cannot read NIfTI", "BadGzipFile"), lambda: load_mask(mask))
+
+
+def test_nii_gz_with_two_gzip_members_loads(tmp_path):
+    """Reading on to the end of the stream still accepts a valid file that gzip split into members."""
+    noise = np.random.default_rng(8).integers(-1024, 2000, size=(6, 5, 4)).astype(np.int16)
+    raw = gzip.decompress(_nifti(tmp_path / "one.nii.gz", noise).read_bytes())
+    two = _write(tmp_path / "two.nii.gz", gzip.compress(raw[:200]) + gzip.compress(raw[200:]))
+    np.testing.assert_array_equal(load_volume(two).array, load_volume(tmp_path / "one.nii.gz").array)
+
+
 def test_npy_with_a_leading_channel_and_2d_figures(tmp_path):
     volume = np.arange(2 * 3 * 4, dtype=np.float32).reshape(1, 2, 3, 4)  # M3D-VQA stores (1, D, H, W)
     np.save(tmp_path / "m3d.npy", volume)
