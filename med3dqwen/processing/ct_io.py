@@ -176,6 +176,14 @@ def _to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(whd.transpose(2, 1, 0)), whd_affine[:, [2, 1, 0, 3]]
 
 
+def _require_real_numbers(array: np.ndarray, source: str | os.PathLike, what: str) -> None:
+    """Refuse arrays that are not real numbers (strings, records, complex, dates) before any arithmetic."""
+    if array.dtype.kind not in "biuf":
+        raise InvalidVolumeError(
+            source, f"a {what} must hold real numbers, got dtype {array.dtype} ({array.dtype.name})"
+        )
+
+
 def _validate_volume(array: np.ndarray, source: str | os.PathLike) -> np.ndarray:
     """Squeeze trailing singleton dims, then require a finite, non-empty 3D array; returns float32."""
     while array.ndim > 3 and array.shape[-1] == 1:
@@ -184,6 +192,7 @@ def _validate_volume(array: np.ndarray, source: str | os.PathLike) -> np.ndarray
         raise InvalidVolumeError(source, f"expected a 3D volume, got a {array.ndim}D array of shape {array.shape}")
     if 0 in array.shape:
         raise InvalidVolumeError(source, f"the volume is empty (shape {array.shape})")
+    _require_real_numbers(array, source, "volume")
     array = array.astype(np.float32, copy=False)
     finite = np.isfinite(array)
     if not finite.all():
@@ -580,6 +589,7 @@ def load_label_map(path: str | os.PathLike) -> LabelMap:
         data = data[..., 0]
     if data.ndim != 3:
         raise InvalidVolumeError(path, f"expected a 3D mask, got shape {data.shape}")
+    _require_real_numbers(data, path, "mask")
     if data.dtype.kind not in "iub":
         if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
             raise InvalidVolumeError(path, "mask holds non-integer values (is this an image, not a label map?)")

@@ -635,6 +635,22 @@ BAD_VOLUMES = {
         lambda t: _nifti(t / "a.nii.gz", _nan_volume()),
     ),
     "empty-shape-npy": (InvalidVolumeError, ("empty", "(0, 5, 6)"), lambda t: _npy(t / "a.npy", np.ones((0, 5, 6)))),
+    "string-npy": (
+        InvalidVolumeError,
+        ("real numbers", "<U3"),
+        lambda t: _npy(t / "a.npy", np.full((4, 5, 6), "abc")),
+    ),
+    "bytes-npy": (InvalidVolumeError, ("real numbers", "|S2"), lambda t: _npy(t / "a.npy", np.full((4, 5, 6), b"ab"))),
+    "complex-npy": (
+        InvalidVolumeError,
+        ("real numbers", "complex"),
+        lambda t: _npy(t / "a.npy", np.ones((4, 5, 6), complex)),
+    ),
+    "record-npy": (
+        InvalidVolumeError,
+        ("real numbers",),
+        lambda t: _npy(t / "a.npy", np.zeros((4, 5, 6), dtype=[("hu", "f4"), ("q", "i2")])),
+    ),
 }
 
 
@@ -711,6 +727,13 @@ def test_non_integer_float_mask(tmp_path):
     assert_error(InvalidVolumeError, path, ("non-integer",), lambda: load_mask(path))
     integral = _nifti(tmp_path / "float01.nii.gz", np.eye(6, dtype=np.float32)[:4, :5, None].repeat(6, axis=2))
     assert load_mask(integral).any()
+
+
+@pytest.mark.parametrize("array", [np.full((4, 5, 6), "1"), np.ones((4, 5, 6), complex)], ids=["str", "complex"])
+def test_non_numeric_npy_mask(tmp_path, array):
+    """A string mask used to crash inside np.isfinite (TypeError), not naming the file."""
+    path = _npy(tmp_path / "m.npy", array)
+    assert_error(InvalidVolumeError, path, ("mask must hold real numbers",), lambda: load_mask(path))
 
 
 def test_empty_mask_is_all_false_not_an_error(tmp_path, ct_sm):
