@@ -26,3 +26,22 @@ def test_gpu_model_script_runs_on_cpu_with_a_tiny_preset(tmp_path):
     assert row["preset"] == "tiny" and row["train_step_s_median"] > 0 and row["trainable_params"] > 0
     # 2 volumes × 3 new tokens in the measured generate call.
     assert row["generate_tokens_per_s"] > 0
+
+
+def test_hu_threshold_bench_runs_on_a_small_phantom():
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "bench_hu_threshold.py"),
+        "--shape",
+        "32",
+        "64",
+        "64",
+        "--repeats",
+        "1",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = result.stdout.strip().splitlines()[-1]
+    assert row.startswith("| 32×64×64 | airway, body, bone, lung, lung_left, lung_right |"), row
+    left, right = (float(v) for v in row.split("|")[-2].split("/"))
+    assert left > 0.9 and right > 0.9  # the masks are right, not only produced
