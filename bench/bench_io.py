@@ -18,6 +18,12 @@ path end to end: ``load_volume`` (gzip read + reorient), ``load_mask``, ``window
 conversion to a (1, 1, 128, 256, 256) float32 tensor. The files are read back from the page cache right after being
 written, so the numbers measure decoding, not the disk. Prints a markdown table (stage medians, their share of the
 total median, and the total's spread); nothing is asserted about timings.
+
+A second table prices the gzip CRC check of ``.nii.gz`` reads: nibabel's own read (which stops before the gzip
+trailer) against the reader ``load_volume`` uses (the same read, then drained to the end of the stream so gzip
+verifies CRC-32 and length), timed in alternating pairs (ABBA order) so that other load on the machine hits both
+alike; it prints both medians and the median of the paired differences. ``--small`` runs one 24×48×48 case (the test
+suite's smoke run).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from med3dqwen.processing.ct_io import CTVolume, load_mask, load_volume, standard_affine
+from med3dqwen.processing.ct_io import CTVolume, _read_nifti, load_mask, load_volume, standard_affine
 from med3dqwen.processing.ct_transforms import render_prompt, resize_mask, resize_volume, window_hu
 
 
@@ -173,6 +179,26 @@ def bench_case(case: Case, repeats: int) -> dict[str, list[float]]:
     }
 
 
+def crc_pairs(case: Case, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of nibabel's read and of the CRC-checked read of the volume, in ABBA-ordered pairs."""
+
+    def nibabel_only() -> np.ndarray:  # what load_volume read before the CRC check
+        return np.asarray(nib.load(case.volume_path).dataobj, dtype=np.float32)
+
+    def with_crc() -> np.ndarray:  # what load_volume reads now (the private reader: the read alone, no reorient)
+        return _read_nifti(case.volume_path, np.float32)[0]
+
+    assert np.array_equal(nibabel_only(), with_crc())  # same voxels, not a timing assert
+    old, new = [], []
+    for i in range(repeats):
+        order = ((nibabel_only, old), (with_crc, new)) if i % 2 == 0 else ((with_crc, new), (nibabel_only, old))
+        for fn, times in order:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return old, new
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,15 +208,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per stage (after one warm-up)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the synthetic files (temp dir)")
+    parser.add_argument("--crc_repeats", type=int, default=20, help="ABBA pairs for the CRC-check table")
+    parser.add_argument("--small", action="store_true", help="one small 24×48×48 case (smoke run)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         folder = Path(tmp)
-        cases = [
-            make_case(folder, "ctrate_like", (240, 512, 512), (1.25, 0.75, 0.75)),
-            make_case(folder, "iso_1p5mm", (200, 256, 256), (1.5, 1.5, 1.5)),
-        ]
+        if args.small:
+            cases = [make_case(folder, "small", (24, 48, 48), (1.5, 1.5, 1.5))]
+        else:
+            cases = [
+                make_case(folder, "ctrate_like", (240, 512, 512), (1.25, 0.75, 0.75)),
+                make_case(folder, "iso_1p5mm", (200, 256, 256), (1.5, 1.5, 1.5)),
+            ]
         results = [bench_case(case, args.repeats) for case in cases]
+        crc = [crc_pairs(case, args.crc_repeats) for case in cases]
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())  # other processes on the machine skew the medians
@@ -219,6 +251,17 @@ def main() -> None:
     print("| volumes/s | " + " | ".join(f"{r:.2f}" for r in rates) + " |")
     mbps = [c.compressed_bytes / 1e6 * r for c, r in zip(cases, rates, strict=True)]
     print("| MB/s of compressed input (volume + mask) | " + " | ".join(f"{m:.1f}" for m in mbps) + " |")
+    print()
+    print(f"gzip CRC check on the volume read: {args.crc_repeats} ABBA-ordered pairs")
+    print()
+    print("| case | nibabel read, median ms | read + CRC check, median ms | median paired difference |")
+    print("|---|---:|---:|---:|")
+    for case, (old, new) in zip(cases, crc, strict=True):
+        diff = statistics.median(n - o for o, n in zip(old, new, strict=True))
+        print(
+            f"| {case.name} | {1e3 * statistics.median(old):.1f} | {1e3 * statistics.median(new):.1f} | "
+            f"{1e3 * diff:+.1f} ms ({100 * diff / statistics.median(old):+.1f} %) |"
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from med3dqwen.processing.ct_io import CTInputError, InvalidVolumeError, standard_affine
-from med3dqwen.processing.ct_transforms import BoundaryMode, boundary_mask, parse_color, window_hu
+from med3dqwen.processing.ct_transforms import BoundaryMode, binarize_mask, boundary_mask, parse_color, window_hu
 
 
 __all__ = [
@@ -237,8 +237,11 @@ class PromptPNGs:
 
 
 def _as_numpy(x) -> np.ndarray:
-    """A numpy view of a numpy array or a torch tensor (on any device)."""
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    """A numpy array of a numpy array or a torch tensor (any device; floating tensors as float32, bfloat16 too)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        return (x.float() if x.is_floating_point() else x).numpy()
+    return np.asarray(x)
 
 
 def _overlay_rgb(volume_hu: np.ndarray, band: np.ndarray, window, color) -> np.ndarray:
@@ -291,7 +294,7 @@ def prompt_png_stack(
 
     Args:
         volume_hu: (D, H, W) HU volume, numpy or torch.
-        mask: (D, H, W) ROI mask on the same grid.
+        mask: (D, H, W) ROI mask on the same grid, binarised like the model input (:func:`binarize_mask`).
         out_dir: folder for the PNGs (created).
         color: contour colour. window: display window (preset name or ``(low, high)`` HU).
         thickness, mode, keep_largest: passed to :func:`boundary_mask`.
@@ -302,12 +305,11 @@ def prompt_png_stack(
     Returns:
         A :class:`PromptPNGs`. An empty ROI writes nothing and says so (``roi_empty=True``).
     """
-    image, roi = _as_numpy(volume_hu), _as_numpy(mask)
+    image, roi = _as_numpy(volume_hu), binarize_mask(mask)  # the model input's rule: floating masks > 0.5
     if image.ndim != 3:
         raise InvalidVolumeError("volume", f"expected a (D, H, W) array, got shape {image.shape}")
     if roi.shape != image.shape:
         raise InvalidVolumeError("mask", f"mask shape {tuple(roi.shape)} differs from volume shape {image.shape}")
-    roi = roi.astype(bool, copy=False)
     band = boundary_mask(roi, thickness, mode, keep_largest)
     indices = np.flatnonzero(band.any(axis=(1, 2)))
     roi_voxels = int(np.count_nonzero(roi))

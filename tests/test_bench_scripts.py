@@ -28,9 +28,29 @@ def test_gpu_model_script_runs_on_cpu_with_a_tiny_preset(tmp_path):
     assert row["generate_tokens_per_s"] > 0
 
 
-def test_hu_threshold_bench_runs_on_a_small_grid():
-    script = REPO / "bench" / "bench_hu_threshold.py"
-    cmd = [sys.executable, str(script), "--repeats", "1", "--shape", "32", "64", "64"]
+def test_hu_threshold_bench_runs_on_a_small_phantom():
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "bench_hu_threshold.py"),
+        "--shape",
+        "32",
+        "64",
+        "64",
+        "--repeats",
+        "1",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| 32×64×64 | 1 |" in result.stdout
+    row = result.stdout.strip().splitlines()[-1]
+    assert row.startswith("| 32×64×64 | airway, body, bone, lung, lung_left, lung_right |"), row
+    left, right = (float(v) for v in row.split("|")[-2].split("/"))
+    assert left > 0.9 and right > 0.9  # the masks are right, not only produced
+
+
+def test_io_bench_runs_on_a_small_case():
+    cmd = [sys.executable, str(REPO / "bench" / "bench_io.py"), "--small", "--repeats", "1", "--crc_repeats", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| load_volume (gzip read + reorient) |" in result.stdout
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| small |")]
+    assert row.count("|") == 5 and "ms (" in row  # both medians and the paired difference

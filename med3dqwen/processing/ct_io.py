@@ -176,6 +176,14 @@ def _to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(whd.transpose(2, 1, 0)), whd_affine[:, [2, 1, 0, 3]]
 
 
+def _require_real_numbers(array: np.ndarray, source: str | os.PathLike, what: str) -> None:
+    """Refuse arrays that are not real numbers (strings, records, complex, dates) before any arithmetic."""
+    if array.dtype.kind not in "biuf":
+        raise InvalidVolumeError(
+            source, f"a {what} must hold real numbers, got dtype {array.dtype} ({array.dtype.name})"
+        )
+
+
 def _validate_volume(array: np.ndarray, source: str | os.PathLike) -> np.ndarray:
     """Squeeze trailing singleton dims, then require a finite, non-empty 3D array; returns float32."""
     while array.ndim > 3 and array.shape[-1] == 1:
@@ -184,6 +192,7 @@ def _validate_volume(array: np.ndarray, source: str | os.PathLike) -> np.ndarray
         raise InvalidVolumeError(source, f"expected a 3D volume, got a {array.ndim}D array of shape {array.shape}")
     if 0 in array.shape:
         raise InvalidVolumeError(source, f"the volume is empty (shape {array.shape})")
+    _require_real_numbers(array, source, "volume")
     array = array.astype(np.float32, copy=False)
     finite = np.isfinite(array)
     if not finite.all():
@@ -223,13 +232,30 @@ def _is_nifti(path: Path) -> bool:
 
 
 def _read_nifti(path: Path, dtype: type | None) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
-    """Read NIfTI data (scaled by slope/intercept; raw dtype when ``dtype`` is None) and its affine."""
+    """Read NIfTI data (scaled by slope/intercept; raw dtype when ``dtype`` is None) and its affine.
+
+    A ``.nii.gz`` is read through one gzip stream to its very end, so that its CRC-32 and length trailer are
+    checked: nibabel on its own reads only as many bytes as the header says and never reaches the trailer, so a
+    flipped bit in the last compressed block loaded silently as wrong voxels. The check costs reading the few
+    bytes left after the image (see BENCHMARKS.md, "Reading a volume").
+    """
     try:
-        image = nib.load(path)
-        data = np.asarray(image.dataobj) if dtype is None else np.asarray(image.dataobj, dtype=dtype)
+        if not path.name.lower().endswith(".gz"):
+            image = nib.load(path)
+            return _nifti_data(image, dtype), image.affine.astype(np.float64), image
+        image_class = type(nib.load(path))  # Nifti1 or Nifti2, from the header alone (a few hundred bytes)
+        with gzip.open(path, "rb") as stream:
+            image = image_class.from_stream(stream)
+            data = _nifti_data(image, dtype)
+            while stream.read(1 << 20):  # on to the end: gzip checks each member's CRC and length there
+                pass
     except _READ_ERRORS as err:
         raise CorruptFileError(path, f"cannot read NIfTI ({type(err).__name__}: {err})") from err
     return data, image.affine.astype(np.float64), image
+
+
+def _nifti_data(image: nib.Nifti1Image, dtype: type | None) -> np.ndarray:
+    return np.asarray(image.dataobj) if dtype is None else np.asarray(image.dataobj, dtype=dtype)
 
 
 def _has_dicom_magic(path: Path) -> bool:
@@ -255,27 +281,106 @@ def _dicom_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR")
 
 
-def _position(file: Path, ds) -> np.ndarray:
+def _finite_values(file: Path, ds, tag: str, count: int) -> np.ndarray:
+    """The ``count`` numbers of a multi-valued DICOM tag as float64, or a named error (missing, wrong count, NaN)."""
     try:
-        return np.array(ds.ImagePositionPatient, dtype=np.float64)
-    except (AttributeError, TypeError, ValueError) as err:
-        raise CorruptFileError(file, f"missing or bad ImagePositionPatient ({err})") from err
+        values = np.array(ds[tag].value if tag in ds else None, dtype=np.float64).reshape(-1)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptFileError(file, f"missing or unreadable {tag} ({err})") from err
+    if values.size != count or not np.isfinite(values).all():
+        raise CorruptFileError(file, f"{tag} must be {count} finite numbers, got {values.tolist()}")
+    return values
 
 
-def _read_dicom(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read a DICOM series (folder) or single file into a (slice, row, col) HU array and its RAS affine."""
+def _position(file: Path, ds) -> np.ndarray:
+    return _finite_values(file, ds, "ImagePositionPatient", 3)
+
+
+def _geometry(file: Path, ds) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Row and column direction cosines and (row, column) pixel spacing in mm, checked to make a valid affine."""
+    orientation = _finite_values(file, ds, "ImageOrientationPatient", 6)
+    row_cos, col_cos = orientation[:3], orientation[3:]
+    # Real headers round the cosines to a few digits; 1e-3 still rejects zero, parallel or unnormalised vectors.
+    if not (abs(np.linalg.norm(row_cos) - 1) < 1e-3 and abs(np.linalg.norm(col_cos) - 1) < 1e-3):
+        raise CorruptFileError(file, f"ImageOrientationPatient {orientation.tolist()} is not two unit vectors")
+    if abs(float(row_cos @ col_cos)) > 1e-3:
+        raise CorruptFileError(file, f"ImageOrientationPatient {orientation.tolist()}: the vectors are not orthogonal")
+    spacing = _finite_values(file, ds, "PixelSpacing", 2)
+    if not (spacing > 0).all():
+        raise CorruptFileError(file, f"PixelSpacing {spacing.tolist()} must be two positive sizes in mm")
+    return row_cos, col_cos, float(spacing[0]), float(spacing[1])
+
+
+def _rescale(file: Path, ds) -> tuple[float, float]:
+    """(slope, intercept) from the header (1, 0 when absent), or a named error when not finite."""
+    try:
+        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    except (TypeError, ValueError) as err:
+        raise CorruptFileError(file, f"unreadable RescaleSlope / RescaleIntercept ({err})") from err
+    if not (np.isfinite(slope) and np.isfinite(intercept)):
+        raise CorruptFileError(file, f"RescaleSlope {slope} / RescaleIntercept {intercept} must be finite")
+    return slope, intercept
+
+
+def _is_non_image_object(ds) -> bool:
+    """True for a complete DICOM object of a known non-image class (structured report, DICOMDIR, presentation state).
+
+    A file whose class is an image class, or unknown because the header is cut before it, is not one: it is a
+    damaged slice, and skipping it would load the series silently short.
+    """
+    from pydicom.uid import UID
+
+    sop = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+    sop = sop or ds.get("SOPClassUID")
+    if not sop:
+        return False
+    name = UID(str(sop)).name
+    return name != str(sop) and "Image" not in name
+
+
+def _dicom_header(file: Path):
+    """The header (no pixels) of one file of a DICOM folder; ``None`` for a file that is not DICOM at all.
+
+    Raises:
+        CorruptFileError: an empty file, one cut inside its preamble, or one whose header ends before the image
+            tags (``Rows``) although it is not a known non-image object: such files are damaged slices.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    size = file.stat().st_size
+    if size == 0:
+        raise CorruptFileError(file, "empty file (0 bytes) among DICOM files: a slice cut off while copying?")
+    try:
+        ds = pydicom.dcmread(file, stop_before_pixels=True)
+    except InvalidDicomError as err:
+        if size < 132 and not file.read_bytes().strip(b"\x00"):
+            problem = f"truncated DICOM file: {size} bytes of zeros, cut inside the preamble"
+            raise CorruptFileError(file, problem) from err
+        return None  # not a DICOM file (README, thumbnails, ...)
+    except _READ_ERRORS as err:
+        raise CorruptFileError(file, f"cannot read DICOM header ({type(err).__name__}: {err})") from err
+    if "Rows" not in ds and not _is_non_image_object(ds):
+        sop = ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None
+        kind = f"its SOP class is {sop.name}" if sop else "its SOP class is unknown (cut before it)"
+        raise CorruptFileError(file, f"truncated or incomplete DICOM header: no Rows tag (image size), and {kind}")
+    return ds
+
+
+def _read_dicom(path: Path, series_uid: str | None, allow_non_ct: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read a DICOM series (folder) or single file into a (slice, row, col) HU array and its RAS affine."""
+    import pydicom
+
     headers, skipped = [], []
     for file in _dicom_files(path):
-        try:
-            headers.append((file, pydicom.dcmread(file, stop_before_pixels=True)))
-        except InvalidDicomError:
-            skipped.append(file.name)  # not a DICOM file (README, thumbnails, ...)
-        except _READ_ERRORS as err:
-            raise CorruptFileError(file, f"cannot read DICOM header ({type(err).__name__}: {err})") from err
-    headers = [(f, ds) for f, ds in headers if "Rows" in ds]  # image objects (not DICOMDIR, SR, ...)
+        ds = _dicom_header(file)
+        if ds is None:
+            skipped.append(file.name)
+        elif "Rows" in ds:  # image objects (not SR, presentation states, ...)
+            headers.append((file, ds))
+        else:
+            skipped.append(file.name)
     if not headers:
         note = f" (skipped non-DICOM files: {skipped[:5]})" if skipped else ""
         raise CorruptFileError(path, f"no DICOM image found{note}")
@@ -290,13 +395,17 @@ def _read_dicom(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndar
     if int(getattr(headers[0][1], "NumberOfFrames", 1) or 1) > 1:
         raise CorruptFileError(headers[0][0], "multi-frame (enhanced) DICOM is not supported; convert it to NIfTI")
 
-    try:
-        orientation = np.array(headers[0][1].ImageOrientationPatient, dtype=np.float64)
-        row_spacing, col_spacing = (float(v) for v in headers[0][1].PixelSpacing)
-    except (AttributeError, TypeError, ValueError) as err:
-        raise CorruptFileError(headers[0][0], f"missing or bad geometry tags ({err})") from err
+    modalities = {str(getattr(ds, "Modality", "")).upper() for _, ds in headers}
+    if modalities != {"CT"} and not allow_non_ct:
+        file, ds = next((f, ds) for f, ds in headers if str(getattr(ds, "Modality", "")).upper() != "CT")
+        raise InvalidVolumeError(
+            file,
+            f"Modality is {str(getattr(ds, 'Modality', '')) or '(missing)'!r}, not CT: its values are not Hounsfield "
+            "units; pass allow_non_ct=True to load it anyway",
+        )
+
+    row_cos, col_cos, row_spacing, col_spacing = _geometry(*headers[0])  # direction of increasing column / row
     positions = np.array([_position(file, ds) for file, ds in headers])
-    row_cos, col_cos = orientation[:3], orientation[3:]  # direction of increasing column / row index
     normal = np.cross(row_cos, col_cos)
     order = np.argsort(positions @ normal, kind="stable")
     headers = [headers[i] for i in order]
@@ -314,7 +423,16 @@ def _read_dicom(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndar
         slice_vector = (positions[-1] - positions[0]) / (len(headers) - 1)
     else:
         ds = headers[0][1]
-        thickness = float(getattr(ds, "SpacingBetweenSlices", None) or getattr(ds, "SliceThickness", None) or 1.0)
+        # One slice has no step to measure: the first usable header value, else 1 mm (as before, now never NaN/0).
+        thickness = 1.0
+        for tag in ("SpacingBetweenSlices", "SliceThickness"):
+            try:
+                value = abs(float(ds.get(tag) if ds.get(tag) is not None else "nan"))
+            except (TypeError, ValueError):
+                continue
+            if np.isfinite(value) and value > 0:
+                thickness = value
+                break
         slice_vector = normal * thickness
 
     slices = []
@@ -324,8 +442,7 @@ def _read_dicom(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndar
             pixels = ds.pixel_array.astype(np.float32)
         except _READ_ERRORS + (RuntimeError, AttributeError) as err:
             raise CorruptFileError(file, f"cannot decode DICOM pixels ({type(err).__name__}: {err})") from err
-        slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-        intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        slope, intercept = _rescale(file, ds)
         slices.append(pixels * slope + intercept)
     if len({s.shape for s in slices}) > 1:
         raise InvalidVolumeError(path, f"slices have different sizes {sorted({s.shape for s in slices})}")
@@ -337,7 +454,11 @@ def _read_dicom(path: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndar
     lps[:3, 2] = row_cos * col_spacing
     lps[:3, 3] = positions[0]
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM world is LPS+, NIfTI world is RAS+
-    meta = {"series_uid": series[0] if series_uid is None else series_uid, "num_skipped_files": len(skipped)}
+    meta = {
+        "series_uid": series[0] if series_uid is None else series_uid,
+        "num_skipped_files": len(skipped),
+        "modality": ",".join(sorted(modalities)),
+    }
     return data, ras, meta
 
 
@@ -346,6 +467,7 @@ def load_volume(
     *,
     spacing: tuple[float, float, float] | None = None,
     series_uid: str | None = None,
+    allow_non_ct: bool = False,
 ) -> CTVolume:
     """Load a CT volume into the canonical (D, H, W) float32 HU layout.
 
@@ -357,13 +479,17 @@ def load_volume(
             (``volume.intensity == "unit"``: not HU).
         spacing: voxel size in mm along (D, H, W) for ``.npy`` and image input (default 1 mm); ignored for others.
         series_uid: which series to read when a DICOM folder holds several.
+        allow_non_ct: load DICOM whose ``Modality`` is not ``CT`` (MR, PET, ...). Their values are not Hounsfield
+            units, so windowing them as HU is meaningless; refused by default. ``meta["modality"]`` says what it was.
 
     Returns:
         A :class:`CTVolume`.
 
     Raises:
-        CorruptFileError: missing, unreadable, truncated or mislabelled file.
-        InvalidVolumeError: not 3D (2D, or 4D with more than one frame), empty, NaN/inf voxels, broken DICOM series.
+        CorruptFileError: missing, unreadable, truncated or mislabelled file, naming the file; in a DICOM folder
+            also an empty or truncated slice file and invalid geometry tags (NaN position, zero pixel spacing).
+        InvalidVolumeError: not 3D (2D, or 4D with more than one frame), empty, NaN/inf voxels, broken DICOM series,
+            a DICOM modality other than CT (unless ``allow_non_ct``).
     """
     path = Path(path)
     if not path.exists():
@@ -381,7 +507,7 @@ def load_volume(
     if _is_nifti(path):
         data, affine, _ = _read_nifti(path, np.float32)
     elif path.is_dir() or path.suffix.lower() in ("", ".dcm", ".ima") or _has_dicom_magic(path):
-        data, affine, meta = _read_dicom(path, series_uid)
+        data, affine, meta = _read_dicom(path, series_uid, allow_non_ct)
     else:
         raise CorruptFileError(
             path, "unknown format; expected .nii, .nii.gz, .npy, .dcm, a DICOM folder or a PNG/JPEG figure"
@@ -463,6 +589,7 @@ def load_label_map(path: str | os.PathLike) -> LabelMap:
         data = data[..., 0]
     if data.ndim != 3:
         raise InvalidVolumeError(path, f"expected a 3D mask, got shape {data.shape}")
+    _require_real_numbers(data, path, "mask")
     if data.dtype.kind not in "iub":
         if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
             raise InvalidVolumeError(path, "mask holds non-integer values (is this an image, not a label map?)")

@@ -4,6 +4,16 @@ Pure array functions and callable classes do the maths; ``*d`` classes are MONAI
 Every function takes (D, H, W) arrays in the canonical orientation of :mod:`ct_io` (D = axial slices,
 inferior → superior) and accepts numpy arrays or torch tensors, returning the same kind.
 
+Input rules, the same for every function (each violation is an :class:`InvalidVolumeError` naming the argument):
+
+- real numbers only: strings, objects, records and complex values are refused;
+- ``torch.bfloat16`` tensors (which numpy cannot hold) are computed in float32; intensity outputs come back as
+  bfloat16, masks as bool;
+- intensities must be finite: NaN/inf are refused (``check_finite=False`` skips the check, e.g. when the caller
+  has already checked the array, as the image processor does after :func:`window_hu`);
+- masks are binarised one way everywhere (:func:`binarize_mask`): bool as is, integers non-zero, floating
+  values ``> 0.5`` (a probability map thresholded at one half); NaN in a mask is refused.
+
 This file imports only third-party packages and its sibling ``ct_io`` so that it can be copied next to a saved
 processor (``trust_remote_code``) and work without the ``med3dqwen`` package.
 """
@@ -26,6 +36,7 @@ __all__ = [
     "DEFAULT_SIZE",
     "PromptResult",
     "WINDOW_PRESETS",
+    "binarize_mask",
     "boundary_mask",
     "parse_color",
     "render_prompt",
@@ -66,31 +77,111 @@ _ENCODINGS = ("burn_in", "channel", "rgb")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _to_numpy(x) -> tuple[np.ndarray, object]:
-    """Return (numpy view, torch reference or None) so results can be sent back as the caller's type."""
+def _numpy_lacks(dtype) -> bool:
+    """True for torch floating dtypes that numpy cannot represent (bfloat16, the float8 types)."""
+    import torch
+
+    return dtype == torch.bfloat16 or (dtype.is_floating_point and torch.finfo(dtype).bits == 8)
+
+
+def _to_numpy(x, name: str) -> tuple[np.ndarray, object]:
+    """Return (numpy array, torch reference or None) so results can be sent back as the caller's type.
+
+    Tensors numpy cannot hold (bfloat16) come as float32; anything that is not real numbers is refused here,
+    before numpy or torch fail on it with a message that names neither the argument nor the problem.
+    """
     if isinstance(x, np.ndarray):
-        return x, None
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency of the package
-        torch = None
-    if torch is not None and isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy(), x
-    return np.asarray(x), None
+        array, reference = x, None
+    else:
+        try:
+            import torch
+        except ImportError:  # pragma: no cover - torch is a hard dependency of the package
+            torch = None
+        if torch is not None and isinstance(x, torch.Tensor):
+            reference = x
+            x = x.detach()
+            if _numpy_lacks(x.dtype):
+                x = x.to(torch.float32)
+            elif x.is_complex():
+                raise InvalidVolumeError(name, f"expected real numbers, got a {x.dtype} tensor")
+            array = x.cpu().numpy()
+        else:
+            array, reference = np.asarray(x), None
+    if array.dtype.kind not in "biuf":
+        raise InvalidVolumeError(name, f"expected real numbers, got dtype {array.dtype} ({array.dtype.name})")
+    return array, reference
 
 
 def _like(array: np.ndarray, reference) -> object:
-    """Wrap ``array`` as the caller's type: a tensor on the reference tensor's device, or numpy."""
+    """Wrap ``array`` as the caller's type: a tensor on the reference tensor's device, or numpy.
+
+    Intensities computed in float32 for a bfloat16 tensor go back to bfloat16.
+    """
     if reference is None:
         return array
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(array)).to(reference.device)
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if array.dtype.kind == "f" and _numpy_lacks(reference.dtype):
+        tensor = tensor.to(reference.dtype)
+    return tensor.to(reference.device)
 
 
 def _check_3d(array: np.ndarray, name: str) -> None:
     if array.ndim != 3:
         raise InvalidVolumeError(name, f"expected a (D, H, W) array, got shape {tuple(array.shape)}")
+
+
+def _count_nonfinite(array: np.ndarray) -> int:
+    """Number of NaN/inf values; one cache-sized chunk at a time (a full-size bool temporary costs page faults)."""
+    if array.dtype.kind != "f":
+        return 0
+    flat = array.reshape(-1)  # a view for contiguous arrays
+    chunk = min(flat.size, _SLAB_VOXELS)
+    finite = np.empty(chunk, dtype=bool)
+    for start in range(0, flat.size, chunk):
+        part = finite[: min(chunk, flat.size - start)]
+        np.isfinite(flat[start : start + part.size], out=part)
+        if not part.all():
+            return int(flat.size - np.count_nonzero(np.isfinite(flat)))
+    return 0
+
+
+def _require_finite(array: np.ndarray, name: str) -> None:
+    bad = _count_nonfinite(array)
+    if bad:
+        raise InvalidVolumeError(
+            name, f"{bad} of {array.size} value(s) are NaN or infinite (pass check_finite=False to skip this check)"
+        )
+
+
+def binarize_mask(mask, name: str = "mask") -> np.ndarray:
+    """The bool version of a mask (any shape), by the one rule every transform here uses.
+
+    Args:
+        mask: numpy array or torch tensor: bool (as is), integers (non-zero is inside) or floating values
+            (``> 0.5`` is inside: a soft or probability mask is thresholded at one half, so a 0.3 voxel is outside
+            both when drawn at native size and after :func:`resize_mask`).
+        name: what to call the argument in errors.
+
+    Returns:
+        numpy bool array of the same shape.
+
+    Raises:
+        InvalidVolumeError: non-numeric values, or NaN in a floating mask.
+    """
+    return _binarize(_to_numpy(mask, name)[0], name)
+
+
+def _binarize(array: np.ndarray, name: str) -> np.ndarray:
+    if array.dtype == bool:
+        return array
+    if array.dtype.kind == "f":
+        nan = np.count_nonzero(np.isnan(array))
+        if nan:
+            raise InvalidVolumeError(name, f"{nan} mask value(s) are NaN")
+        return array > 0.5
+    return array != 0
 
 
 def parse_color(color: str | Sequence[int]) -> tuple[int, int, int]:
@@ -127,22 +218,39 @@ def _window_range(window: str | tuple[float, float]) -> tuple[float, float]:
     return low, high
 
 
-def window_hu(volume, window: str | tuple[float, float] = "chest", dtype=np.float32):
+def window_hu(volume, window: str | tuple[float, float] = "chest", dtype=np.float32, check_finite: bool = True):
     """Clip HU to a window and scale it linearly to [0, 1].
 
     Args:
-        volume: array of Hounsfield units, any shape (numpy or torch).
+        volume: array of Hounsfield units, any shape (numpy or torch; bfloat16 is computed in float32).
         window: a preset name from :data:`WINDOW_PRESETS` or ``(low, high)`` in HU.
-        dtype: numpy output dtype (float32 by default; torch inputs come back as float32 tensors).
+        dtype: numpy output dtype (float32 by default; torch inputs come back as float32 tensors, bfloat16 ones
+            as bfloat16).
+        check_finite: refuse NaN/inf (clipping would turn inf into a valid-looking 0 or 1 and keep NaN).
 
     Returns:
         Array of the input's shape in [0, 1]: ``low`` → 0, ``high`` → 1.
+
+    Raises:
+        InvalidVolumeError: non-numeric input, or NaN/inf values when ``check_finite``.
     """
     low, high = _window_range(window)
-    array, reference = _to_numpy(volume)
-    out = np.clip(array, low, high, out=np.empty(array.shape, dtype=np.float32), dtype=np.float32)
-    out -= low
-    out *= np.float32(1.0 / (high - low))
+    array, reference = _to_numpy(volume, "volume")
+    out = np.empty(array.shape, dtype=np.float32)
+    # Chunk by chunk, so the finite check, the clip and the scaling all work on cache-resident data: the check
+    # costs no extra pass over memory, and neither do the two in-place steps.
+    source, target = array.reshape(-1), out.reshape(-1)
+    check = check_finite and array.dtype.kind == "f"
+    chunk = max(1, min(source.size, _SLAB_VOXELS))
+    finite = np.empty(chunk, dtype=bool)
+    scale = np.float32(1.0 / (high - low))
+    for start in range(0, source.size, chunk):
+        part, result = source[start : start + chunk], target[start : start + chunk]
+        if check and not np.isfinite(part, out=finite[: part.size]).all():
+            _require_finite(array, "volume")
+        np.clip(part, low, high, out=result, dtype=np.float32)
+        result -= low
+        result *= scale
     return _like(out.astype(dtype, copy=False), reference)
 
 
@@ -162,19 +270,25 @@ def _interpolate(array: np.ndarray, size: Sequence[int], mode: str) -> np.ndarra
     return F.interpolate(tensor, size=tuple(int(s) for s in size), mode=mode, **kwargs)[0, 0].numpy()
 
 
-def resize_volume(volume, size: Sequence[int] = DEFAULT_SIZE, dtype=np.float32):
+def resize_volume(volume, size: Sequence[int] = DEFAULT_SIZE, dtype=np.float32, check_finite: bool = True):
     """Trilinearly resize a (D, H, W) volume to ``size`` (voxel centres aligned, as ``align_corners=False``).
 
     Args:
-        volume: (D, H, W) intensities, numpy or torch.
+        volume: (D, H, W) intensities, numpy or torch (bfloat16 is computed in float32 and returned as bfloat16).
         size: output (D, H, W).
         dtype: output numpy dtype.
+        check_finite: refuse NaN/inf input (interpolation would spread them to the neighbouring output voxels).
 
     Returns:
         (size) array of ``dtype``.
+
+    Raises:
+        InvalidVolumeError: not 3D, non-numeric, or NaN/inf values when ``check_finite``.
     """
-    array, reference = _to_numpy(volume)
+    array, reference = _to_numpy(volume, "volume")
     _check_3d(array, "volume")
+    if check_finite:
+        _require_finite(array, "volume")
     if tuple(array.shape) == tuple(size):
         out = array.astype(dtype, copy=True)
     else:
@@ -185,15 +299,19 @@ def resize_volume(volume, size: Sequence[int] = DEFAULT_SIZE, dtype=np.float32):
 def resize_mask(mask, size: Sequence[int] = DEFAULT_SIZE):
     """Resize a (D, H, W) mask with nearest-neighbour sampling on the same voxel-centre grid as :func:`resize_volume`.
 
+    The mask is binarised first by :func:`binarize_mask` (floating values ``> 0.5``), exactly as
+    :func:`boundary_mask` and :func:`render_prompt` binarise it at native size.
+
     Returns:
         (size) bool array (numpy or torch like the input).
     """
-    array, reference = _to_numpy(mask)
+    array, reference = _to_numpy(mask, "mask")
     _check_3d(array, "mask")
+    array = _binarize(array, "mask")
     if tuple(array.shape) == tuple(size):
-        out = array.astype(bool, copy=True)
+        out = array.copy()
     else:
-        out = _interpolate(array.astype(np.uint8), size, "nearest-exact").astype(bool)
+        out = _interpolate(array.view(np.uint8), size, "nearest-exact").astype(bool)
     return _like(out, reference)
 
 
@@ -402,7 +520,7 @@ def boundary_mask(
     cut. Slices the ROI does not intersect stay empty; an empty ROI gives an all-false band.
 
     Args:
-        mask: (D, H, W) ROI mask (bool or 0/1), numpy or torch.
+        mask: (D, H, W) ROI mask, numpy or torch, binarised by :func:`binarize_mask` (floating values ``> 0.5``).
         thickness: band width in pixels (3 = the paper's line; 1 = the one-pixel variant).
         mode: ``"inner"``, ``"outer"`` or ``"two_sided"``.
         keep_largest: keep only the largest 8-connected component per slice before drawing.
@@ -410,9 +528,9 @@ def boundary_mask(
     Returns:
         (D, H, W) bool band, numpy or torch like the input.
     """
-    array, reference = _to_numpy(mask)
+    array, reference = _to_numpy(mask, "mask")
     _check_3d(array, "mask")
-    roi = array.astype(bool, copy=False)
+    roi = _binarize(array, "mask")
     band = np.zeros(roi.shape, dtype=bool)
     region, band_crop = _band(roi, thickness, mode, keep_largest)
     if region is not None:
@@ -463,6 +581,7 @@ def render_prompt(
     burn_value: float = 1.0,
     inplace: bool = False,
     dtype=np.float32,
+    check_finite: bool = True,
 ) -> PromptResult:
     """Draw the boundary prompt of ``mask`` into a windowed volume, as the model will see it.
 
@@ -473,30 +592,31 @@ def render_prompt(
     - ``rgb``: three channels, grey image with the band painted in ``color`` (for 2D / RGB encoders).
 
     Args:
-        volume01: (D, H, W) windowed volume in [0, 1], numpy or torch.
-        mask: (D, H, W) ROI mask on the same grid. ``None`` or an empty mask draws nothing.
+        volume01: (D, H, W) windowed volume in [0, 1], numpy or torch (bfloat16 comes back as bfloat16).
+        mask: (D, H, W) ROI mask on the same grid, binarised by :func:`binarize_mask` (floating values ``> 0.5``).
+            ``None`` or an empty mask draws nothing.
         color: contour colour (name, ``#rrggbb`` or RGB); used by ``rgb`` only (and by the PNGs).
         encoding: ``"burn_in"``, ``"channel"`` or ``"rgb"``.
         thickness, mode, keep_largest: passed to :func:`boundary_mask`.
         burn_value: intensity written on the band for ``burn_in``.
         inplace: for ``burn_in`` on a numpy float32 input, draw into ``volume01`` itself (no copy).
         dtype: numpy output dtype.
+        check_finite: refuse NaN/inf in ``volume01`` (they would reach ``pixel_values``).
 
     Returns:
         A :class:`PromptResult`; ``pixel_values`` and ``boundary`` are numpy or torch like ``volume01``.
 
     Raises:
-        ValueError: unknown encoding. InvalidVolumeError: volume and mask shapes differ or are not 3D.
+        ValueError: unknown encoding. InvalidVolumeError: volume and mask shapes differ or are not 3D, non-numeric
+            input, NaN in the mask, NaN/inf in the volume when ``check_finite``.
     """
     if encoding not in _ENCODINGS:
         raise ValueError(f"encoding must be one of {_ENCODINGS}, got {encoding!r}")
-    image, reference = _to_numpy(volume01)
+    image, reference = _to_numpy(volume01, "volume")
     _check_3d(image, "volume")
-    if mask is None:
-        roi = np.zeros(image.shape, dtype=bool)
-    else:
-        roi, _ = _to_numpy(mask)
-        roi = roi.astype(bool, copy=False)
+    if check_finite:
+        _require_finite(image, "volume")
+    roi = np.zeros(image.shape, dtype=bool) if mask is None else _binarize(_to_numpy(mask, "mask")[0], "mask")
     if roi.shape != image.shape:
         raise InvalidVolumeError("mask", f"mask shape {tuple(roi.shape)} differs from volume shape {image.shape}")
 

@@ -14,7 +14,15 @@ from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
 from .ct_io import CTVolume, InvalidVolumeError, load_mask, load_volume
-from .ct_transforms import WINDOW_PRESETS, parse_color, render_prompt, resize_mask, resize_volume, window_hu
+from .ct_transforms import (
+    WINDOW_PRESETS,
+    binarize_mask,
+    parse_color,
+    render_prompt,
+    resize_mask,
+    resize_volume,
+    window_hu,
+)
 
 
 __all__ = ["Med3DQwenImageProcessor"]
@@ -88,10 +96,12 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
         else:
             if isinstance(mask, (str, os.PathLike)):
                 raise ValueError("a mask file needs the volume as a file or CTVolume, so its grid can be checked")
-            hu = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
-            hu = CTVolume.from_array(hu).array  # validates: 3D, finite
+            if isinstance(volume, torch.Tensor):  # bfloat16 has no numpy dtype: any floating tensor → float32
+                volume = volume.detach().cpu()
+                volume = (volume.float() if volume.is_floating_point() else volume).numpy()
+            hu = CTVolume.from_array(np.asarray(volume)).array  # validates: 3D, real numbers, finite
         if mask is not None:
-            mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+            mask = binarize_mask(mask)  # one rule for every path: floating values > 0.5
             if mask.shape != hu.shape:
                 raise InvalidVolumeError("mask", f"mask shape {mask.shape} differs from volume shape {hu.shape}")
         return hu, mask, intensity
@@ -139,7 +149,8 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
                 slope, intercept = (float(v) for v in scale)
                 values = values * np.float32(slope) + np.float32(intercept)
             window = self.window if kind == "hu" else (0.0, 1.0)
-            image = resize_volume(window_hu(values, window), self.volume_size)
+            # window_hu refuses NaN/inf; its output is finite, so the later steps skip their own (full-size) check.
+            image = resize_volume(window_hu(values, window), self.volume_size, check_finite=False)
             roi = None if roi is None else resize_mask(roi, self.volume_size)
             result = render_prompt(
                 image,
@@ -150,6 +161,7 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
                 mode=self.contour_mode,
                 keep_largest=self.keep_largest,
                 inplace=True,
+                check_finite=False,
             )
             pixel_values.append(result.pixel_values)
             covered.append(result.covered_fraction)

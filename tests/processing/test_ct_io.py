@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 import stat
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -294,6 +295,106 @@ def test_dicom_duplicate_slice_is_rejected(tmp_path, dicom_by_z):
     assert_error(InvalidVolumeError, folder, ("share one position",), lambda: load_volume(folder))
 
 
+def _truncate(file: Path, size: int) -> Path:
+    file.write_bytes(file.read_bytes()[:size])
+    return file
+
+
+@pytest.mark.parametrize("end", [0, -1])  # the first or the last slice along z
+@pytest.mark.parametrize(("size", "fragment"), [(0, "empty file"), (100, "preamble"), (1500, "no Rows")])
+def test_dicom_damaged_end_slice_is_named_not_dropped(tmp_path, dicom_by_z, end, size, fragment):
+    """A cut first/last slice used to be skipped as 'not DICOM', and the series loaded one slice short."""
+    folder = _copy_series(dicom_by_z, tmp_path / "series")
+    damaged = _truncate(folder / dicom_by_z[end].name, size)
+    assert_error(CorruptFileError, damaged, (fragment,), lambda: load_volume(folder))
+
+
+def test_dicom_truncated_header_mid_series_names_the_file(tmp_path, dicom_by_z):
+    """It used to surface as 'uneven slice spacing' on the folder, which does not say which file to replace."""
+    folder = _copy_series(dicom_by_z, tmp_path / "series")
+    damaged = _truncate(folder / dicom_by_z[10].name, 2000)
+    fragments = ("truncated", "no Rows", "CT Image Storage")
+    err = assert_error(CorruptFileError, damaged, fragments, lambda: load_volume(folder))
+    assert err.source == str(damaged)
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
+def test_dicom_truncated_pixel_data_names_the_file(tmp_path, dicom_by_z):
+    folder = _copy_series(dicom_by_z, tmp_path / "series")
+    damaged = _truncate(folder / dicom_by_z[-1].name, 20000)
+    assert_error(CorruptFileError, damaged, ("pixel",), lambda: load_volume(folder))
+
+
+def _edited_ct_small(real_ct: Path, path: Path, **tags) -> Path:
+    """CT_small.dcm with some tags replaced (values written as given, also invalid ones)."""
+    ds = pydicom.dcmread(real_ct / CT_SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about invalid DS values; writing them is the point
+        for name, value in tags.items():
+            setattr(ds, name, value)
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("modality", ["MR", "PT", "US"])
+def test_non_ct_modality_is_refused_unless_allowed(real_ct, tmp_path, modality):
+    path = _edited_ct_small(real_ct, tmp_path / f"{modality}.dcm", Modality=modality)
+    assert_error(InvalidVolumeError, path, (repr(modality), "not CT", "allow_non_ct=True"), lambda: load_volume(path))
+    volume = load_volume(path, allow_non_ct=True)
+    assert volume.meta["modality"] == modality
+    np.testing.assert_array_equal(volume.array, load_volume(real_ct / CT_SMALL).array)
+
+
+def test_non_ct_slice_in_a_series_is_named(tmp_path, dicom_by_z):
+    folder = _copy_series(dicom_by_z[:4], tmp_path / "series")
+    odd = folder / dicom_by_z[2].name
+    ds = pydicom.dcmread(odd)
+    ds.Modality = "MR"
+    ds.save_as(odd)
+    assert_error(InvalidVolumeError, odd, ("'MR'", "not CT"), lambda: load_volume(folder))
+    assert load_volume(folder, allow_non_ct=True).shape == (4, 512, 512)
+
+
+BAD_DICOM_GEOMETRY = {
+    "nan-position": ({"ImagePositionPatient": ["NaN", "0", "0"]}, "ImagePositionPatient"),
+    "inf-position": ({"ImagePositionPatient": ["0", "inf", "0"]}, "ImagePositionPatient"),
+    "two-value-position": ({"ImagePositionPatient": ["0", "0"]}, "ImagePositionPatient"),
+    "zero-pixel-spacing": ({"PixelSpacing": ["0", "0.661468"]}, "PixelSpacing"),
+    "negative-pixel-spacing": ({"PixelSpacing": ["0.66", "-0.66"]}, "PixelSpacing"),
+    "nan-pixel-spacing": ({"PixelSpacing": ["NaN", "0.66"]}, "PixelSpacing"),
+    "zero-orientation": ({"ImageOrientationPatient": ["0"] * 6}, "ImageOrientationPatient"),
+    "parallel-orientation": ({"ImageOrientationPatient": ["1", "0", "0", "1", "0", "0"]}, "ImageOrientationPatient"),
+    "nan-rescale-slope": ({"RescaleSlope": "NaN"}, "RescaleSlope"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DICOM_GEOMETRY))
+def test_bad_dicom_geometry_is_named(real_ct, tmp_path, case):
+    """These used to load with NaN spacing or crash inside nibabel ('Unable to find out axis')."""
+    tags, fragment = BAD_DICOM_GEOMETRY[case]
+    path = _edited_ct_small(real_ct, tmp_path / f"{case}.dcm", **tags)
+    assert_error(CorruptFileError, path, (fragment,), lambda: load_volume(path))
+
+
+def test_single_slice_with_unusable_thickness_falls_back_to_1_mm(real_ct, tmp_path):
+    """A NaN thickness used to reach the affine and crash in nibabel; a single slice has no step to measure."""
+    path = _edited_ct_small(real_ct, tmp_path / "t.dcm", SpacingBetweenSlices="NaN", SliceThickness="0")
+    np.testing.assert_allclose(load_volume(path).spacing, (1.0, 0.661468, 0.661468), atol=1e-6)
+    path = _edited_ct_small(real_ct, tmp_path / "u.dcm", SpacingBetweenSlices="0", SliceThickness="2.5")
+    np.testing.assert_allclose(load_volume(path).spacing, (2.5, 0.661468, 0.661468), atol=1e-6)
+
+
+def test_nan_position_in_a_series_names_the_file(tmp_path, dicom_by_z):
+    folder = _copy_series(dicom_by_z[:4], tmp_path / "series")
+    odd = folder / dicom_by_z[1].name
+    ds = pydicom.dcmread(odd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.ImagePositionPatient = ["NaN", "0", "0"]
+    ds.save_as(odd)
+    assert_error(CorruptFileError, odd, ("ImagePositionPatient", "nan"), lambda: load_volume(folder))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # .npy, in-memory arrays, writing and round trips
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,6 +635,22 @@ BAD_VOLUMES = {
         lambda t: _nifti(t / "a.nii.gz", _nan_volume()),
     ),
     "empty-shape-npy": (InvalidVolumeError, ("empty", "(0, 5, 6)"), lambda t: _npy(t / "a.npy", np.ones((0, 5, 6)))),
+    "string-npy": (
+        InvalidVolumeError,
+        ("real numbers", "<U3"),
+        lambda t: _npy(t / "a.npy", np.full((4, 5, 6), "abc")),
+    ),
+    "bytes-npy": (InvalidVolumeError, ("real numbers", "|S2"), lambda t: _npy(t / "a.npy", np.full((4, 5, 6), b"ab"))),
+    "complex-npy": (
+        InvalidVolumeError,
+        ("real numbers", "complex"),
+        lambda t: _npy(t / "a.npy", np.ones((4, 5, 6), complex)),
+    ),
+    "record-npy": (
+        InvalidVolumeError,
+        ("real numbers",),
+        lambda t: _npy(t / "a.npy", np.zeros((4, 5, 6), dtype=[("hu", "f4"), ("q", "i2")])),
+    ),
 }
 
 
@@ -612,6 +729,13 @@ def test_non_integer_float_mask(tmp_path):
     assert load_mask(integral).any()
 
 
+@pytest.mark.parametrize("array", [np.full((4, 5, 6), "1"), np.ones((4, 5, 6), complex)], ids=["str", "complex"])
+def test_non_numeric_npy_mask(tmp_path, array):
+    """A string mask used to crash inside np.isfinite (TypeError), not naming the file."""
+    path = _npy(tmp_path / "m.npy", array)
+    assert_error(InvalidVolumeError, path, ("mask must hold real numbers",), lambda: load_mask(path))
+
+
 def test_empty_mask_is_all_false_not_an_error(tmp_path, ct_sm):
     path = save_nifti(tmp_path / "empty.nii.gz", np.zeros(ct_sm.shape, np.uint8), ct_sm.affine)
     mask = load_mask(path, like=ct_sm)
@@ -673,6 +797,31 @@ def test_truncated_gzip_really_is_truncated(tmp_path):
     with pytest.raises(EOFError):
         gzip.decompress(data[: len(data) // 2])
     assert gzip.decompress(data)[344:348] == b"n+1\x00"  # NIfTI-1 single-file magic
+
+
+def _flip_bit(path: Path, from_end: int) -> Path:
+    data = bytearray(path.read_bytes())
+    data[len(data) - from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("from_end", [12, 6, 3])  # last deflate block, CRC-32, ISIZE
+def test_nii_gz_with_a_flipped_bit_near_the_end_is_rejected(tmp_path, from_end):
+    """nibabel stops reading where the image ends, before the gzip trailer: these used to load silently."""
+    noise = np.random.default_rng(7).integers(-1024, 2000, size=(24, 20, 16)).astype(np.int16)
+    volume = _flip_bit(_nifti(tmp_path / "vol.nii.gz", noise), from_end)
+    assert_error(CorruptFileError, volume, ("cannot read NIfTI", "BadGzipFile"), lambda: load_volume(volume))
+    mask = _flip_bit(_nifti(tmp_path / "mask.nii.gz", (noise > 0).astype(np.uint8)), from_end)
+    assert_error(CorruptFileError, mask, ("cannot read NIfTI", "BadGzipFile"), lambda: load_mask(mask))
+
+
+def test_nii_gz_with_two_gzip_members_loads(tmp_path):
+    """Reading on to the end of the stream still accepts a valid file that gzip split into members."""
+    noise = np.random.default_rng(8).integers(-1024, 2000, size=(6, 5, 4)).astype(np.int16)
+    raw = gzip.decompress(_nifti(tmp_path / "one.nii.gz", noise).read_bytes())
+    two = _write(tmp_path / "two.nii.gz", gzip.compress(raw[:200]) + gzip.compress(raw[200:]))
+    np.testing.assert_array_equal(load_volume(two).array, load_volume(tmp_path / "one.nii.gz").array)
 
 
 def test_npy_with_a_leading_channel_and_2d_figures(tmp_path):

@@ -13,6 +13,7 @@ from med3dqwen.io import prompt_png_stack
 from med3dqwen.processing import ct_transforms
 from med3dqwen.processing.ct_io import InvalidVolumeError, load_mask, load_volume
 from med3dqwen.processing.ct_transforms import (
+    binarize_mask,
     boundary_mask,
     parse_color,
     render_prompt,
@@ -462,3 +463,151 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     mask[0, 2:6, 2:6] = True
     result = prompt_png_stack(np.zeros((1, 8, 8)), mask, tmp_path)
     assert result.montage.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input rules shared by every transform: real numbers, bfloat16, finite intensities, one way to binarise masks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _hu_and_mask(shape=(4, 24, 24)):
+    rng = np.random.default_rng(3)
+    hu = rng.uniform(-1100.0, 400.0, size=shape).astype(np.float32)
+    mask = np.zeros(shape, dtype=bool)
+    mask[1:3, 6:18, 5:17] = True
+    return hu, mask
+
+
+# Each transform with its intensity and mask arguments; ``volume`` is HU for window_hu and [0, 1] elsewhere.
+TRANSFORMS = {
+    "window_hu": lambda volume, mask: window_hu(volume, "chest"),
+    "resize_volume": lambda volume, mask: resize_volume(volume, (3, 17, 30)),
+    "resize_mask": lambda volume, mask: resize_mask(mask, (3, 17, 30)),
+    "boundary_mask": lambda volume, mask: boundary_mask(mask, thickness=2),
+    "render_prompt": lambda volume, mask: render_prompt(volume, mask).pixel_values,
+}
+INTENSITY_TRANSFORMS = ("window_hu", "resize_volume", "render_prompt")
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_bfloat16_tensors_are_computed_in_float32(name):
+    """bf16 used to crash every transform: 'Got unsupported ScalarType BFloat16' from Tensor.numpy()."""
+    hu, mask = _hu_and_mask()
+    volume = hu if name == "window_hu" else window_hu(hu)
+    bf16_volume = torch.from_numpy(volume).to(torch.bfloat16)
+    bf16_mask = torch.from_numpy(mask).to(torch.bfloat16)
+    out = TRANSFORMS[name](bf16_volume, bf16_mask)
+    # The reference: the same bf16-rounded values, given as float32.
+    expected = TRANSFORMS[name](bf16_volume.float(), bf16_mask.float())
+    assert isinstance(out, torch.Tensor)
+    if name in INTENSITY_TRANSFORMS:
+        assert out.dtype == torch.bfloat16  # computed in float32, returned as the input dtype
+        torch.testing.assert_close(out, expected.to(torch.bfloat16), rtol=0, atol=0)
+    else:
+        assert out.dtype == torch.bool
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert out.any()
+
+
+NON_NUMERIC = {
+    "str": lambda shape: np.full(shape, "12"),
+    "object": lambda shape: np.full(shape, 1.0, dtype=object),
+    "complex": lambda shape: np.ones(shape, dtype=np.complex64),
+    "complex-tensor": lambda shape: torch.ones(shape, dtype=torch.complex64),
+}
+
+
+@pytest.mark.parametrize("kind", list(NON_NUMERIC))
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_non_numeric_input_is_a_named_error(name, kind):
+    """Strings and objects used to crash deep in numpy (np.clip: 'ufunc clip did not contain a loop')."""
+    hu, mask = _hu_and_mask()
+    volume = hu if name == "window_hu" else window_hu(hu)
+    bad = NON_NUMERIC[kind](hu.shape)
+    args = (volume, bad) if name in ("resize_mask", "boundary_mask") else (bad, mask)
+    argument = "mask" if name in ("resize_mask", "boundary_mask") else "volume"
+    with pytest.raises(InvalidVolumeError, match=f"^{argument}: expected real numbers"):
+        TRANSFORMS[name](*args)
+    if name == "render_prompt":  # the mask argument of render_prompt too
+        with pytest.raises(InvalidVolumeError, match="^mask: expected real numbers"):
+            render_prompt(volume, bad)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", INTENSITY_TRANSFORMS)
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_nan_and_inf_intensities_are_refused(name, value, as_torch):
+    """They used to pass into pixel_values (window_hu even turned inf into a plausible 0 or 1)."""
+    hu, mask = _hu_and_mask()
+    volume = hu if name == "window_hu" else window_hu(hu)
+    volume[2, 7, 9] = value
+    volume[3, 0, 0] = value
+    given = torch.from_numpy(volume) if as_torch else volume
+    with pytest.raises(InvalidVolumeError, match=r"^volume: 2 of 2304 value\(s\) are NaN or infinite"):
+        TRANSFORMS[name](given, mask)
+
+
+def test_check_finite_false_skips_the_check():
+    hu, mask = _hu_and_mask()
+    hu[0, 0, 0] = np.nan
+    assert np.isnan(window_hu(hu, check_finite=False)[0, 0, 0])
+    image = window_hu(np.nan_to_num(hu))
+    image[0, 0, 1] = np.inf
+    assert np.isinf(resize_volume(image, image.shape, check_finite=False)[0, 0, 1])
+    assert np.isinf(render_prompt(image, mask, check_finite=False).pixel_values[0, 0, 0, 1])
+
+
+def test_non_finite_values_are_found_in_every_chunk(monkeypatch):
+    """The check runs chunk by chunk: a NaN in the last, partial chunk is still found, and counted exactly."""
+    monkeypatch.setattr(ct_transforms, "_SLAB_VOXELS", 1000)
+    volume = np.zeros((5, 30, 41), dtype=np.float32)  # 6150 voxels: 6 full chunks and a partial one
+    assert ct_transforms._count_nonfinite(volume) == 0
+    volume[4, 29, 40] = np.nan
+    volume[0, 0, 0] = np.inf
+    assert ct_transforms._count_nonfinite(volume) == 2
+    assert ct_transforms._count_nonfinite(volume[:, ::2]) == 1  # non-contiguous view
+    assert ct_transforms._count_nonfinite(np.zeros((2, 2, 2), dtype=np.int16)) == 0
+
+
+@pytest.mark.parametrize("level", [0.3, 0.7, 1.0, 255.0])
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_soft_masks_are_binarised_the_same_at_native_size_and_after_resizing(level, as_torch):
+    """A 0.7 mask used to be drawn at native size (astype(bool)) but vanish in resize_mask (astype(uint8) → 0)."""
+    hu, mask = _hu_and_mask((4, 24, 24))
+    soft = mask.astype(np.float32) * np.float32(level)
+    inside = level > 0.5
+    given = torch.from_numpy(soft) if as_torch else soft
+
+    def numpy(x):
+        return x.numpy() if isinstance(x, torch.Tensor) else x
+
+    expected_band = boundary_mask(mask if inside else np.zeros_like(mask))
+    np.testing.assert_array_equal(numpy(boundary_mask(given)), expected_band)
+    np.testing.assert_array_equal(numpy(resize_mask(given, (8, 48, 48))), resize_mask(mask & inside, (8, 48, 48)))
+    result = render_prompt(window_hu(hu), given)
+    assert result.roi_empty is not inside
+    np.testing.assert_array_equal(numpy(result.boundary), expected_band)
+    np.testing.assert_array_equal(binarize_mask(given), mask & inside)
+
+
+def test_integer_masks_keep_every_non_zero_label_and_nan_masks_are_refused():
+    _, mask = _hu_and_mask()
+    labels = mask.astype(np.int16) * 7
+    np.testing.assert_array_equal(resize_mask(labels, (8, 48, 48)), resize_mask(mask, (8, 48, 48)))
+    np.testing.assert_array_equal(boundary_mask(labels), boundary_mask(mask))
+    soft = mask.astype(np.float32)
+    soft[0, 0, 0] = np.nan
+    for call in (lambda: resize_mask(soft, (8, 48, 48)), lambda: boundary_mask(soft), lambda: binarize_mask(soft)):
+        with pytest.raises(InvalidVolumeError, match=r"^mask: 1 mask value\(s\) are NaN"):
+            call()
+
+
+def test_prompt_png_stack_binarises_soft_masks_like_the_model_input(tmp_path):
+    hu, mask = _hu_and_mask((4, 24, 24))
+    hu[:] = -1000.0
+    faint = prompt_png_stack(hu, mask * np.float32(0.3), tmp_path / "faint")
+    assert faint.roi_empty and not (tmp_path / "faint").exists()
+    strong = prompt_png_stack(hu, mask * np.float32(0.7), tmp_path / "strong")
+    assert strong.slice_indices == [1, 2]
+    with pytest.raises(InvalidVolumeError, match="expected real numbers"):
+        prompt_png_stack(hu, np.full(hu.shape, "x"), tmp_path / "text")

@@ -275,3 +275,19 @@ def test_rescale_is_applied_before_the_window(case):
     np.testing.assert_allclose(processor(raw, rescale=(1, -1024), return_tensors="np")["pixel_values"], expected)
     with pytest.raises(ValueError, match="2 volumes but 3 rescale"):
         processor([raw, raw], rescale=[(1, 0)] * 3)
+
+
+def test_image_processor_takes_bfloat16_and_soft_masks_and_refuses_nan_rescale(case):
+    """bf16 tensors used to crash in Tensor.numpy(); a 0.7 soft mask vanished after resizing."""
+    hu, mask, _, _ = case
+    processor = Med3DQwenImageProcessor(volume_size=SIZE)
+    bf16 = torch.from_numpy(hu).to(torch.bfloat16)
+    expected = processor(bf16.float().numpy(), mask, return_tensors="np")
+    out = processor(bf16, torch.from_numpy(mask).to(torch.bfloat16), return_tensors="np")
+    np.testing.assert_array_equal(out["pixel_values"], expected["pixel_values"])
+    soft = processor(hu, mask * np.float32(0.7), return_tensors="np")
+    np.testing.assert_array_equal(soft["pixel_values"], processor(hu, mask, return_tensors="np")["pixel_values"])
+    assert not soft["roi_empty"][0]
+    assert processor(hu, mask * np.float32(0.3), return_tensors="np")["roi_empty"][0]
+    with pytest.raises(CTInputError, match="NaN or infinite"):
+        processor(hu, rescale=(float("nan"), 0.0))

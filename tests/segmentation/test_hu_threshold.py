@@ -6,6 +6,8 @@ Measured (this commit): phantom (64, 128, 128), default config, seeds 0-5: lung 
 (``example_ct_sm``, lung bases at 3 mm): Dice 0.960 against the union of TotalSegmentator's ``--fast`` lobes
 (left 0.959, right 0.961); bone: 94.5 % of the > 250 HU voxels lie in TotalSegmentator's vertebrae or ribs, which in
 turn are only 26 % covered (their cancellous interior is below 250 HU at this resolution).
+
+Speed at the model input size is measured by ``bench/bench_hu_threshold.py`` (BENCHMARKS.md), not asserted here.
 """
 
 from pathlib import Path
