@@ -10,7 +10,8 @@ The layers, bottom to top::
     segmentation/, data/        anatomy, processing, io
     convert_med3dvlm.py         modeling, io
     training/, evaluation/      data, processing, modeling, io, anatomy (never builders)
-    builders/                   anything but training/, evaluation/
+    builders/                   anything but training/, evaluation/, scripts/
+    scripts/                    command-line programs (console scripts): anything but training/, evaluation/
     med3dqwen/__init__.py       the API surface: exempt from the layers, not from the cycle check
 
 A failure names the importing file and line and the rule it breaks.
@@ -40,6 +41,9 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "training": frozenset({"data", "processing", "modeling", "io", "anatomy"}),
     "evaluation": frozenset({"data", "processing", "modeling", "io", "anatomy"}),
     "builders": frozenset({"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm"}),
+    "scripts": frozenset(
+        {"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm", "builders"}
+    ),
     "api": None,
 }
 # Hub-copied layers: a file is copied flat under its bare name, so only ``from .sibling import x`` survives.
