@@ -15,12 +15,8 @@ The same program as the console command ``med3dqwen-build-pmc-vqa`` (installed w
 every option, the expected input and the output layout (:mod:`med3dqwen.scripts.build_pmc_vqa`).
 """
 
-import logging
-
-from med3dqwen.scripts.build_pmc_vqa import main, make_parser
+from med3dqwen.scripts.build_pmc_vqa import cli
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = make_parser()
-    main(*parser.parse_args_into_dataclasses())
+    cli()

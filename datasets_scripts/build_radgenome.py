@@ -19,12 +19,8 @@ The same program as the console command ``med3dqwen-build-radgenome`` (installed
 every option, the expected input and the output layout (:mod:`med3dqwen.scripts.build_radgenome`).
 """
 
-import logging
-
-from med3dqwen.scripts.build_radgenome import main, make_parser
+from med3dqwen.scripts.build_radgenome import cli
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = make_parser()
-    main(*parser.parse_args_into_dataclasses())
+    cli()

@@ -1,6 +1,6 @@
 """Convert Med3DVLM / DCFormer_SigLIP checkpoints into our vision-encoder (and projector) state dicts.
 
-Usage::
+Usage (``med3dqwen-convert-med3dvlm`` is the same program, installed with the package)::
 
     # DCFormer encoder from the contrastive (SigLIP) stage, for any decoder size
     python -m med3dqwen.convert_med3dvlm --checkpoint path/to/DCFormer_SigLIP --output_dir converted/

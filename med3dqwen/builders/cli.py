@@ -18,7 +18,8 @@ import typing
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from med3dqwen.builders.engine import BuildArguments, BuildSummary
+from med3dqwen.builders.engine import BuildArguments, BuildError, BuildSummary
+from med3dqwen.processing.ct_io import CTInputError
 
 
 __all__ = [
@@ -145,9 +146,19 @@ def run_build_command(
     argv: Sequence[str] | None = None,
 ) -> None:
     """What a console script (``med3dqwen-build-<name>``) and ``python datasets_scripts/build_<name>.py`` do: log
-    to the terminal, parse ``argv`` (default the command line) and call ``main(config, build_args)``."""
+    to the terminal, parse ``argv`` (default the command line) and call ``main(config, build_args)``.
+
+    A build that cannot go on (:class:`~med3dqwen.builders.engine.BuildError`: a folder that is not ours, a changed
+    configuration, ``--strict`` meeting a bad row) or bad input (:class:`~med3dqwen.processing.ct_io.CTInputError`)
+    ends with its one-line message and exit status 1, not a traceback.
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main(*make_parser().parse_args_into_dataclasses(argv))
+    parser = make_parser()
+    config, build_args = parser.parse_args_into_dataclasses(argv)
+    try:
+        main(config, build_args)
+    except (BuildError, CTInputError) as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
 
 
 def print_summary(
@@ -190,4 +201,5 @@ def print_summary(
         print(f"  {note}")
     if summary.skipped:
         print("  skipped rows: " + ", ".join(f"{k} {v}" for k, v in summary.skipped.items()) + " (skipped.jsonl)")
-    print(f'load it with: datasets.load_dataset("{summary.output_dir}")')
+    folder = summary.output_dir
+    print(f'load it with: ds = datasets.load_dataset("{folder}"); ds = med3dqwen.data.resolve_media(ds, "{folder}")')

@@ -306,8 +306,8 @@ class DatasetBuilder(abc.ABC):
 
 @dataclass
 class BuildArguments:
-    """How to run a build (``HfArgumentParser``-ready; the dataset's own options live in the script's
-    ``ScriptArguments``)."""
+    """How to run a build: the options every build command shares (the dataset's own options are the fields of its
+    ``*BuildConfig``; :func:`~med3dqwen.builders.cli.make_build_parser` parses both)."""
 
     num_proc: int = field(default=1, metadata={"help": "Worker processes (multiprocessing pool; 1 = in process)."})
     num_shards: int = field(

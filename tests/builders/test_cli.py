@@ -1,6 +1,9 @@
 """Tests for the build commands' parser (med3dqwen.builders.cli): options from the *BuildConfig fields."""
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +88,25 @@ def test_every_config_setting_is_an_option():
         options = {a.dest for a in make_build_parser(config, None)._actions}
         fields = {f.name for f in config.__dataclass_fields__.values() if f.init} - {"phantom"}
         assert fields <= options, config.__name__
+
+
+@pytest.mark.parametrize("script", ["datasets_scripts/build_phantom.py", "med3dqwen-build-phantom"])
+def test_a_build_that_cannot_go_on_ends_with_one_line(tmp_path, script):
+    # A folder holding a user's README and no build marker: the build refuses it with a named error, no traceback.
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")
+    repo = Path(__file__).resolve().parents[2]
+    if script.endswith(".py"):
+        cmd = [sys.executable, str(repo / script)]
+    else:
+        cmd = [str(Path(sys.executable).with_name(script))]
+        if not Path(cmd[0]).exists():
+            pytest.skip(f"{script} is not installed in this environment (pip install . provides it)")
+    cmd += ["--output_dir", str(out), "--num_volumes", "1", "--shape", "16", "32", "32", "--overwrite"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert str(out) in line and "README.md" in line
+    assert (out / "README.md").read_text() == "my notes\n"
