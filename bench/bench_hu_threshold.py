@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from med3dqwen.builders.phantom.generator import PhantomConfig, generate_phantom
+from med3dqwen.builders.phantom import PhantomConfig, generate_phantom
 from med3dqwen.processing.ct_io import CTVolume
 from med3dqwen.segmentation import HUThresholdSource
 

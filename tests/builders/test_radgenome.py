@@ -26,7 +26,7 @@ from helpers import (
 )
 
 from med3dqwen.builders.engine import BuildArguments, BuildError
-from med3dqwen.builders.phantom.generator import PhantomConfig, generate_phantom
+from med3dqwen.builders.phantom import PhantomConfig, generate_phantom
 from med3dqwen.builders.radgenome import (
     RadGenomeBuildConfig,
     RadGenomeBuilder,

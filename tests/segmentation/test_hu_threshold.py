@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from med3dqwen.builders.phantom.generator import PhantomConfig, generate_phantom
+from med3dqwen.builders.phantom import PhantomConfig, generate_phantom
 from med3dqwen.processing.ct_io import CTVolume, load_mask, load_volume
 from med3dqwen.segmentation import HUThresholdSource, UnknownStructureError
 

@@ -1,21 +1,16 @@
 """Synthetic chest-CT phantoms and the phantom VQA dataset (see ``docs/phantom.md``)."""
 
-from .generator import (
+from .config import DEFAULT_FOV_MM, LESION_KINDS, Finding, Phantom, PhantomConfig
+from .generator import generate_phantom
+from .questions import (
     ABNORMALITY_TEMPLATES,
-    ANATOMY_NAMES,
-    ANATOMY_PATHS,
-    DEFAULT_FOV_MM,
-    LESION_KINDS,
     LOCATION_TEMPLATES,
     PRESENCE_TEMPLATES,
     REGION_REPORT_TEMPLATES,
     SIZE_TEMPLATES,
-    Finding,
-    Phantom,
-    PhantomConfig,
-    generate_phantom,
     generate_questions,
 )
+from .structures import ANATOMY_NAMES, ANATOMY_PATHS
 
 
 __all__ = [

@@ -39,7 +39,7 @@ from med3dqwen.builders.engine import (
     run_build,
     write_prompt_pngs,
 )
-from med3dqwen.builders.phantom.generator import PhantomConfig, generate_phantom, generate_questions
+from med3dqwen.builders.phantom import PhantomConfig, generate_phantom, generate_questions
 from med3dqwen.data.rewrite import build_record, rewrite_qa
 from med3dqwen.data.splits import DEFAULT_RATIOS, assign_split
 

@@ -11,38 +11,14 @@ import numpy as np
 
 from med3dqwen.processing.ct_io import standard_affine
 
-from .config import DEFAULT_FOV_MM, LESION_KINDS, Finding, Phantom, PhantomConfig
+from .config import Phantom, PhantomConfig
 from .geometry import Grid
 from .lesions import add_lesions
 from .organs import build_anatomy
-from .questions import (
-    ABNORMALITY_TEMPLATES,
-    LOCATION_TEMPLATES,
-    PRESENCE_TEMPLATES,
-    REGION_REPORT_TEMPLATES,
-    SIZE_TEMPLATES,
-    generate_questions,
-)
 from .render import render_hu
-from .structures import ANATOMY_NAMES, ANATOMY_PATHS
 
 
-__all__ = [
-    "ABNORMALITY_TEMPLATES",
-    "ANATOMY_NAMES",
-    "ANATOMY_PATHS",
-    "DEFAULT_FOV_MM",
-    "Finding",
-    "LESION_KINDS",
-    "LOCATION_TEMPLATES",
-    "PRESENCE_TEMPLATES",
-    "Phantom",
-    "PhantomConfig",
-    "REGION_REPORT_TEMPLATES",
-    "SIZE_TEMPLATES",
-    "generate_phantom",
-    "generate_questions",
-]
+__all__ = ["generate_phantom"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
