@@ -278,9 +278,8 @@ class DatasetBuilder(abc.ABC):
     @abc.abstractmethod
     def card(self, summary: BuildSummary) -> dict[str, Any]:
         """Keyword arguments of :func:`~med3dqwen.builders.cards.render_dataset_card` besides the counts:
-        ``pretty_name``,
-        ``summary``, ``prompt_description``, ``source``, ``license``, ``citation``, and optionally ``notes``,
-        ``files_description``, ``extra_fields``, ``tags``."""
+        ``pretty_name``, ``summary``, ``prompt_description``, ``source``, ``license``, ``citation``, and optionally
+        ``notes``, ``files_description``, ``extra_fields``, ``tags``."""
 
     def prepare(self, out_dir: Path) -> None:  # noqa: B027 (optional hook)
         """Set up the output folder before planning (e.g. :func:`link_folder`); must be idempotent."""

@@ -1,8 +1,8 @@
-"""CT transforms: HU windowing, resizing, slice-wise boundary prompts (paper eq. 1) and their PNG rendering.
+"""CT transforms: HU windowing, resizing, slice-wise boundary prompts (paper eq. 1) and the prompt overlay.
 
-Pure array functions and callable classes do the maths; ``*d`` classes are MONAI-style dictionary wrappers.
-Every function takes (D, H, W) arrays in the canonical orientation of :mod:`ct_io` (D = axial slices,
-inferior → superior) and accepts numpy arrays or torch tensors, returning the same kind.
+Pure array functions (the PNG writers that use them live in ``med3dqwen.io``). Every function takes (D, H, W)
+arrays in the canonical orientation of :mod:`ct_io` (D = axial slices, inferior → superior) and accepts numpy
+arrays or torch tensors, returning the same kind.
 
 Input rules, the same for every function (each violation is an :class:`InvalidVolumeError` naming the argument):
 
