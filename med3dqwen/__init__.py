@@ -11,8 +11,9 @@ The registration is lazy, so that the data half (``med3dqwen.processing.ct_io``,
 - the model and processor names below are imported on first access (``from med3dqwen import
   Med3DQwenForConditionalGeneration``), which registers them;
 - otherwise registration happens as soon as the Auto classes are imported (``from transformers import AutoModel``,
-  before or after ``import med3dqwen``), at the first moment no ``med3dqwen`` module is half-way through its own
-  import (a module that is still running cannot be imported from).
+  before or after ``import med3dqwen``), at the first moment no ``med3dqwen`` or ``transformers`` module is half-way
+  through its own import (a module that is still running cannot be imported from: another library importing
+  ``transformers.processing_utils``, say, must finish before our processor imports it).
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ _LAZY_NAMES = {
 # The package of the Auto classes: once it is imported, someone may look our model type up.
 _AUTO_PACKAGE = "transformers.models.auto"
 
+# Modules whose imports the watcher follows: ours, and transformers' (registration must not run inside them).
+_WATCHED = (f"{__name__}.", "transformers.")
+
 _registered = False
-_importing: set[str] = set()  # med3dqwen modules whose code is running right now
+_importing: set[str] = set()  # med3dqwen and transformers modules whose code is running right now
 
 
 def register_auto_classes() -> None:
@@ -92,21 +96,21 @@ def register_auto_classes() -> None:
 
 
 def _register_when_ready() -> None:
-    """Register once the Auto classes are loaded and no med3dqwen module is half imported; else wait for the next
-    import to finish (:class:`_ImportWatcher` calls this after each)."""
+    """Register once the Auto classes are loaded and no med3dqwen or transformers module is half imported; else
+    wait for the next of those imports to finish (:class:`_ImportWatcher` calls this after each)."""
     if not _registered and _AUTO_PACKAGE in sys.modules and not _importing:
         register_auto_classes()
 
 
 class _ImportWatcher(importlib.abc.MetaPathFinder):
-    """Calls :func:`_register_when_ready` after the import of the Auto classes' package and of every med3dqwen module.
+    """Calls :func:`_register_when_ready` after the import of every transformers and med3dqwen module.
 
     Only wraps how those modules are executed: the spec comes from the other finders, and the module gets its real
     loader back before its code runs.
     """
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _AUTO_PACKAGE and not fullname.startswith(f"{__name__}."):
+        if not fullname.startswith(_WATCHED):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):

@@ -48,8 +48,12 @@ def test_data_half_imports_neither_torch_nor_transformers(module):
         # a hub module imported first: registration must wait until it has finished
         "import med3dqwen.processing.processing_med3d_qwen\n"
         "from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor",
+        # another library's import of transformers.processing_utils, which loads the Auto classes half-way through:
+        # registration (which imports our processor, hence processing_utils) must wait until it has finished
+        "import med3dqwen.io\nimport trl.data_utils\n"
+        "from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor",
     ],
-    ids=["med3dqwen_first", "transformers_first", "processing_module_first"],
+    ids=["med3dqwen_first", "transformers_first", "processing_module_first", "inside_another_librarys_import"],
 )
 def test_auto_classes_resolve_our_model_type(imports):
     result = run_python(
