@@ -97,6 +97,7 @@ def test_card_declares_features_and_nothing_skipped(red_build):
     card = (out / "README.md").read_text()
     assert "dataset_info:" in card and "- name: anatomy" in card and "- name: closed_label\n    dtype: int64" in card
     assert "- name: closed_answer\n    dtype: string" in card and "- name: closed_choices\n    list: string" in card
+    assert "| `closed_answer` | the label of a closed answer by name, one of `no`, `yes`, `A`, `B`, `C`, `D` (" in card
     assert "license: apache-2.0" in card and "Skipped while building: nothing" in card
     assert (out / "skipped.jsonl").read_text() == "" and summary.skipped == {}
     assert summary.units_total == 6 and sorted(p.name for p in (out / "volumes").iterdir()) == [
