@@ -277,16 +277,16 @@ def record_features(extra: Mapping[str, Any] | None = None, format: str = "trl")
     return datasets.Features(features)
 
 
-def check_closed_fields(answer_type: str, closed_answer: str | None, closed_choices: Sequence[str]) -> None:
+def check_closed_fields(answer_type: str, closed_answer: str | None, closed_choices: Sequence[str] | None) -> None:
     """Check the closed-answer fields of one record against each other and :data:`CLOSED_LABEL_NAMES`.
 
     A closed record names its answer and its (non-empty, duplicate-free) choices, the answer among them; an open
-    record has ``closed_answer`` ``None`` and no choices.
+    record has ``closed_answer`` ``None`` and no choices (``None`` counts as none: a null JSON value).
 
     Raises:
         ValueError: the fields disagree, or a name is not in :data:`CLOSED_LABEL_NAMES` (the message says which).
     """
-    choices = list(closed_choices)
+    choices = list(closed_choices or [])
     if answer_type == "open":
         if closed_answer is not None or choices:
             raise ValueError(

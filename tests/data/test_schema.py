@@ -224,6 +224,7 @@ def test_closed_targets_index_one_vocabulary_with_an_allowed_mask():
         ({"closed_answer": "C"}, CLOSED_LABEL_NAMES, "closed_answer 'C' is not one of its closed_choices"),
         ({"closed_choices": ["no", "yes", "maybe"]}, CLOSED_LABEL_NAMES, r"\['maybe'\] are not"),
         ({"closed_answer": None}, CLOSED_LABEL_NAMES, "closed_answer None"),
+        ({"closed_choices": None}, CLOSED_LABEL_NAMES, r"closed_choices \[\] must be distinct names"),
         ({"answer_type": "open"}, CLOSED_LABEL_NAMES, "an open answer has no closed_answer"),
         ({}, ("A", "B", "C", "D"), r"closed_choices \['no', 'yes'\] are not in the head's label names"),
     ],
