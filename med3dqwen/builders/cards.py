@@ -13,7 +13,7 @@ from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from med3dqwen.data.schema import RECORD_FORMATS
+from med3dqwen.data.schema import CLOSED_LABEL_NAMES, RECORD_FORMATS
 from med3dqwen.data.splits import SPLIT_NAMES
 from med3dqwen.io import atomic_output
 
@@ -188,6 +188,7 @@ def render_dataset_card(
         load_path=load_path or f"./{Path(out_dir).resolve().name}",
         from_hub=load_path is not None,
         record_format=record_format,
+        closed_label_names=", ".join(f"`{name}`" for name in CLOSED_LABEL_NAMES),
         prompt_description=prompt_description,
         splits=splits,
         split_rows=split_rows,

@@ -8,6 +8,7 @@ from typing import Any
 from med3dqwen.anatomy.radlex import RadLexNormalizer
 from med3dqwen.builders.engine import BuildError
 from med3dqwen.data.rewrite import RewriteConfig, build_record, rewrite_qa
+from med3dqwen.data.schema import CHOICE_LETTER_NAMES
 
 
 __all__ = [
@@ -19,8 +20,8 @@ __all__ = [
 ]
 
 
-CHOICE_LETTERS = "ABCD"
-"""The letters of the four choices; a letter's index is the ``closed_label``."""
+CHOICE_LETTERS = "".join(CHOICE_LETTER_NAMES)
+"""The letters of the four choices; a letter's index is the ``closed_label``, the letter the ``closed_answer``."""
 ANSWER_MODES = ("closed", "open", "both")
 """``--mode`` values of the multiple-choice builders: which records :func:`multiple_choice_records` writes."""
 NA_VALUES = ("", "na", "n/a", "nan", "none", "null")
@@ -48,8 +49,9 @@ def multiple_choice_records(
     """The records of one multiple-choice row: the closed one, the open one, or both in that order (``mode``).
 
     Closed: ``"<question> Choices: A. ... B. ... C. ... D. ..."`` (an empty choice is left out of the list but keeps
-    its letter), answer ``"<letter>. <choice>"``, ``closed_label`` = the letter's index (A = 0). Open: the question
-    alone, answer ``answer``. Both are rewritten with :func:`~med3dqwen.data.rewrite.rewrite_qa`.
+    its letter), answer ``"<letter>. <choice>"``, ``closed_label`` = the letter's index (A = 0), ``closed_answer`` =
+    the letter, ``closed_choices`` = the letters listed (an empty choice is not offered). Open: the question alone,
+    answer ``answer``. Both are rewritten with :func:`~med3dqwen.data.rewrite.rewrite_qa`.
 
     Args:
         question: the question stem. choices: the four choice texts, ``""`` for an empty one. letter: the correct
@@ -73,6 +75,7 @@ def multiple_choice_records(
             f"{letter}. {choices[index]}",
             answer_type="closed",
             choices=labels,
+            offered=[x for x, c in zip(CHOICE_LETTERS, choices, strict=True) if c],
             config=config,
             normalizer=normalizer,
         )

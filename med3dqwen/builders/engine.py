@@ -66,7 +66,9 @@ PNG_MODES = ("none", "montage", "stack")
 
 WORK_DIR = ".work"
 _UNIT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+"""Version of the work in ``.work/`` (unit records): 2 added ``closed_answer`` / ``closed_choices``. Work of another
+version is not resumed or merged."""
 
 
 class BuildError(RuntimeError):
@@ -464,6 +466,8 @@ def _check_config(out: Path, builder: DatasetBuilder) -> None:
         if path.read_text(encoding="utf-8") != text:
             old, new = found.get("config", {}), json.loads(text)["config"]
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if found.get("format") != _FORMAT_VERSION:
+                changed.insert(0, f"work format {found.get('format')} -> {_FORMAT_VERSION}, from another med3dqwen")
             raise BuildError(
                 f"{out} holds work done with another configuration (changed: {', '.join(changed) or 'builder'}); "
                 "re-run with the same arguments, or pass --overwrite, or use another --output_dir"

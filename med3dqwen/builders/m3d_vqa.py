@@ -580,8 +580,9 @@ class M3DVQABuilder(DatasetBuilder):
         modes = {"closed": "closed (multiple choice)", "open": "open", "both": "closed and open"}
         notes.append(
             f"Answer modes: {modes[cfg.mode]}. Closed: the question + `Choices: A. ... B. ... C. ... D. ...` (choices "
-            "that are `NA` upstream are left out), answer `<letter>. <choice>`, `closed_label` = letter index "
-            "(A = 0); open: the question alone, answer = upstream `Answer`."
+            "that are `NA` upstream are left out), answer `<letter>. <choice>`, `closed_answer` = the letter, "
+            "`closed_choices` = the letters listed, `closed_label` = letter index (A = 0); open: the question alone, "
+            "answer = upstream `Answer`."
         )
         differs = counters.get("answers", {}).get("Answer differs from the choice text", 0)
         if differs:

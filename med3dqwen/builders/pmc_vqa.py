@@ -494,8 +494,9 @@ class PMCVQABuilder(DatasetBuilder):
         modes = {"closed": "closed (multiple choice)", "open": "open", "both": "closed and open"}
         notes.append(
             f"Answer modes: {modes[cfg.mode]}. Closed: the question + `Choices: A. ... B. ... C. ... D. ...` (letter "
-            "prefixes of upstream choices removed), answer `<letter>. <choice>`, `closed_label` = letter index "
-            "(A = 0); open: the question alone, answer = the upstream answer text (v1) or the correct choice (v2)."
+            "prefixes of upstream choices removed), answer `<letter>. <choice>`, `closed_answer` = the letter, "
+            "`closed_choices` = the letters listed, `closed_label` = letter index (A = 0); open: the question alone, "
+            "answer = the upstream answer text (v1) or the correct choice (v2)."
         )
         return {
             "pretty_name": "PMC-VQA, CT figures (Med3DQwen build)",

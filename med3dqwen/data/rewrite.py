@@ -2,7 +2,8 @@
 
 A sample ``(volume, mask, question, answer)`` becomes a visual-prompt sample: the system prompt describes the
 coloured outline, the question is prefixed so that it refers to the outlined area, colloquial anatomy terms are
-normalised to RadLex, closed answers keep their label index and open answers get a prefix too. The no-prompt variant
+normalised to RadLex, closed answers keep their label (by name, see :func:`closed_label_names`) and open answers get a
+prefix too. The no-prompt variant
 (``RewriteConfig(prompt=False)``, the paper's "No Prompt" baseline) keeps the normalisation and the labels but has no
 prefixes and a system prompt without the outline.
 
@@ -19,7 +20,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from med3dqwen.anatomy.radlex import RadLexNormalizer
-from med3dqwen.data.schema import RECORD_FIELDS, chat_messages, parse_vision_content, vision_content
+from med3dqwen.data.schema import (
+    CHOICE_LETTER_NAMES,
+    CLOSED_LABEL_NAMES,
+    RECORD_FIELDS,
+    YES_NO_NAMES,
+    chat_messages,
+    check_closed_fields,
+    parse_vision_content,
+    vision_content,
+)
 
 
 __all__ = [
@@ -29,6 +39,7 @@ __all__ = [
     "RewrittenQA",
     "build_record",
     "closed_label",
+    "closed_label_names",
     "parse_vision_content",
     "rewrite_answer",
     "rewrite_qa",
@@ -41,7 +52,7 @@ WH_WORDS = ("what", "which", "where", "when", "who", "whom", "whose", "why", "ho
 """Questions starting with one of these get the "Within the …-outlined area of the CT volume," prefix."""
 
 YES_NO_LABELS = ("No.", "Yes.")
-"""Label set of Yes/No closed questions; the label index is the position in this tuple."""
+"""Label set of Yes/No closed questions; the label index is the position in this tuple (names: ``"no"``, ``"yes"``)."""
 
 _SYSTEM_PROMPT = (
     "You are a vision-language model that receives (1) a 3-D CT volume in NIfTI format and (2) {article} {color}, "
@@ -128,15 +139,32 @@ class RewrittenQA:
         question: rewritten question (user message).
         answer: rewritten answer (assistant message).
         answer_type: ``"closed"`` or ``"open"``.
-        closed_label: index of the answer in the closed label set, -1 for open answers.
+        closed_label: index of the answer in the closed label set (the letter's position for multiple choice), -1
+            for open answers.
+        closed_answer: name of the closed answer (:func:`closed_label_names`: ``"yes"``, ``"B"``), ``None`` for open
+            answers.
+        closed_choices: names of the choices the question offers (the label set, less choices left out of the
+            question), e.g. ``("no", "yes")``; ``()`` for open answers.
         system: system prompt for this sample.
+
+    Raises:
+        ValueError: the closed fields disagree (an answer outside its choices, a name that is not in
+            :data:`~med3dqwen.data.schema.CLOSED_LABEL_NAMES`, a label or choices on an open answer).
     """
 
     question: str
     answer: str
     answer_type: Literal["closed", "open"]
     closed_label: int
+    closed_answer: str | None
+    closed_choices: tuple[str, ...]
     system: str
+
+    def __post_init__(self) -> None:
+        self.closed_choices = tuple(self.closed_choices)
+        if (self.answer_type == "closed") != (self.closed_label >= 0) or self.closed_label < -1:
+            raise ValueError(f"closed_label {self.closed_label} does not fit a {self.answer_type!r} answer")
+        check_closed_fields(self.answer_type, self.closed_answer, self.closed_choices)
 
 
 def rewrite_question(
@@ -210,6 +238,43 @@ def closed_label(answer: str, choices: Sequence[str] | None = None) -> int:
     raise ValueError(f"closed answer {answer!r} is not in the label set {labels!r}")
 
 
+def closed_label_names(choices: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Names of a closed label set's labels, in label order: what a record stores as ``closed_choices``.
+
+    Every name is one of :data:`~med3dqwen.data.schema.CLOSED_LABEL_NAMES`, the vocabulary of the model's closed head.
+    The Yes/No set (``None``, or choices that are "no" and "yes" in any order, matched as :func:`closed_label` does)
+    is named ``"no"``, ``"yes"``; any other set is named by its letters ``"A"``, ``"B"``, ... by position (the letters
+    :func:`closed_label` accepts as answers). A choice that carries its own letter (``"B. right lung"``) must carry
+    the one of its position. Ordinal scales (``["none", "mild", "moderate", "severe"]``) are named by position letters
+    too, so their question should list them with letters; no builder writes one today.
+
+    Args:
+        choices: the label set, or ``None`` for Yes/No.
+
+    Returns:
+        The names, one per label.
+
+    Raises:
+        ValueError: more choices than :data:`~med3dqwen.data.schema.CHOICE_LETTER_NAMES`, or a choice lettered out of
+            its position; the message names the label set.
+    """
+    labels = tuple(YES_NO_LABELS if choices is None else choices)
+    keys = tuple(_label_key(label) for label in labels)
+    if sorted(keys) == sorted(YES_NO_NAMES):
+        return keys
+    if not labels or len(labels) > len(CHOICE_LETTER_NAMES):
+        raise ValueError(
+            f"closed label set {labels!r} has {len(labels)} choices; the closed-label vocabulary {CLOSED_LABEL_NAMES} "
+            f"names sets of 1 to {len(CHOICE_LETTER_NAMES)} choices (A-{CHOICE_LETTER_NAMES[-1]}) or yes/no"
+        )
+    names = CHOICE_LETTER_NAMES[: len(labels)]
+    for name, label in zip(names, labels, strict=True):
+        letter = _split_choice_letter(label)[0]
+        if letter is not None and letter.upper() != name:
+            raise ValueError(f"choice {label!r} of the closed label set {labels!r} is lettered {letter!r} at {name}")
+    return names
+
+
 def rewrite_answer(
     answer: str,
     answer_type: Literal["closed", "open"],
@@ -255,6 +320,7 @@ def rewrite_qa(
     *,
     answer_type: Literal["closed", "open"],
     choices: Sequence[str] | None = None,
+    offered: Sequence[str] | None = None,
     config: RewriteConfig | None = None,
     normalizer: RadLexNormalizer | None = None,
 ) -> RewrittenQA:
@@ -266,27 +332,45 @@ def rewrite_qa(
         answer_type: ``"closed"`` (Yes/No, ordinal, multiple choice) or ``"open"``.
         choices: label set of a closed multiple-choice or ordinal question; ``None`` means Yes/No. Ignored for open
             answers.
+        offered: names (:func:`closed_label_names`) of the choices the question offers, when it leaves some of the
+            label set out (an empty choice that keeps its letter); default: the whole set. Ignored for open answers.
         config: rewriting options (default :class:`RewriteConfig`).
         normalizer: RadLex normaliser shared by question and answer (default: a new one).
 
     Returns:
-        The rewritten sample; ``closed_label`` is -1 for open answers.
+        The rewritten sample. A closed answer has its index in the label set (``closed_label``), its name
+        (``closed_answer``) and the names of the offered choices (``closed_choices``); an open one has -1, ``None``
+        and ``()``.
 
     Raises:
-        ValueError: on an unknown ``answer_type``, an empty question or answer, or a closed answer that is not in its
-            label set.
+        ValueError: on an unknown ``answer_type``, an empty question or answer, a closed answer that is not in its
+            label set or not offered, ``offered`` names outside the label set, or a label set the closed-label
+            vocabulary cannot name.
     """
     _check_answer_type(answer_type)
     config = config or RewriteConfig()
     normalizer = normalizer or RadLexNormalizer()
     new_question = rewrite_question(question, config, normalizer)
     new_answer = rewrite_answer(answer, answer_type, config, normalizer)
-    label = closed_label(new_answer, choices) if answer_type == "closed" else -1
+    label, name, names = -1, None, ()
+    if answer_type == "closed":
+        label = closed_label(new_answer, choices)
+        names = closed_label_names(choices)
+        name = names[label]
+        if offered is not None:
+            outside = [n for n in offered if n not in names]
+            if outside:
+                raise ValueError(f"offered choices {outside!r} are not names of the label set {names!r}")
+            names = tuple(n for n in names if n in set(offered))
+            if name not in names:
+                raise ValueError(f"closed answer {new_answer!r} ({name!r}) is not among the offered choices {names!r}")
     return RewrittenQA(
         question=new_question,
         answer=new_answer,
         answer_type=answer_type,
         closed_label=label,
+        closed_answer=name,
+        closed_choices=names,
         system=system_prompt(config.color, config.prompt),
     )
 
@@ -346,6 +430,8 @@ def build_record(
         "question_type": question_type,
         "answer_type": qa.answer_type,
         "closed_label": qa.closed_label,
+        "closed_answer": qa.closed_answer,
+        "closed_choices": list(qa.closed_choices),
         "split": split,
         "patient_id": patient_id,
         "volume_id": volume_id,

@@ -18,6 +18,12 @@ prompt PNGs are columns holding paths relative to the dataset folder. :func:`res
 ``paper``: the paper's layout ``[system, user, vision, assistant]`` with string contents, the vision turn being
 ``"nifti:<volume>; prompt_png:[<png>, ...]"`` (:func:`vision_content`); no ``prompt_pngs`` column.
 
+Closed answers are stored by name, over one vocabulary (:data:`CLOSED_LABEL_NAMES`): ``closed_answer`` is the
+label of a closed answer (``"yes"``, ``"B"``) and ``closed_choices`` the labels its question allows (``["no",
+"yes"]``, ``["A", "B", "C", "D"]``), so one classification head over the vocabulary serves yes/no and multiple-choice
+rows together, each row's softmax restricted to its own choices (:func:`closed_targets`). ``closed_label`` is the
+index of ``closed_answer`` in ``closed_choices`` (kept for readers of older datasets; -1 for open answers).
+
 Every other module derives the record from here: :func:`~med3dqwen.data.rewrite.build_record` fills
 :data:`STRUCTURED_FIELDS`, the dataset builders write :func:`to_format` of it, the card declares
 :func:`record_features`.
@@ -32,6 +38,9 @@ from typing import Any
 
 
 __all__ = [
+    "CHOICE_LETTER_NAMES",
+    "CLOSED_IGNORE_INDEX",
+    "CLOSED_LABEL_NAMES",
     "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES",
     "PAPER_ROLES",
@@ -39,7 +48,10 @@ __all__ = [
     "RECORD_FORMATS",
     "STRUCTURED_FIELDS",
     "TRL_ROLES",
+    "YES_NO_NAMES",
     "chat_messages",
+    "check_closed_fields",
+    "closed_targets",
     "message_texts",
     "paper_messages",
     "parse_vision_content",
@@ -50,6 +62,20 @@ __all__ = [
     "to_format",
     "vision_content",
 ]
+
+YES_NO_NAMES = ("no", "yes")
+"""Names of the yes/no label set (answers ``"No."`` / ``"Yes."``), in ``closed_label`` order."""
+CHOICE_LETTER_NAMES = ("A", "B", "C", "D")
+"""Names of a multiple-choice label set: the choice letters, in ``closed_label`` order (A = 0)."""
+CLOSED_LABEL_NAMES = (*YES_NO_NAMES, *CHOICE_LETTER_NAMES)
+"""The closed-label vocabulary: every ``closed_answer`` and ``closed_choices`` entry of a record is one of these names.
+
+The model's closed head has one logit per name: ``Med3DQwenConfig.closed_label_names`` must default to exactly this
+list, in this order (the model files cannot import ``data/``; ``tests/data/test_schema.py`` compares the two). A new
+label set (an ordinal scale, a fifth choice) is added here and in the config default together; no builder writes one
+today."""
+CLOSED_IGNORE_INDEX = -100
+""":func:`closed_targets`' label of an open record: the ``ignore_index`` of ``torch.nn.CrossEntropyLoss``."""
 
 RECORD_FORMATS = ("trl", "paper")
 """``--format`` values: the ecosystem's content-list conversation (default) or the paper's message layout."""
@@ -62,13 +88,16 @@ STRUCTURED_FIELDS: dict[str, str] = {
     "question_type": "string",
     "answer_type": "string",
     "closed_label": "int64",
+    "closed_answer": "string",
+    "closed_choices": "list[string]",
     "split": "string",
     "patient_id": "string",
     "volume_id": "string",
     "roi_empty": "bool",
 }
-"""Structured fields of every record, next to ``messages``, with their ``datasets.Value`` dtype (``null`` allowed for
-``mask_path``, ``mask_source`` and ``roi``: whole-volume questions)."""
+"""Structured fields of every record, next to ``messages``, with their ``datasets.Value`` dtype (``list[<dtype>]``: a
+``datasets.List`` of it). ``null`` is allowed for ``mask_path``, ``mask_source`` and ``roi`` (whole-volume questions)
+and ``closed_answer`` (open answers, whose ``closed_choices`` is ``[]``)."""
 
 RECORD_FIELDS = tuple(STRUCTURED_FIELDS)
 """Names of :data:`STRUCTURED_FIELDS`, in record order."""
@@ -236,7 +265,7 @@ def record_features(extra: Mapping[str, Any] | None = None, format: str = "trl")
     else:
         _check_format(format)
         messages = datasets.List({"role": string, "content": datasets.List({"type": string, "text": string})})
-    structured = {name: datasets.Value(dtype) for name, dtype in STRUCTURED_FIELDS.items()}
+    structured = {name: _feature(dtype) for name, dtype in STRUCTURED_FIELDS.items()}
     features = {
         name: messages if name == "messages" else datasets.List(string) if name == "prompt_pngs" else structured[name]
         for name in record_fields(format)
@@ -246,6 +275,74 @@ def record_features(extra: Mapping[str, Any] | None = None, format: str = "trl")
         raise ValueError(f"extra features {clashes} clash with the record's own fields")
     features.update(extra or {})
     return datasets.Features(features)
+
+
+def check_closed_fields(answer_type: str, closed_answer: str | None, closed_choices: Sequence[str] | None) -> None:
+    """Check the closed-answer fields of one record against each other and :data:`CLOSED_LABEL_NAMES`.
+
+    A closed record names its answer and its (non-empty, duplicate-free) choices, the answer among them; an open
+    record has ``closed_answer`` ``None`` and no choices (``None`` counts as none: a null JSON value).
+
+    Raises:
+        ValueError: the fields disagree, or a name is not in :data:`CLOSED_LABEL_NAMES` (the message says which).
+    """
+    choices = list(closed_choices or [])
+    if answer_type == "open":
+        if closed_answer is not None or choices:
+            raise ValueError(
+                f"an open answer has no closed_answer / closed_choices, got {closed_answer!r} / {choices!r}"
+            )
+        return
+    if answer_type != "closed":
+        raise ValueError(f"answer_type must be 'closed' or 'open', got {answer_type!r}")
+    unknown = [name for name in choices if name not in CLOSED_LABEL_NAMES]
+    if not choices or unknown or len(set(choices)) != len(choices):
+        raise ValueError(
+            f"closed_choices {choices!r} must be distinct names of the closed-label vocabulary {CLOSED_LABEL_NAMES}"
+            + (f" ({unknown!r} are not)" if unknown else "")
+        )
+    if closed_answer not in choices:
+        raise ValueError(f"closed_answer {closed_answer!r} is not one of its closed_choices {choices!r}")
+
+
+def closed_targets(
+    record: Mapping[str, Any], label_names: Sequence[str] = CLOSED_LABEL_NAMES
+) -> tuple[int, list[bool]]:
+    """The closed head's target of one record: the answer's index in ``label_names`` and the allowed-set mask.
+
+    A collator stacks these into the model's ``closed_labels`` (B,) and allowed-set mask (B, len(label_names)); the
+    softmax of a yes/no row then runs over {no, yes} only. An open record gives :data:`CLOSED_IGNORE_INDEX` and an
+    all-false mask.
+
+    Args:
+        record: a record in either layout (its ``answer_type``, ``closed_answer`` and ``closed_choices``).
+        label_names: the head's vocabulary, i.e. the model config's ``closed_label_names`` (default
+            :data:`CLOSED_LABEL_NAMES`).
+
+    Returns:
+        ``(label, allowed)``: the index of ``closed_answer`` in ``label_names`` and, per name, whether it is one of
+        the record's ``closed_choices``.
+
+    Raises:
+        ValueError: the record lacks the fields (built before they existed: rebuild it), they disagree, or a choice
+            is not in ``label_names``; the message names the record's ``volume_id``.
+    """
+    where = f"record of volume {record.get('volume_id')!r}"
+    missing = [name for name in ("answer_type", "closed_answer", "closed_choices") if name not in record]
+    if missing:
+        raise ValueError(f"{where} has no {missing} field(s); rebuild the dataset with this version of med3dqwen")
+    names = list(label_names)
+    try:
+        check_closed_fields(record["answer_type"], record["closed_answer"], record["closed_choices"])
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    if record["answer_type"] == "open":
+        return CLOSED_IGNORE_INDEX, [False] * len(names)
+    outside = [name for name in record["closed_choices"] if name not in names]
+    if outside:
+        raise ValueError(f"{where}: closed_choices {outside!r} are not in the head's label names {names!r}")
+    allowed = set(record["closed_choices"])
+    return names.index(record["closed_answer"]), [name in allowed for name in names]
 
 
 def resolve_media(dataset, root: str | os.PathLike):
@@ -325,6 +422,15 @@ def _media_feature(paths: Sequence[str], column: str):
         raise ValueError(f"column {column} mixes file kinds {sorted(kinds)}; cannot give it one feature type")
     kind = kinds.pop() if kinds else "other"
     return {"nifti": datasets.Nifti(), "image": datasets.Image()}.get(kind)
+
+
+def _feature(dtype: str):
+    """``datasets.Value(dtype)``, or a ``datasets.List`` of it for ``"list[<dtype>]"``."""
+    import datasets
+
+    if dtype.startswith("list[") and dtype.endswith("]"):
+        return datasets.List(datasets.Value(dtype[5:-1]))
+    return datasets.Value(dtype)
 
 
 def _check_format(format: str) -> None:

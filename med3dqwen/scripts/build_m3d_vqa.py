@@ -28,15 +28,15 @@ CSVs' "Image Path" column is relative to (it holds M3D_Cap_npy/, the images of G
     TS_MASKS/M3D_Cap_npy/<source>/<case>/<image>.nii.gz              --mask_source totalsegmentator_multilabel
 
 Question types 1-5 become plane, phase, organ, abnormality, location. --mode closed: question + "Choices: A. ... D.
-...", answer "<letter>. <choice>", closed_label = letter index; open: the question, answer = Answer; both (default):
-one of each per row. The images are not HU: every record says intensity "unit" (no HU window). M3D-VQA has no masks,
-so with --mask_source none (default) no question is outlined whatever --prompt says. Upstream train / val / test are
-our train / validation / test; a Radiopaedia case (<source>/<case>) found in two splits is kept only in the
-higher-priority one (test > validation > train; --case_overlap keep|error to warn or stop instead). Output:
+...", answer "<letter>. <choice>", closed_answer = the letter (closed_label = its index); open: the question, answer =
+Answer; both (default): one of each per row. The images are not HU: every record says intensity "unit" (no HU window).
+M3D-VQA has no masks, so with --mask_source none (default) no question is outlined whatever --prompt says. Upstream
+train / val / test are our train / validation / test; a Radiopaedia case (<source>/<case>) found in two splits is kept
+only in the higher-priority one (test > validation > train; --case_overlap keep|error to warn or stop instead). Output:
 data/*.jsonl (paths relative to OUT through the link OUT/source/images -> CAP), skipped.jsonl (bad rows and why),
-filtered.jsonl (rows left out on purpose), README.md (card), masks/ and prompts/ with a mask source. A re-run with
-the same arguments resumes where a killed build stopped. Licence: non-commercial (Radiopaedia); cite M3D
-(arXiv 2404.00578).
+filtered.jsonl (rows left out on purpose), README.md (card), masks/ and prompts/ with a mask source. A re-run with the
+same arguments resumes where a killed build stopped. Licence: non-commercial (Radiopaedia); cite M3D (arXiv
+2404.00578).
 """
 
 from collections.abc import Sequence

@@ -1,16 +1,16 @@
 """VISTA-3D (MONAI) as a mask source: class prompts → masks on the CT volume's own grid.
 
 Runs the MONAI code path of the ``vista3d`` bundle's ``configs/inference.json`` for automatic segmentation with class
-prompts (pre-processing, sliding-window inference, post-processing inverted back to the input grid). Without the
-released weights the network is random and a warning says so. The pipeline step by step, what was verified and how
-to get the weights: ``docs/segmentation.md``.
+prompts (pre-processing, sliding-window inference, post-processing inverted back to the input grid). It needs the
+released weights (a ``vista3d`` bundle folder) or a ready network; a network with random weights (pipeline checks
+only: its masks are meaningless) is built only when asked for with ``random_weights=True``. The pipeline step by step,
+what was verified and how to get the weights: ``docs/segmentation.md``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,9 +50,12 @@ class Vista3DSource(MaskSource):
     Args:
         bundle_dir: a downloaded ``vista3d`` bundle (``models/model.pt``; ``configs/inference.json`` and
             ``configs/metadata.json`` are read when present for the settings below and the label dictionary).
-            ``None`` = random weights (pipeline checks only).
+            Download it with ``monai.bundle.download("vista3d", bundle_dir=...)`` on a machine with internet.
         network: a ready VISTA-3D module (same ``forward`` as ``monai.networks.nets.VISTA3D``) instead of building
             ``vista3d132``; weights from ``bundle_dir`` are still loaded into it when given.
+        random_weights: build ``vista3d132`` with random weights when neither ``bundle_dir`` nor ``network`` is given
+            (pipeline checks only: the masks are meaningless). Must be asked for: without it, a source with neither
+            is an error.
         device: where the network runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         encoder_embed_dim: width of ``vista3d132`` when it is built here (48 = the released model).
         resample_spacing: voxel size in mm the network sees (bundle: 1.5 mm isotropic).
@@ -70,6 +73,8 @@ class Vista3DSource(MaskSource):
 
     Raises:
         CorruptFileError: ``bundle_dir`` missing, without ``models/model.pt``, or with weights that do not fit.
+        ValueError: neither ``bundle_dir``, ``network`` nor ``random_weights=True`` (the message says how to get the
+            bundle), or ``random_weights=True`` together with ``bundle_dir`` or ``network``.
     """
 
     source_name = "vista3d"
@@ -80,6 +85,7 @@ class Vista3DSource(MaskSource):
         network=None,
         device: str = "cpu",
         *,
+        random_weights: bool = False,
         encoder_embed_dim: int = 48,
         resample_spacing: Sequence[float] | None = None,
         patch_size: Sequence[int] | None = None,
@@ -93,6 +99,16 @@ class Vista3DSource(MaskSource):
     ) -> None:
         import torch
 
+        if random_weights and (bundle_dir is not None or network is not None):
+            given = "bundle_dir" if bundle_dir is not None else "network"
+            raise ValueError(f"Vista3DSource: random_weights=True contradicts {given}=...; pass one or the other")
+        if not random_weights and bundle_dir is None and network is None:
+            raise ValueError(
+                "Vista3DSource needs the released VISTA-3D weights: pass bundle_dir=<the vista3d bundle folder, "
+                "holding models/model.pt> (download it on a machine with internet with "
+                "monai.bundle.download('vista3d', bundle_dir=...); see docs/segmentation.md) or a ready network=...; "
+                "random_weights=True builds a network with random weights, for pipeline checks only"
+            )
         self.bundle_dir = None if bundle_dir is None else Path(bundle_dir)
         bundle_settings, labels = ({}, None) if self.bundle_dir is None else _read_bundle(self.bundle_dir)
         explicit = {
@@ -123,13 +139,6 @@ class Vista3DSource(MaskSource):
         self.pretrained: bool | None = True if self.bundle_dir is not None else (False if built_here else None)
         if self.bundle_dir is not None:
             _load_weights(network, self.bundle_dir / "models" / "model.pt")
-        elif built_here:
-            warnings.warn(
-                "Vista3DSource without bundle_dir: the network has random weights, so its masks are meaningless "
-                "(download the bundle with monai.bundle.download('vista3d', bundle_dir=...) and pass bundle_dir)",
-                UserWarning,
-                stacklevel=2,
-            )
         self.network = network.to(self.device).eval()
 
     def __repr__(self) -> str:

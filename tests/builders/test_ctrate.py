@@ -253,6 +253,7 @@ def test_question_answer_and_no_prompt_wording(build):
     assert question in TEMPLATES["findings_impressions"] and "red" not in question
     assert answer == "Findings: The trachea is patent. No pleural effusion.\nImpression: Normal chest CT."
     assert (record["answer_type"], record["closed_label"], record["question_type"]) == ("open", -1, "report")
+    assert (record["closed_answer"], record["closed_choices"]) == (None, [])
     assert record["mask_path"] is None and record["roi"] is None and record["mask_source"] is None
     assert record_media(record) == (record["volume_path"], [])
     assert message_texts(by_volume["train_2_a_1"])["assistant"] == "Findings: Emphysema in both lungs."  # "Not given."

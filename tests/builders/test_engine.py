@@ -136,6 +136,10 @@ def test_build_writes_splits_in_plan_order_with_skips_and_card(tmp_path):
     train = read_lines(out / "data" / "train.jsonl")
     assert [r["volume_id"] for r in train] == ["toy_0", "toy_0", "toy_1", "toy_1", "toy_3", "toy_3"]
     assert [r["closed_label"] for r in train[:2]] == [1, 0]
+    assert [(r["closed_answer"], r["closed_choices"]) for r in train[:2]] == [
+        ("yes", ["no", "yes"]),
+        ("no", ["no", "yes"]),
+    ]
     assert not (out / "data" / "validation.jsonl").exists()  # empty split: no file, no config
     skipped = read_lines(out / "skipped.jsonl")
     assert [(s["reason"], s["rows"]) for s in skipped] == [("malformed_row", 1), ("missing_mask", 2)]
@@ -198,6 +202,15 @@ def test_configuration_change_and_overwrite(tmp_path):
     run_build(ToyBuilder(tag="b"), out, BuildArguments(progress=False, overwrite=True))
     assert not (out / "data" / "stale.jsonl").exists()
     assert json.loads((out / ".work" / "config.json").read_text())["config"] == {"tag": "b"}
+
+
+def test_work_of_an_older_record_format_is_not_resumed(tmp_path):
+    out = tmp_path / "toy"
+    run_build(ToyBuilder(), out, QUIET)
+    marker = out / ".work" / "config.json"
+    marker.write_text(marker.read_text().replace('"format": 2', '"format": 1'))  # units without closed_answer
+    with pytest.raises(BuildError, match=r"changed: work format 1 -> 2, from another med3dqwen.*--overwrite"):
+        run_build(ToyBuilder(), out, QUIET)
 
 
 def test_link_folder(tmp_path):

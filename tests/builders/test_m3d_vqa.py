@@ -179,12 +179,14 @@ def test_closed_and_open_records(plain):
     assert system == system_prompt(prompt=False)  # --prompt red, but no mask source: never outlined
     assert question == "What abnormality is seen in the liver? Choices: A. Cyst B. Mass C. Abscess"  # NA left out
     assert (answer, closed["closed_label"], closed["question_type"]) == ("B. Mass", 1, "abnormality")
+    assert (closed["closed_answer"], closed["closed_choices"]) == ("B", ["A", "B", "C"])  # D is NA: not offered
     assert closed["choices"] == ["Cyst", "Mass", "Abscess", ""]
     assert record_media(closed) == (closed["volume_path"], [])
     assert closed["volume_path"] == f"source/images/{IMG1}"
     open_ = find_record(records, "M3D_VQA_train.csv:2", "open")
     assert message_texts(open_)["user"] == "What abnormality is seen in the liver?"
     assert (message_texts(open_)["assistant"], open_["closed_label"]) == ("Mass", -1)
+    assert (open_["closed_answer"], open_["closed_choices"]) == (None, [])
     assert find_record(records, "M3D_VQA_train.csv:1", "closed")["closed_label"] == 0
     assert message_texts(find_record(records, "M3D_VQA_train.csv:3", "closed"))["assistant"] == "C. Upper pole"
     organ = find_record(records, "M3D_VQA_train.csv:4", "closed")
@@ -252,7 +254,7 @@ def test_mask_source_outlines_named_structures(masked):
     question = message_texts(liver)["user"]
     assert question.startswith("Within the red-outlined area of the CT volume, what abnormality is seen in the liver?")
     assert message_texts(liver)["system"] == system_prompt("red")
-    assert (message_texts(liver)["assistant"], liver["closed_label"]) == ("B. Mass", 1)
+    assert (message_texts(liver)["assistant"], liver["closed_label"], liver["closed_answer"]) == ("B. Mass", 1, "B")
     assert (liver["roi"], liver["mask_source"]) == ("liver", "totalsegmentator")
     mask = load_mask(out / liver["mask_path"])
     assert mask.shape == SHAPE[1:] and mask.sum() == 4 * 12 * 14

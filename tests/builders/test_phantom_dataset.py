@@ -59,8 +59,9 @@ def test_records_are_consistent_with_files_and_rewriting(red_build):
             assert (out / pngs[0]).is_file()
         if r["answer_type"] == "closed":
             assert answer in ("Yes.", "No.") and r["closed_label"] == ("No.", "Yes.").index(answer)
+            assert (r["closed_answer"], r["closed_choices"]) == (answer.lower().rstrip("."), ["no", "yes"])
         else:
-            assert r["closed_label"] == -1
+            assert (r["closed_label"], r["closed_answer"], r["closed_choices"]) == (-1, None, [])
             assert answer.startswith("Within the red boundary,") or r["roi"] is None
 
 
@@ -95,6 +96,8 @@ def test_card_declares_features_and_nothing_skipped(red_build):
     out, summary = red_build
     card = (out / "README.md").read_text()
     assert "dataset_info:" in card and "- name: anatomy" in card and "- name: closed_label\n    dtype: int64" in card
+    assert "- name: closed_answer\n    dtype: string" in card and "- name: closed_choices\n    list: string" in card
+    assert "| `closed_answer` | the label of a closed answer by name, one of `no`, `yes`, `A`, `B`, `C`, `D` (" in card
     assert "license: apache-2.0" in card and "Skipped while building: nothing" in card
     assert (out / "skipped.jsonl").read_text() == "" and summary.skipped == {}
     assert summary.units_total == 6 and sorted(p.name for p in (out / "volumes").iterdir()) == [

@@ -205,6 +205,7 @@ def test_closed_and_open_records(build):
     assert system == system_prompt(prompt=False)  # --prompt red, but no masks
     assert question == "What is seen in the right lung? Choices: A. Nodule B. Mass C. Cavity D. Normal"
     assert (answer, closed["closed_label"], closed["question_type"]) == ("A. Nodule", 0, "figure_vqa")
+    assert (closed["closed_answer"], closed["closed_choices"]) == ("A", ["A", "B", "C", "D"])
     assert closed["image_path"] == closed["volume_path"] == "source/images/PMC100_F1.jpg"
     assert record_media(closed) == ("source/images/PMC100_F1.jpg", [])
     assert (closed["intensity"], closed["ct_evidence"], closed["upstream_split"]) == ("unit", "CT", "train")
@@ -214,6 +215,9 @@ def test_closed_and_open_records(build):
     # v2: the open answer is the choice text
     assert message_texts(find_record(records, "train_2.csv:2", "open"))["assistant"] == where["choices"][1]
     assert find_record(records, "train_2.csv:3", "closed")["closed_label"] == 2
+    assert find_record(records, "train_2.csv:3", "closed")["closed_answer"] == "C"
+    opened = find_record(records, "train_2.csv:2", "open")
+    assert (opened["closed_label"], opened["closed_answer"], opened["closed_choices"]) == (-1, None, [])
     assert find_record(records, "train_2.csv:8", "open")["ct_evidence"] == "CT"  # found in the question, no caption
 
 

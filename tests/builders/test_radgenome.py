@@ -360,6 +360,10 @@ def test_load_dataset_gives_train_validation_test(red_build):
     assert sum(len(split) for split in ds.values()) == sum(sum(v.values()) for v in EXPECTED_RECORDS.values())
     assert set(ds["test"]["volume_id"]) == {"valid_1_a_1", "valid_2_a_1"}  # upstream validation = our test
     assert ds["train"].features["closed_label"].dtype == "int64"
+    assert ds["train"].features["closed_choices"] == datasets.List(datasets.Value("string"))
+    closed = ds["train"].filter(lambda row: row["answer_type"] == "closed")
+    assert len(closed) and set(closed["closed_answer"]) <= {"no", "yes"}
+    assert all(choices == ["no", "yes"] for choices in closed["closed_choices"])
     assert ds["test"].features["mask_path"].dtype == "string"
     assert summary.questions == {name: len(ds[name]) for name in ("train", "validation", "test")}
 
@@ -403,13 +407,14 @@ def test_rewritten_text_labels_and_masks(red_build):
     assert question.startswith("Inside the red boundary, ")
     assert "upper lobe of right lung" in question and "nodule" in question  # RadLex-normalised region
     assert (answer, deepest["closed_label"], deepest["answer_type"]) == ("Yes.", 1, "closed")
+    assert (deepest["closed_answer"], deepest["closed_choices"]) == ("yes", ["no", "yes"])
     assert deepest["mask_path"] == "source/train_anatomy_mask/seg_train_1_a_1/right lung upper lobe.nii.gz"
     assert (deepest["mask_source"], deepest["roi"]) == ("radgenome_anatomy_mask", "right lung upper lobe")
     assert deepest["volume_path"] == "source/train_preprocessed/train_1/train_1a/train_1_a_1.nii.gz"
     assert message_texts(deepest)["system"] == red
 
     heart = records[("train_1_a_1", "train_vqa_presence.csv:7")]
-    assert (message_texts(heart)["assistant"], heart["closed_label"]) == ("No.", 0)
+    assert (message_texts(heart)["assistant"], heart["closed_label"], heart["closed_answer"]) == ("No.", 0, "no")
     assert heart["mask_path"] == "source/train_region_mask/seg_train_1_a_1/heart.nii.gz"  # fallback to region
     assert heart["mask_source"] == "radgenome_region_mask"
 

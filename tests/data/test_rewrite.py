@@ -9,6 +9,7 @@ from med3dqwen.data.rewrite import (
     RewrittenQA,
     build_record,
     closed_label,
+    closed_label_names,
     parse_vision_content,
     rewrite_answer,
     rewrite_qa,
@@ -16,7 +17,7 @@ from med3dqwen.data.rewrite import (
     system_prompt,
     vision_content,
 )
-from med3dqwen.data.schema import RECORD_FIELDS, record_fields, to_format
+from med3dqwen.data.schema import CLOSED_LABEL_NAMES, RECORD_FIELDS, record_fields, to_format
 from med3dqwen.io import read_jsonl, write_jsonl
 
 
@@ -146,6 +147,7 @@ def test_yes_no_closed_label(answer, label):
     qa = rewrite_qa("Is there an effusion?", answer, answer_type="closed")
     assert qa.closed_label == label
     assert qa.answer == answer.strip()
+    assert (qa.closed_answer, qa.closed_choices) == (("no", "yes")[label], ("no", "yes"))
 
 
 @pytest.mark.parametrize(
@@ -167,6 +169,71 @@ def test_choice_closed_label(answer, choices, label):
     assert closed_label(answer, choices) == label
     qa = rewrite_qa("Which lung is affected?", answer, answer_type="closed", choices=choices)
     assert (qa.answer, qa.closed_label) == (answer.strip(), label)
+    letters = ("A", "B", "C", "D")[: len(choices)]  # any set but yes/no is named by its letters
+    assert (qa.closed_answer, qa.closed_choices) == (letters[label], letters)
+
+
+@pytest.mark.parametrize(
+    ("choices", "names"),
+    [
+        (None, ("no", "yes")),
+        (["No.", "Yes."], ("no", "yes")),
+        ([" YES ", "no"], ("yes", "no")),  # a yes/no set in another order keeps its names: the head sees names
+        (["A. left lung", "B. right lung"], ("A", "B")),
+        (["(a) left lung", "b) right lung", "C: both"], ("A", "B", "C")),
+        (["none", "mild", "moderate", "severe"], ("A", "B", "C", "D")),
+    ],
+)
+def test_closed_label_names(choices, names):
+    assert closed_label_names(choices) == names
+    assert set(names) <= set(CLOSED_LABEL_NAMES)
+
+
+def test_reversed_yes_no_set_names_the_answer_not_the_index():
+    qa = rewrite_qa("Is there an effusion?", "Yes.", answer_type="closed", choices=["Yes.", "No."])
+    assert (qa.closed_label, qa.closed_answer, qa.closed_choices) == (0, "yes", ("yes", "no"))
+
+
+@pytest.mark.parametrize(
+    ("choices", "message"),
+    [
+        (["A. one", "C. two"], "lettered 'C' at B"),
+        (["one", "two", "three", "four", "five"], "5 choices"),
+        ([], "0 choices"),
+    ],
+)
+def test_label_sets_the_vocabulary_cannot_name(choices, message):
+    with pytest.raises(ValueError, match=message) as info:
+        closed_label_names(choices)
+    assert repr(tuple(choices)) in str(info.value)
+
+
+def test_offered_choices_restrict_the_closed_choices():
+    labels = ["A. cyst", "B. mass", "C. NA", "D. abscess"]
+    qa = rewrite_qa("What is seen?", "D. abscess", answer_type="closed", choices=labels, offered=["A", "B", "D"])
+    assert (qa.closed_label, qa.closed_answer, qa.closed_choices) == (3, "D", ("A", "B", "D"))
+    with pytest.raises(ValueError, match=r"'D'\) is not among the offered choices \('A', 'B'\)"):
+        rewrite_qa("What is seen?", "D. abscess", answer_type="closed", choices=labels, offered=["A", "B"])
+    with pytest.raises(ValueError, match=r"offered choices \['E'\] are not names"):
+        rewrite_qa("What is seen?", "A", answer_type="closed", choices=labels, offered=["A", "E"])
+    opened = rewrite_qa("What is seen?", "A cyst.", answer_type="open", choices=labels, offered=["A"])
+    assert (opened.closed_label, opened.closed_answer, opened.closed_choices) == (-1, None, ())
+
+
+@pytest.mark.parametrize(
+    ("answer_type", "label", "answer", "choices", "message"),
+    [
+        ("closed", 1, None, ("no", "yes"), "closed_answer None is not one of"),
+        ("closed", 1, "maybe", ("no", "maybe"), r"\['maybe'\] are not"),
+        ("closed", 0, "no", ("no", "no"), "distinct"),
+        ("closed", -1, "no", ("no", "yes"), "does not fit a 'closed' answer"),
+        ("open", 0, None, (), "does not fit a 'open' answer"),
+        ("open", -1, "yes", ("no", "yes"), "an open answer has no closed_answer"),
+    ],
+)
+def test_rewritten_qa_checks_its_closed_fields(answer_type, label, answer, choices, message):
+    with pytest.raises(ValueError, match=message):
+        RewrittenQA("Q?", "A.", answer_type, label, answer, choices, "system")
 
 
 @pytest.mark.parametrize(
@@ -231,6 +298,8 @@ def test_no_prompt_variant_keeps_labels_and_normalisation():
         answer="Yes.",
         answer_type="closed",
         closed_label=1,
+        closed_answer="yes",
+        closed_choices=("no", "yes"),
         system=system_prompt(prompt=False),
     )
     opened = rewrite_qa("Where is the mass?", "In the gullet.", answer_type="open", config=config)
@@ -341,6 +410,8 @@ def test_build_record():
         "question_type": "presence",
         "answer_type": "closed",
         "closed_label": 1,
+        "closed_answer": "yes",
+        "closed_choices": ["no", "yes"],
         "split": "train",
         "patient_id": "train_1",
         "volume_id": "train_1_a_1",

@@ -10,8 +10,12 @@ from trl.data_utils import is_conversational, prepare_multimodal_messages
 
 from med3dqwen.data.rewrite import build_record, rewrite_qa
 from med3dqwen.data.schema import (
+    CLOSED_IGNORE_INDEX,
+    CLOSED_LABEL_NAMES,
     RECORD_FIELDS,
     STRUCTURED_FIELDS,
+    check_closed_fields,
+    closed_targets,
     message_texts,
     record_features,
     record_fields,
@@ -50,6 +54,9 @@ def test_one_declaration_gives_fields_features_and_order():
     assert RECORD_FIELDS == tuple(STRUCTURED_FIELDS)
     assert record_features()["closed_label"] == datasets.Value("int64")
     assert record_features()["prompt_pngs"] == datasets.List(datasets.Value("string"))
+    for layout in ("trl", "paper"):
+        assert record_features(format=layout)["closed_answer"] == datasets.Value("string")
+        assert record_features(format=layout)["closed_choices"] == datasets.List(datasets.Value("string"))
     with pytest.raises(ValueError, match="clash"):
         record_features({"prompt_pngs": datasets.Value("string")}, "paper")
     with pytest.raises(ValueError, match="format"):
@@ -150,3 +157,101 @@ def test_resolve_media_gives_every_split_the_same_types(folder):
     ds = resolve_media(datasets.DatasetDict({"train": _dataset(_record()), "test": _dataset(whole)}), folder)
     assert ds["test"].features == ds["train"].features and ds["test"].features["mask_path"] == datasets.Nifti()
     assert ds["test"][0]["mask_path"] is None and ds["train"][0]["prompt_pngs"][0].size == (8, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The closed-label space
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _closed_records():
+    yes_no = _record()
+    choice = build_record(
+        rewrite_qa(
+            "What is seen? Choices: A. cyst B. mass D. abscess",
+            "B. mass",
+            answer_type="closed",
+            choices=["A. cyst", "B. mass", "C. NA", "D. abscess"],
+            offered=["A", "B", "D"],
+        ),
+        **_record_fields(),
+    )
+    opened = build_record(rewrite_qa("What is seen?", "A mass.", answer_type="open"), **_record_fields())
+    return yes_no, choice, opened
+
+
+def _record_fields():
+    return dict(
+        volume_path="volumes/v1.nii.gz",
+        mask_path=None,
+        mask_source=None,
+        roi=None,
+        question_type="presence",
+        split="train",
+        patient_id="p1",
+        volume_id="v1",
+        extra={"finding": "nodule"},
+    )
+
+
+def test_records_store_closed_answers_by_name_in_both_layouts():
+    yes_no, choice, opened = _closed_records()
+    assert (yes_no["closed_label"], yes_no["closed_answer"], yes_no["closed_choices"]) == (1, "yes", ["no", "yes"])
+    assert (choice["closed_label"], choice["closed_answer"], choice["closed_choices"]) == (1, "B", ["A", "B", "D"])
+    assert (opened["closed_label"], opened["closed_answer"], opened["closed_choices"]) == (-1, None, [])
+    for layout in ("trl", "paper"):
+        rows = [to_format(r, layout) for r in (yes_no, choice, opened)]
+        features = record_features({"finding": datasets.Value("string")}, layout)
+        loaded = datasets.Dataset.from_list(rows, features=features)  # one table holds mixed label sets
+        assert loaded["closed_answer"] == ["yes", "B", None]
+        assert loaded["closed_choices"] == [["no", "yes"], ["A", "B", "D"], []]
+
+
+def test_closed_targets_index_one_vocabulary_with_an_allowed_mask():
+    yes_no, choice, opened = _closed_records()
+    assert CLOSED_LABEL_NAMES == ("no", "yes", "A", "B", "C", "D")
+    assert closed_targets(yes_no) == (1, [True, True, False, False, False, False])
+    assert closed_targets(choice) == (3, [False, False, True, True, False, True])
+    assert closed_targets(opened) == (CLOSED_IGNORE_INDEX, [False] * 6)
+    assert closed_targets(to_format(yes_no, "paper")) == closed_targets(yes_no)
+    wider = ["A", "B", "C", "D", "E", "no", "yes"]  # a head with another order: indices follow label_names
+    assert closed_targets(yes_no, wider) == (6, [False, False, False, False, False, True, True])
+
+
+@pytest.mark.parametrize(
+    ("change", "label_names", "message"),
+    [
+        ({"closed_answer": "C"}, CLOSED_LABEL_NAMES, "closed_answer 'C' is not one of its closed_choices"),
+        ({"closed_choices": ["no", "yes", "maybe"]}, CLOSED_LABEL_NAMES, r"\['maybe'\] are not"),
+        ({"closed_answer": None}, CLOSED_LABEL_NAMES, "closed_answer None"),
+        ({"closed_choices": None}, CLOSED_LABEL_NAMES, r"closed_choices \[\] must be distinct names"),
+        ({"answer_type": "open"}, CLOSED_LABEL_NAMES, "an open answer has no closed_answer"),
+        ({}, ("A", "B", "C", "D"), r"closed_choices \['no', 'yes'\] are not in the head's label names"),
+    ],
+)
+def test_closed_targets_refuse_inconsistent_records(change, label_names, message):
+    record = {**_closed_records()[0], **change}
+    with pytest.raises(ValueError, match=f"record of volume 'v1': .*{message}"):
+        closed_targets(record, label_names)
+
+
+def test_closed_targets_name_records_built_before_the_fields():
+    old = {k: v for k, v in _record().items() if k not in ("closed_answer", "closed_choices")}
+    with pytest.raises(ValueError, match=r"volume 'v1' has no \['closed_answer', 'closed_choices'\].*rebuild"):
+        closed_targets(old)
+
+
+def test_check_closed_fields_accepts_consistent_fields():
+    check_closed_fields("closed", "D", ["A", "D"])
+    check_closed_fields("open", None, [])
+    with pytest.raises(ValueError, match="answer_type must be"):
+        check_closed_fields("binary", "yes", ["no", "yes"])
+
+
+def test_model_config_default_label_names_equal_the_data_vocabulary():
+    from med3dqwen.modeling.configuration_med3d_qwen import Med3DQwenConfig
+
+    config = Med3DQwenConfig()
+    if not hasattr(config, "closed_label_names"):
+        pytest.skip("Med3DQwenConfig has no closed_label_names yet (issue #8, model side): nothing to compare")
+    assert tuple(config.closed_label_names) == CLOSED_LABEL_NAMES

@@ -77,8 +77,11 @@ def sphere_volume():
 @pytest.fixture(scope="module")
 def random_source():
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="random weights"):
-        return Vista3DSource(**SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # random weights are asked for, so nothing to warn about
+        source = Vista3DSource(**SMALL, random_weights=True)
+    assert source.pretrained is False
+    return source
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,6 +241,19 @@ def test_bundle_weights_and_settings_are_loaded(tmp_path, wrap):
     assert Vista3DSource(bundle, encoder_embed_dim=8, patch_size=(64, 64, 64)).settings["patch_size"] == (64, 64, 64)
 
 
+def test_random_weights_must_be_asked_for(tmp_path):
+    needed = r"bundle_dir=.*models/model\.pt.*monai\.bundle\.download.*random_weights=True"
+    with pytest.raises(ValueError, match=needed):
+        Vista3DSource(**SMALL)
+    with pytest.raises(ValueError, match="bundle_dir=.*random_weights"):
+        get_mask_source("vista3d", **SMALL)
+    bundle = write_bundle(tmp_path / "b", vista3d132(encoder_embed_dim=8).state_dict())
+    with pytest.raises(ValueError, match="random_weights=True contradicts bundle_dir"):
+        Vista3DSource(bundle, **SMALL, random_weights=True)
+    with pytest.raises(ValueError, match="random_weights=True contradicts network"):
+        Vista3DSource(network=IntensityNet(), random_weights=True)
+
+
 def test_missing_bundle_folder_is_named(tmp_path):
     with pytest.raises(CorruptFileError, match=str(tmp_path / "nowhere")):
         Vista3DSource(tmp_path / "nowhere", encoder_embed_dim=8)
@@ -270,8 +286,7 @@ def test_factory_builds_vista3d(tmp_path):
 def test_released_size_network_with_random_weights(sphere_volume):
     volume, _ = sphere_volume
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="random weights"):
-        source = Vista3DSource(resample_spacing=(1.5, 1.5, 1.5), patch_size=(64, 64, 64))
+    source = Vista3DSource(resample_spacing=(1.5, 1.5, 1.5), patch_size=(64, 64, 64), random_weights=True)
     assert sum(p.numel() for p in source.network.parameters()) > 200e6  # the 218M-parameter vista3d132
     result = source.get_mask(volume, "spleen")
     assert result.mask.shape == volume.shape
