@@ -6,7 +6,11 @@ import pytest
 import torch
 from fusion_chat import IMAGE_PART, PAD, chat_ids, make_model, tiny_config, volumes
 
-from med3dqwen.modeling.fusion_med3d_qwen import Med3DQwenSliceSelfAttentionStack
+from med3dqwen.modeling.fusion_med3d_qwen import (
+    Med3DQwenMultiHeadSliceAttention,
+    Med3DQwenSliceSelfAttentionStack,
+    apply_slice_fusion,
+)
 from med3dqwen.modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
 
 
@@ -59,6 +63,24 @@ def test_ssa_stack_is_a_module_modules_to_save_accepts():
     ]  # the keys a ModuleList gave
     wrapper = peft.utils.other.ModulesToSaveWrapper(stack, "default")
     assert wrapper.modules_to_save["default"] is not stack
+
+
+def test_apply_slice_fusion_runs_the_active_copy_of_a_peft_wrapper():
+    torch.manual_seed(0)
+    mssa = Med3DQwenMultiHeadSliceAttention(8, num_heads=2, max_slices=4)
+    wrapper = peft.utils.other.ModulesToSaveWrapper(mssa, "default")
+    with torch.no_grad():
+        torch.nn.init.normal_(wrapper.modules_to_save["default"].w_o.weight, std=0.5)
+    hidden = torch.randn(1, 6, 8)
+    slice_mask = torch.tensor([[False, True, True, False, False, False]])
+    text_mask = torch.tensor([[False, False, False, True, True, False]])
+    out = apply_slice_fusion(hidden, slice_mask, text_mask, wrapper)
+    torch.testing.assert_close(
+        out, apply_slice_fusion(hidden, slice_mask, text_mask, wrapper.modules_to_save["default"])
+    )
+    assert not torch.allclose(out, hidden)
+    wrapper.enable_adapters(False)  # the original (W_O = 0: the identity) runs again
+    torch.testing.assert_close(apply_slice_fusion(hidden, slice_mask, text_mask, wrapper), hidden)
 
 
 @pytest.mark.parametrize(
