@@ -84,11 +84,14 @@ def test_apply_slice_fusion_runs_the_active_copy_of_a_peft_wrapper():
 
 
 @pytest.mark.parametrize(
-    "modules_to_save",
-    [MODULES_TO_SAVE, ["slice_self_attention.0", "slice_self_attention.1"] + MODULES_TO_SAVE[1:]],
-    ids=["whole-stack", "per-layer"],
+    ("modules_to_save", "checkpointing"),
+    [
+        (MODULES_TO_SAVE, False),
+        (["slice_self_attention.0", "slice_self_attention.1"] + MODULES_TO_SAVE[1:], True),  # as TRL trains
+    ],
+    ids=["whole-stack", "per-layer-checkpointed"],
 )
-def test_peft_trains_and_reloads_the_fusion_modules(tmp_path, modules_to_save):
+def test_peft_trains_and_reloads_the_fusion_modules(tmp_path, modules_to_save, checkpointing):
     config = tiny_config(prompt_encoding="channel")
     base = make_model(config)
     base.save_pretrained(tmp_path / "base")
@@ -113,6 +116,11 @@ def test_peft_trains_and_reloads_the_fusion_modules(tmp_path, modules_to_save):
         name: {n: p.detach().clone() for n, p in w.original_module.named_parameters()} for name, w in wrappers.items()
     }
 
+    if checkpointing:
+        model.enable_input_require_grads()
+        model.base_model.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     closed_targets = torch.tensor([1, 0])
