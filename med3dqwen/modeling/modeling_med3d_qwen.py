@@ -104,7 +104,8 @@ class _FusionContext:
     """
 
     groups: SliceFusionGroups
-    modules: dict[int, list[tuple[nn.Module, dict]]]  # block index -> [(module, keyword arguments)]
+    # block index -> [(module, keyword arguments)] to run after that block; -1: before block 0
+    modules: dict[int, list[tuple[nn.Module, dict]]]
 
 
 class _FusedLayerForward:
@@ -122,15 +123,25 @@ class _FusedLayerForward:
         self.layer_index = layer_index
 
     def __call__(self, *args, med3d_fusion: _FusionContext | None = None, **kwargs):
+        if med3d_fusion is not None and self.layer_index == 0 and -1 in med3d_fusion.modules:
+            # fusion "after block 0" of the paper (k = 0): on the embeddings, before the first block
+            if args:
+                args = (self._fuse(args[0], med3d_fusion, med3d_fusion.modules[-1]), *args[1:])
+            else:
+                kwargs["hidden_states"] = self._fuse(kwargs["hidden_states"], med3d_fusion, med3d_fusion.modules[-1])
         hidden_states = self.forward(*args, **kwargs)
         modules = med3d_fusion.modules.get(self.layer_index, ()) if med3d_fusion is not None else ()
         if not modules:
             return hidden_states
         is_tuple = isinstance(hidden_states, tuple)
-        hidden = hidden_states[0] if is_tuple else hidden_states
-        for module, module_kwargs in modules:
-            hidden = apply_grouped_slice_fusion(hidden, med3d_fusion.groups, module, **module_kwargs)
+        hidden = self._fuse(hidden_states[0] if is_tuple else hidden_states, med3d_fusion, modules)
         return (hidden, *hidden_states[1:]) if is_tuple else hidden
+
+    @staticmethod
+    def _fuse(hidden: torch.Tensor, context: _FusionContext, modules: list[tuple[nn.Module, dict]]) -> torch.Tensor:
+        for module, module_kwargs in modules:
+            hidden = apply_grouped_slice_fusion(hidden, context.groups, module, **module_kwargs)
+        return hidden
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,20 +260,22 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
             layer.forward = _FusedLayerForward(layer.forward, i)
 
     def fusion_modules(self) -> dict[int, list[tuple[nn.Module, dict]]]:
-        """SSA after each of the first k decoder blocks and MSSA after block k (docs/fusion.md).
+        """SSA after each of the first k decoder blocks and MSSA after block k (docs/fusion.md); with k = 0 MSSA
+        runs on the embeddings, before the first block.
 
         Looked up now, through this model's attributes, so PEFT's wrappers (or, after ``merge_and_unload``, the
         trained copies) are what runs.
 
         Returns:
-            block index -> [(module, keyword arguments for :func:`apply_slice_fusion`)], in order of application.
+            block index (0-based; -1 = before block 0) -> [(module, keyword arguments for :func:`apply_slice_fusion`)]
+            to run after that block, in order of application.
         """
         per_layer: dict[int, list[tuple[nn.Module, dict]]] = {}
         if self.slice_self_attention is not None:
             for i in range(self.config.ssa_layers):
                 per_layer.setdefault(i, []).append((self.slice_self_attention, {"layer": i}))
         if self.multi_head_slice_attention is not None:
-            per_layer.setdefault(max(self.config.ssa_layers - 1, 0), []).append((self.multi_head_slice_attention, {}))
+            per_layer.setdefault(self.config.ssa_layers - 1, []).append((self.multi_head_slice_attention, {}))
         return per_layer
 
     def _special_token_mask(

@@ -810,3 +810,35 @@ def test_fusion_window_on_the_real_qwen_tokens_is_the_question():
     assert groups.slice_mask.sum() == 2
     window = tokenizer.decode(input_ids[0][groups.text_mask[0]])
     assert window.strip() == "Is there a pleural effusion?"
+
+
+def test_mssa_with_zero_ssa_layers_runs_before_the_first_block():
+    # k = 0: "MSSA after block k" is MSSA on the embeddings, before any decoder block (not after block 1).
+    model = make_model(tiny_config(ssa_layers=0))
+    open_fusion(model)
+    seen = {}
+
+    def grab_embeddings(module, args, kwargs):
+        seen["embeddings"] = kwargs["inputs_embeds"].detach()
+
+    first_block = model.model.language_model.layers[0].forward
+    inner = first_block.forward
+
+    def grab_block_input(hidden_states, *args, **kwargs):
+        seen["block_input"] = hidden_states.detach()
+        return inner(hidden_states, *args, **kwargs)
+
+    first_block.forward = grab_block_input
+    handle = model.model.language_model.register_forward_pre_hook(grab_embeddings, with_kwargs=True)
+    row = chat_ids(model.config, [("system", [60]), ("user", [IMAGE_PART, 11, 12, 13])], add_generation_prompt=True)
+    input_ids = torch.tensor([row])
+    with torch.no_grad():
+        model(input_ids=input_ids, pixel_values=volumes(model.config, 1))
+    handle.remove()
+    context = model.model.fusion_context(
+        input_ids == model.config.image_token_id, input_ids == SLICE, input_ids=input_ids
+    )
+    assert list(context.modules) == [-1]
+    expected = apply_grouped_slice_fusion(seen["embeddings"], context.groups, model.model.multi_head_slice_attention)
+    torch.testing.assert_close(seen["block_input"], expected)
+    assert not torch.allclose(seen["block_input"], seen["embeddings"], rtol=0, atol=1e-6)  # MSSA did change them
