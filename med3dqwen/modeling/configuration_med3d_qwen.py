@@ -9,6 +9,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.qwen2 import Qwen2Config
 
 from .dcformer_med3d_qwen import DCFORMER_PRESETS
+from .fusion_med3d_qwen import FUSION_TEXT_SCOPES
 
 
 __all__ = ["QWEN2_5_PRESETS", "Med3DQwenConfig", "Med3DQwenVisionConfig"]
@@ -168,12 +169,18 @@ class Med3DQwenConfig(PreTrainedConfig):
         image_token_id (`int`, *optional*, defaults to 151655): `<|image_pad|>`, one per visual token.
         slice_token_id (`int`, *optional*, defaults to 151654): `<|vision_pad|>`, one per slice token.
         vision_start_token_id, vision_end_token_id (`int`, *optional*): `<|vision_start|>` / `<|vision_end|>`.
+        im_start_token_id, im_end_token_id (`int`, *optional*, defaults to 151644 and 151645): ChatML's
+            `<|im_start|>` / `<|im_end|>`, which delimit the chat turns (the fusion window and the closed head).
         use_ssa (`bool`, *optional*, defaults to `True`): slice self-attention (eq. 2) after the first `ssa_layers`
             decoder blocks.
         ssa_layers (`int`, *optional*, defaults to 2): the paper's k.
         use_mssa (`bool`, *optional*, defaults to `True`): multi-head slice self-attention (eqs. 3-4) after block k.
         mssa_heads (`int`, *optional*, defaults to 4): heads of the MSSA.
         max_slices (`int`, *optional*, defaults to 64): largest slice distance the MSSA bias covers.
+        fusion_text_scope (`str`, *optional*, defaults to `"user_turn"`): the text T that SSA/MSSA fuse with the
+            slice tokens (docs/fusion.md): `"user_turn"` = the text of the chat turn that holds the volume (the
+            question; no system prompt, chat markup, vision markers or other turns), `"prompt"` = every token
+            before the end of that turn except the image block (system prompt and earlier turns included).
         num_closed_classes (`int`, *optional*, defaults to 2): size of the closed-answer head (0: no head).
         prompt_encoding (`str`, *optional*, defaults to `"burn_in"`): how the contour reaches the encoder; sets
             `vision_config.in_channels`.
@@ -192,11 +199,13 @@ class Med3DQwenConfig(PreTrainedConfig):
         vision_start_token_id: int = 151652,
         vision_end_token_id: int = 151653,
         im_start_token_id: int = 151644,
+        im_end_token_id: int = 151645,
         use_ssa: bool = True,
         ssa_layers: int = 2,
         use_mssa: bool = True,
         mssa_heads: int = 4,
         max_slices: int = 64,
+        fusion_text_scope: str = "user_turn",
         num_closed_classes: int = 2,
         prompt_encoding: str = "burn_in",
         tie_word_embeddings: bool | None = None,
@@ -223,6 +232,8 @@ class Med3DQwenConfig(PreTrainedConfig):
             raise ValueError(f"hidden_size {text_config.hidden_size} is not divisible by mssa_heads {mssa_heads}")
         if (use_ssa or use_mssa) and not vision_config.use_slice_tokens:
             raise ValueError("use_ssa / use_mssa need slice tokens (vision_config.use_slice_tokens=True)")
+        if fusion_text_scope not in FUSION_TEXT_SCOPES:
+            raise ValueError(f"fusion_text_scope must be one of {FUSION_TEXT_SCOPES}, got {fusion_text_scope!r}")
         if num_closed_classes < 0:
             raise ValueError(f"num_closed_classes must be >= 0, got {num_closed_classes}")
         self.text_config = text_config
@@ -232,11 +243,13 @@ class Med3DQwenConfig(PreTrainedConfig):
         self.vision_start_token_id = vision_start_token_id
         self.vision_end_token_id = vision_end_token_id
         self.im_start_token_id = im_start_token_id
+        self.im_end_token_id = im_end_token_id
         self.use_ssa = use_ssa
         self.ssa_layers = ssa_layers
         self.use_mssa = use_mssa
         self.mssa_heads = mssa_heads
         self.max_slices = max_slices
+        self.fusion_text_scope = fusion_text_scope
         self.num_closed_classes = num_closed_classes
         self.prompt_encoding = prompt_encoding
         self.tie_word_embeddings = (

@@ -2,16 +2,22 @@
 
 Self-contained on purpose (torch and the standard library only) so it can ship as Hub remote code.
 
-Layout the model is expected to use (docs/design.md "Model layout"): the slice tokens V (N_s x H, from
-`Med3DQwenSliceTokenizer`) are appended after the 256 visual tokens; `apply_slice_fusion` is called with an SSA
-module after each of the first k decoder blocks and with an MSSA module after block k.
+Layout the model is expected to use (docs/fusion.md): the slice tokens V (N_s x H, from
+`Med3DQwenSliceTokenizer`) are appended after the 256 visual tokens; `apply_slice_fusion` is called with the SSA
+stack (layer i) after each of the first k decoder blocks and with the MSSA module after block k.
 
-`text_mask` must mark the question (prompt) tokens only, never answer tokens: both modules mix information
-bidirectionally (SSA writes text into the slice tokens, which precede the text; MSSA lets every text token see every
-other one), so answer tokens in `text_mask` would leak the target into earlier positions under teacher forcing.
+`text_mask` must mark the question tokens only, never answer tokens: both modules mix information bidirectionally
+(SSA writes text into the slice tokens, which precede the text; MSSA lets every text token see every other one), so
+answer tokens in `text_mask` would leak the target into earlier positions under teacher forcing.
+`slice_fusion_windows` finds those tokens (the text T of eqs. 2-4) from the token layout.
+
+Every module here may reach `apply_slice_fusion` wrapped by PEFT (`modules_to_save` puts a `ModulesToSaveWrapper`
+around it, whose `original_module` is the module and whose call runs the active trainable copy): the wrapper is
+called, never unwrapped for the computation.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -115,6 +121,52 @@ class Med3DQwenSliceSelfAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, gate_init={self.gate_init}"
+
+
+class Med3DQwenSliceSelfAttentionStack(nn.Module):
+    """the SSA modules of the first k decoder blocks, one per block, called by block index.
+
+    Not an `nn.ModuleList`, so PEFT's `modules_to_save` accepts the whole stack ("slice_self_attention") as well as
+    one element ("slice_self_attention.0"); the children are named "0".."k-1" as a ModuleList's would be, so
+    checkpoint keys read `slice_self_attention.<i>.gate` either way.
+    """
+
+    def __init__(self, hidden_size: int, num_layers: int, gate_init: float = 0.0) -> None:
+        """
+        Args:
+            hidden_size: decoder hidden size H.
+            num_layers: number of SSA modules (the paper's k); 0 gives an empty stack.
+            gate_init: initial gate of every module (see `Med3DQwenSliceSelfAttention`).
+        """
+        super().__init__()
+        if num_layers < 0:
+            raise ValueError(f"num_layers must be non-negative, got {num_layers}.")
+        for i in range(num_layers):
+            self.add_module(str(i), Med3DQwenSliceSelfAttention(hidden_size, gate_init))
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        if not 0 <= index < len(self):
+            raise IndexError(f"SSA layer {index} out of range for a stack of {len(self)}.")
+        return self._modules[str(index)]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def forward(
+        self, slices: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None, *, layer: int
+    ) -> torch.Tensor:
+        """
+        Args:
+            slices, text, text_mask: as `Med3DQwenSliceSelfAttention.forward`.
+            layer: index of the decoder block whose SSA module runs.
+
+        Returns:
+            updated slice tokens (B, N_s, H).
+        """
+        return self[layer](slices, text, text_mask)
 
 
 class Med3DQwenMultiHeadSliceAttention(nn.Module):
@@ -241,11 +293,22 @@ class Med3DQwenMultiHeadSliceAttention(nn.Module):
         return f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, max_slices={self.max_slices}"
 
 
+FUSION_MODULES = (Med3DQwenSliceSelfAttention, Med3DQwenSliceSelfAttentionStack, Med3DQwenMultiHeadSliceAttention)
+
+
+def unwrap_fusion_module(module: nn.Module) -> nn.Module:
+    """the fusion module inside any PEFT `ModulesToSaveWrapper` layers (their `original_module`)."""
+    while not isinstance(module, FUSION_MODULES) and isinstance(getattr(module, "original_module", None), nn.Module):
+        module = module.original_module
+    return module
+
+
 def apply_slice_fusion(
     hidden_states: torch.Tensor,
     slice_mask: torch.Tensor,
     text_mask: torch.Tensor,
-    module: Med3DQwenSliceSelfAttention | Med3DQwenMultiHeadSliceAttention,
+    module: nn.Module,
+    **module_kwargs,
 ) -> torch.Tensor:
     """gather V and T from the decoder sequence, apply SSA or MSSA, and scatter the results back (out of place).
 
@@ -254,14 +317,17 @@ def apply_slice_fusion(
         slice_mask: (B, L) bool, True at slice-token positions; every sample must hold the same N_s >= 1.
         text_mask: (B, L) bool, True at the question tokens T (exclude padding, image and slice tokens, and answer
             tokens); counts may differ per sample (T is padded and masked).
-        module: a `Med3DQwenSliceSelfAttention` (updates V only) or `Med3DQwenMultiHeadSliceAttention` (V and T).
+        module: a `Med3DQwenSliceSelfAttention` or `Med3DQwenSliceSelfAttentionStack` (update V only) or a
+            `Med3DQwenMultiHeadSliceAttention` (V and T), or PEFT's `ModulesToSaveWrapper` around one of them: the
+            module is called as given, so a wrapper runs its active trainable copy.
+        **module_kwargs: passed to the module (the stack needs `layer=`).
 
     Returns:
         new hidden states (B, L, H); positions outside slice_mask | text_mask are the input values.
 
     Raises:
         ValueError: masks of the wrong shape, overlapping masks, no slice tokens, or different slice counts.
-        TypeError: `module` is neither fusion module.
+        TypeError: `module` is no fusion module (wrapped or not).
     """
     batch, length, hidden = hidden_states.shape
     if slice_mask.shape != (batch, length) or text_mask.shape != (batch, length):
@@ -269,7 +335,8 @@ def apply_slice_fusion(
             f"masks must be (B, L) = {(batch, length)}, got slice_mask {tuple(slice_mask.shape)} "
             f"and text_mask {tuple(text_mask.shape)}."
         )
-    if not isinstance(module, (Med3DQwenSliceSelfAttention, Med3DQwenMultiHeadSliceAttention)):
+    kind = unwrap_fusion_module(module)
+    if not isinstance(kind, FUSION_MODULES):
         raise TypeError(f"module must be an SSA or MSSA module, got {type(module).__name__}.")
     slice_mask, text_mask = slice_mask.bool(), text_mask.bool()
     if (slice_mask & text_mask).any():
@@ -290,12 +357,169 @@ def apply_slice_fusion(
         text_valid[..., None], hidden_states[text_mask]
     )  # (B, Lt, H), left-aligned per sample
 
-    if isinstance(module, Med3DQwenSliceSelfAttention):
-        new_slices = module(slices, text, text_valid)
+    if not isinstance(kind, Med3DQwenMultiHeadSliceAttention):
+        new_slices = module(slices, text, text_valid, **module_kwargs)
         return hidden_states.masked_scatter(slice_mask[..., None], new_slices.to(hidden_states.dtype))
-    new_slices, new_text = module(slices, text, text_valid)
+    new_slices, new_text = module(slices, text, text_valid, **module_kwargs)
     out = hidden_states.masked_scatter(slice_mask[..., None], new_slices.to(hidden_states.dtype))
     return out.masked_scatter(text_mask[..., None], new_text[text_valid].to(hidden_states.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fusion window: which tokens are T
+# ---------------------------------------------------------------------------------------------------------------
+
+FUSION_TEXT_SCOPES = ("user_turn", "prompt")
+
+#: ChatML turn header: <|im_start|>, the role word and "\n" (Qwen2.5's tokenizer gives "user\n" as 2 tokens).
+CHAT_HEADER_TOKENS = 3
+
+
+@dataclass
+class SliceFusionGroups:
+    """One fusion group per chat turn that holds slice tokens: its slices V and its text window T.
+
+    Attributes:
+        sample_index: (G,) batch row of each group.
+        slice_mask: (G, L) bool, the group's slice tokens.
+        text_mask: (G, L) bool, the group's text window T.
+    """
+
+    sample_index: torch.Tensor
+    slice_mask: torch.Tensor
+    text_mask: torch.Tensor
+
+    def one_per_sample(self, batch_size: int) -> bool:
+        """True when group g is batch row g for every one of `batch_size` rows (no gather / scatter needed)."""
+        rows = torch.arange(batch_size, device=self.sample_index.device)
+        return self.sample_index.shape == rows.shape and bool(torch.equal(self.sample_index, rows))
+
+
+def slice_fusion_windows(
+    slice_mask: torch.Tensor,
+    image_block_mask: torch.Tensor,
+    turn_start_mask: torch.Tensor,
+    turn_end_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    scope: str = "user_turn",
+) -> SliceFusionGroups:
+    """group the slice tokens by chat turn and find each group's text window T (docs/fusion.md).
+
+    A turn starts at a `<|im_start|>` token (tokens before the first one form turn 0, the preamble). For each turn
+    that holds slice tokens, the window ends at the first `<|im_end|>` after the turn's last image block, or at the
+    next `<|im_start|>`; the answer always lies beyond that end. A turn that is never closed (plain text without
+    chat markup, "question <image> answer...") cannot tell its question from its answer, so there the window ends
+    where the turn's last image block starts: put the question before the volume in plain-text prompts.
+
+    Scopes:
+        "user_turn": the text of that turn inside the window: no turn header (`<|im_start|>user\n`), no
+            `<|im_end|>`, no image block (visual and slice tokens, `<|vision_start|>` / `<|vision_end|>`), no
+            padding. The system prompt, earlier turns (and their answers) and later turns are outside.
+        "prompt": every attended token before the window's end except the image blocks: system prompt, chat
+            markup and earlier turns included (one image-holding turn per sample, since windows would overlap).
+
+    Args:
+        slice_mask: (B, L) bool, slice tokens.
+        image_block_mask: (B, L) bool, the other tokens of the image blocks (visual placeholders and the vision
+            start / end markers); slice tokens may be included too.
+        turn_start_mask: (B, L) bool, `<|im_start|>` tokens.
+        turn_end_mask: (B, L) bool, `<|im_end|>` tokens.
+        attention_mask: (B, L), 1 for real tokens (left or right padding); None means no padding.
+        scope: "user_turn" or "prompt".
+
+    Returns:
+        the groups, in batch order then sequence order; a sample without slice tokens has none.
+
+    Raises:
+        ValueError: unknown scope, masks of different shapes, or windows that overlap ("prompt" scope with more
+            than one image-holding turn in a sample).
+    """
+    if scope not in FUSION_TEXT_SCOPES:
+        raise ValueError(f"fusion_text_scope must be one of {FUSION_TEXT_SCOPES}, got {scope!r}.")
+    masks = {"image_block_mask": image_block_mask, "turn_start_mask": turn_start_mask, "turn_end_mask": turn_end_mask}
+    if attention_mask is not None:
+        masks["attention_mask"] = attention_mask
+    for name, mask in masks.items():
+        if mask.shape != slice_mask.shape:
+            raise ValueError(f"{name} must be {tuple(slice_mask.shape)} like slice_mask, got {tuple(mask.shape)}.")
+    batch, length = slice_mask.shape
+    device = slice_mask.device
+    attended = torch.ones_like(slice_mask, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    slices = slice_mask.bool() & attended
+    block = (image_block_mask.bool() | slices) & attended  # (B, L), every image-block token
+    starts = turn_start_mask.bool() & attended
+    ends = turn_end_mask.bool() & attended
+    turn = starts.long().cumsum(dim=1)  # (B, L), 0 = preamble, t = after the t-th <|im_start|>
+    positions = torch.arange(length, device=device)  # (L,)
+    # a block's first token: in the block, and the token before it is not
+    block_start = block & ~torch.cat([block.new_zeros(batch, 1), block[:, :-1]], dim=1)  # (B, L)
+    text = attended & ~block & ~starts & ~ends  # (B, L), candidate T tokens
+
+    sample_index, group_slices, group_text = [], [], []
+    for b in range(batch):
+        turns_with_slices = turn[b][slices[b]].unique().tolist()  # sorted
+        last_turn = int(turn[b].max())
+        for t in turns_with_slices:
+            in_turn = turn[b] == t  # (L,)
+            turn_positions = positions[in_turn]
+            first, stop = int(turn_positions[0]), int(turn_positions[-1]) + 1  # turns are contiguous
+            last_block = int(positions[block[b] & in_turn].max())
+            closers = positions[ends[b] & in_turn & (positions > last_block)]
+            if closers.numel():
+                window_end = int(closers[0])  # the turn's <|im_end|>
+            elif t < last_turn:
+                window_end = stop  # the next <|im_start|>
+            else:
+                window_end = int(positions[block_start[b] & in_turn].max())  # unclosed: before the last block
+            before_end = positions < window_end
+            if scope == "user_turn":
+                header_end = first + CHAT_HEADER_TOKENS if t > 0 else first
+                window = text[b] & in_turn & (positions >= header_end) & before_end
+            else:
+                window = attended[b] & ~block[b] & before_end
+            sample_index.append(b)
+            group_slices.append(slices[b] & in_turn)
+            group_text.append(window)
+
+    if not sample_index:
+        empty = slice_mask.new_zeros(0, length, dtype=torch.bool)
+        return SliceFusionGroups(torch.zeros(0, dtype=torch.long, device=device), empty, empty.clone())
+    groups = SliceFusionGroups(
+        sample_index=torch.tensor(sample_index, dtype=torch.long, device=device),
+        slice_mask=torch.stack(group_slices),
+        text_mask=torch.stack(group_text),
+    )
+    for b in set(sample_index):
+        rows = groups.text_mask[groups.sample_index == b]  # (G_b, L)
+        if rows.shape[0] > 1 and bool((rows.long().sum(dim=0) > 1).any()):
+            raise ValueError(
+                f"sample {b}: the fusion windows of its {rows.shape[0]} image-holding turns overlap; with "
+                f"fusion_text_scope={scope!r} put all volumes of a sample in one turn."
+            )
+    return groups
+
+
+def apply_grouped_slice_fusion(
+    hidden_states: torch.Tensor, groups: SliceFusionGroups, module: nn.Module, **module_kwargs
+) -> torch.Tensor:
+    """`apply_slice_fusion` once per group (chat turn holding slice tokens), results scattered back (out of place).
+
+    Args:
+        hidden_states: decoder hidden states (B, L, H).
+        groups: from `slice_fusion_windows`; the groups of one sample touch disjoint positions.
+        module, module_kwargs: as `apply_slice_fusion`.
+
+    Returns:
+        new hidden states (B, L, H); rows without groups are unchanged.
+    """
+    if groups.sample_index.numel() == 0:
+        return hidden_states
+    if groups.one_per_sample(hidden_states.shape[0]):
+        return apply_slice_fusion(hidden_states, groups.slice_mask, groups.text_mask, module, **module_kwargs)
+    rows = hidden_states[groups.sample_index]  # (G, L, H)
+    fused = apply_slice_fusion(rows, groups.slice_mask, groups.text_mask, module, **module_kwargs)  # (G, L, H)
+    group, position = (groups.slice_mask | groups.text_mask).nonzero(as_tuple=True)  # (N,), (N,)
+    return hidden_states.index_put((groups.sample_index[group], position), fused[group, position])
 
 
 class Med3DQwenClosedHead(nn.Module):
@@ -353,7 +577,13 @@ class Med3DQwenClosedHead(nn.Module):
 __all__ = [
     "Med3DQwenSliceTokenizer",
     "Med3DQwenSliceSelfAttention",
+    "Med3DQwenSliceSelfAttentionStack",
     "Med3DQwenMultiHeadSliceAttention",
+    "FUSION_TEXT_SCOPES",
+    "SliceFusionGroups",
+    "apply_grouped_slice_fusion",
     "apply_slice_fusion",
+    "slice_fusion_windows",
+    "unwrap_fusion_module",
     "Med3DQwenClosedHead",
 ]

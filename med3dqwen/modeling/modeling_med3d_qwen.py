@@ -25,8 +25,11 @@ from .fusion_med3d_qwen import (
     Med3DQwenClosedHead,
     Med3DQwenMultiHeadSliceAttention,
     Med3DQwenSliceSelfAttention,
+    Med3DQwenSliceSelfAttentionStack,
     Med3DQwenSliceTokenizer,
-    apply_slice_fusion,
+    SliceFusionGroups,
+    apply_grouped_slice_fusion,
+    slice_fusion_windows,
 )
 from .projector_med3d_qwen import Med3DQwenMultiModalProjector
 
@@ -91,34 +94,54 @@ class Med3DQwenCausalLMOutputWithPast(ModelOutput):
 
 @dataclass
 class _FusionContext:
-    """Where the slice tokens and the question tokens are, passed to the decoder layers as a keyword."""
+    """What the decoder layers fuse, passed to them as a keyword: the groups (slice tokens and their text window T,
+    one group per chat turn that holds slice tokens) and, per decoder block, the fusion modules to run after it.
 
-    slice_mask: torch.Tensor  # (B, L) bool
-    text_mask: torch.Tensor  # (B, L) bool
+    The modules are looked up through the owning model when the forward starts (`Med3DQwenModel.fusion_modules`),
+    so whatever sits at `model.slice_self_attention` / `model.multi_head_slice_attention` at that moment runs:
+    PEFT's `ModulesToSaveWrapper` (its active trainable copy) while an adapter is on, the trained copy after
+    `merge_and_unload`.
+    """
+
+    groups: SliceFusionGroups
+    # block index -> [(module, keyword arguments)] to run after that block; -1: before block 0
+    modules: dict[int, list[tuple[nn.Module, dict]]]
 
 
 class _FusedLayerForward:
-    """Replaces a decoder layer's ``forward``: runs the layer, then this layer's slice fusion modules.
+    """Replaces a decoder layer's ``forward``: runs the layer, then the slice fusion modules of this block.
 
     The context travels as the ``med3d_fusion`` keyword through ``Qwen2Model.forward`` (which passes extra keywords
     to its layers) and is popped here so that attention never sees it. Travelling with the call (not as model
-    state) keeps gradient checkpointing exact: the recomputation in backward gets the same context. Parameters
+    state) keeps gradient checkpointing exact: the recomputation in backward gets the same context. The wrapper
+    holds no module, only the block index, so PEFT's copies of the fusion modules are the ones that run; parameters
     stay where they are, so Qwen2 checkpoints load with their own key names.
     """
 
-    def __init__(self, forward, fusions: list[nn.Module]):
+    def __init__(self, forward, layer_index: int):
         self.forward = forward
-        self.fusions = fusions
+        self.layer_index = layer_index
 
     def __call__(self, *args, med3d_fusion: _FusionContext | None = None, **kwargs):
+        if med3d_fusion is not None and self.layer_index == 0 and -1 in med3d_fusion.modules:
+            # fusion "after block 0" of the paper (k = 0): on the embeddings, before the first block
+            if args:
+                args = (self._fuse(args[0], med3d_fusion, med3d_fusion.modules[-1]), *args[1:])
+            else:
+                kwargs["hidden_states"] = self._fuse(kwargs["hidden_states"], med3d_fusion, med3d_fusion.modules[-1])
         hidden_states = self.forward(*args, **kwargs)
-        if med3d_fusion is None or not self.fusions:
+        modules = med3d_fusion.modules.get(self.layer_index, ()) if med3d_fusion is not None else ()
+        if not modules:
             return hidden_states
         is_tuple = isinstance(hidden_states, tuple)
-        hidden = hidden_states[0] if is_tuple else hidden_states
-        for module in self.fusions:
-            hidden = apply_slice_fusion(hidden, med3d_fusion.slice_mask, med3d_fusion.text_mask, module)
+        hidden = self._fuse(hidden_states[0] if is_tuple else hidden_states, med3d_fusion, modules)
         return (hidden, *hidden_states[1:]) if is_tuple else hidden
+
+    @staticmethod
+    def _fuse(hidden: torch.Tensor, context: _FusionContext, modules: list[tuple[nn.Module, dict]]) -> torch.Tensor:
+        for module, module_kwargs in modules:
+            hidden = apply_grouped_slice_fusion(hidden, context.groups, module, **module_kwargs)
+        return hidden
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,10 +232,9 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
         self.slice_tokenizer = (
             Med3DQwenSliceTokenizer(vision.channels[vision.slice_stage], hidden) if vision.use_slice_tokens else None
         )
+        # A named stack, not an nn.ModuleList: PEFT's modules_to_save refuses ModuleLists.
         self.slice_self_attention = (
-            nn.ModuleList(Med3DQwenSliceSelfAttention(hidden) for _ in range(config.ssa_layers))
-            if config.use_ssa
-            else None
+            Med3DQwenSliceSelfAttentionStack(hidden, config.ssa_layers) if config.use_ssa else None
         )
         self.multi_head_slice_attention = (
             Med3DQwenMultiHeadSliceAttention(hidden, num_heads=config.mssa_heads, max_slices=config.max_slices)
@@ -233,14 +255,82 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
         self.vision_encoder.eval()
 
     def _install_fusion(self) -> None:
-        """Attach SSA after each of the first k decoder blocks and MSSA after block k (docs/design.md, "Model")."""
-        per_layer: dict[int, list[nn.Module]] = {}
-        for i, module in enumerate(self.slice_self_attention or []):
-            per_layer.setdefault(i, []).append(module)
-        if self.multi_head_slice_attention is not None:
-            per_layer.setdefault(max(self.config.ssa_layers - 1, 0), []).append(self.multi_head_slice_attention)
+        """Let every decoder block run the fusion modules the forward hands it (see :meth:`fusion_modules`)."""
         for i, layer in enumerate(self.language_model.layers):
-            layer.forward = _FusedLayerForward(layer.forward, per_layer.get(i, []))
+            layer.forward = _FusedLayerForward(layer.forward, i)
+
+    def fusion_modules(self) -> dict[int, list[tuple[nn.Module, dict]]]:
+        """SSA after each of the first k decoder blocks and MSSA after block k (docs/fusion.md); with k = 0 MSSA
+        runs on the embeddings, before the first block.
+
+        Looked up now, through this model's attributes, so PEFT's wrappers (or, after ``merge_and_unload``, the
+        trained copies) are what runs.
+
+        Returns:
+            block index (0-based; -1 = before block 0) -> [(module, keyword arguments for :func:`apply_slice_fusion`)]
+            to run after that block, in order of application.
+        """
+        per_layer: dict[int, list[tuple[nn.Module, dict]]] = {}
+        if self.slice_self_attention is not None:
+            for i in range(self.config.ssa_layers):
+                per_layer.setdefault(i, []).append((self.slice_self_attention, {"layer": i}))
+        if self.multi_head_slice_attention is not None:
+            per_layer.setdefault(self.config.ssa_layers - 1, []).append((self.multi_head_slice_attention, {}))
+        return per_layer
+
+    def _special_token_mask(
+        self, token_id: int | None, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, L) True where the token is `token_id`: by id, or (no ids) where the embedding equals its row."""
+        if input_ids is not None:
+            return input_ids == token_id if token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+        if token_id is None or not 0 <= token_id < self.config.text_config.vocab_size:
+            return torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        row = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))  # (H,)
+        return (inputs_embeds == row.to(inputs_embeds.dtype)).all(dim=-1)  # (B, L)
+
+    def fusion_context(
+        self,
+        image_mask: torch.Tensor,
+        slice_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> _FusionContext | None:
+        """The fusion groups (slice tokens + text window T per chat turn) and modules for one prompt pass.
+
+        Args:
+            image_mask: (B, L) bool, visual placeholder tokens.
+            slice_mask: (B, L) bool, slice placeholder tokens.
+            attention_mask: (B, L), 1 for real tokens.
+            input_ids: (B, L) token ids; without them the chat and vision markers are found in `inputs_embeds`
+                (the embeddings as given, before the image features are spliced in).
+            inputs_embeds: (B, L, H), needed when `input_ids` is None.
+
+        Returns:
+            None when the model has no fusion module or no sample holds slice tokens.
+        """
+        modules = self.fusion_modules()
+        if not modules:
+            return None
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("fusion_context needs input_ids or inputs_embeds to find the chat markers")
+
+        def mask_of(name: str) -> torch.Tensor:
+            return self._special_token_mask(getattr(self.config, name, None), input_ids, inputs_embeds)
+
+        markers = mask_of("vision_start_token_id") | mask_of("vision_end_token_id")
+        groups = slice_fusion_windows(
+            slice_mask,
+            image_mask | markers,
+            mask_of("im_start_token_id"),
+            mask_of("im_end_token_id"),
+            attention_mask=attention_mask,
+            scope=self.config.fusion_text_scope,
+        )
+        if groups.sample_index.numel() == 0:
+            return None
+        return _FusionContext(groups=groups, modules=modules)
 
     # The encoder is frozen: BatchNorm statistics must never move, whatever model.train() says.
     def train(self, mode: bool = True):
@@ -356,9 +446,7 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
                 inputs_embeds = inputs_embeds.masked_scatter(slice_mask[..., None], slices.flatten(0, 1))
             prompt = self.prompt_mask(input_ids, attention_mask)
             prompt_positions = self.closed_positions(prompt)
-            if self.slice_self_attention is not None or self.multi_head_slice_attention is not None:
-                text_mask = prompt & ~image_mask & ~slice_mask
-                fusion = _FusionContext(slice_mask=slice_mask, text_mask=text_mask)
+            fusion = self.fusion_context(image_mask, slice_mask, attention_mask, input_ids=input_ids)
         elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
             is_placeholder = (input_ids == self.config.image_token_id) | (input_ids == self.config.slice_token_id)
             placeholders = int(is_placeholder.sum())

@@ -247,7 +247,7 @@ def test_answer_tokens_never_reach_the_slice_tokens(tester):
         torch.testing.assert_close(h_a[:, :prompt_len], h_b[:, :prompt_len], rtol=0, atol=0)
     torch.testing.assert_close(out_a.closed_logits, out_b.closed_logits, rtol=0, atol=0)
     # ...while the question does reach them.
-    inputs["input_ids"][:, -5] = 15
+    inputs["input_ids"][:, -6] = 15  # a question token (-5 is <|im_start|>)
     out_c = model(**inputs, output_hidden_states=True)
     slice_pos = inputs["input_ids"][0] == SLICE
     assert not torch.allclose(out_c.hidden_states[-1][0][slice_pos], out_b.hidden_states[-1][0][slice_pos])
