@@ -81,9 +81,7 @@ def _tensor_to_numpy(value: torch.Tensor) -> np.ndarray:
 def _oriented(value, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``(data, index→RAS affine)`` of a nibabel image or a MetaTensor, data still in the input's own axis order."""
     if isinstance(value, nib.spatialimages.SpatialImage):
-        data = np.asanyarray(value.dataobj)
-        if data.dtype.kind == "f" or value.dataobj.slope not in (None, 1) or value.dataobj.inter not in (None, 0):
-            data = value.get_fdata(dtype=np.float32)  # applies the header's slope / intercept
+        data = np.asanyarray(value.dataobj)  # a file's proxy applies the header's slope / intercept on reading
         while data.ndim > 3 and data.shape[-1] == 1:  # NIfTI's trailing time / vector axes of length 1
             data = data[..., 0]
         affine = np.asarray(value.affine, dtype=np.float64)

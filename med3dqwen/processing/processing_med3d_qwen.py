@@ -228,17 +228,20 @@ class Med3DQwenProcessor(ProcessorMixin):
         volume only renders the block (the records' form; give the volume in `processor_kwargs={"images": ...}`).
 
         All other arguments are those of `ProcessorMixin.apply_chat_template` (`add_generation_prompt`,
-        `return_assistant_tokens_mask`, `processor_kwargs`, ...).
+        `return_assistant_tokens_mask`, `processor_kwargs`, ...). Without `return_tensors` the ids come back as
+        lists and `pixel_values` as a numpy array, as the tokenizer's `apply_chat_template` returns lists; pass
+        `return_tensors="pt"` for tensors.
         """
         if kwargs.get("tokenize"):
-            extras = _image_block_extras(conversation)
-            if extras:
-                processor_kwargs = dict(kwargs.get("processor_kwargs") or {})
-                for key, values in extras.items():
-                    if key in processor_kwargs:
-                        raise ValueError(f"{key!r} given both in the image blocks and in processor_kwargs")
-                    processor_kwargs[key] = values
-                kwargs["processor_kwargs"] = processor_kwargs
+            processor_kwargs = dict(kwargs.get("processor_kwargs") or {})
+            for key, values in _image_block_extras(conversation).items():
+                if key in processor_kwargs:
+                    raise ValueError(f"{key!r} given both in the image blocks and in processor_kwargs")
+                processor_kwargs[key] = values
+            if kwargs.get("return_tensors", "auto") == "auto":
+                # As the tokenizer's apply_chat_template (and TRL's checks, which read it): lists, unless asked.
+                processor_kwargs.setdefault("return_tensors", None)
+            kwargs["processor_kwargs"] = processor_kwargs
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
     def batch_decode(self, *args, **kwargs):
