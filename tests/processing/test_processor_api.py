@@ -2,6 +2,10 @@
 apply_chat_template with volumes and masks, {% generation %} marks, TRL's collator, the image-text-to-text pipeline,
 and warnings on inputs that are almost surely a mistake."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import nibabel as nib
@@ -291,3 +295,26 @@ def test_warns_once_naming_the_input_on_a_single_slice_and_on_unit_values_given_
         processor([one_slice, tmp_path / "unit.npy"], layout="DHW")
         Med3DQwenImageProcessor(volume_size=SIZE)(tmp_path / "unit.npy", intensity="unit")
         Med3DQwenImageProcessor(volume_size=SIZE)(folder / "ct.nii.gz")
+
+
+def test_the_processor_works_without_monai_and_the_transform_module_says_what_it_needs(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["monai"] = None  # MONAI not installed
+        import numpy as np
+        import med3dqwen
+        from med3dqwen.processing.image_processing_med3d_qwen import Med3DQwenImageProcessor
+        out = Med3DQwenImageProcessor(volume_size=(4, 8, 8))(np.zeros((4, 8, 8)) - 1000, layout="DHW")
+        assert tuple(out["pixel_values"].shape) == (1, 1, 4, 8, 8)
+        try:
+            import med3dqwen.processing.monai_transforms
+        except ImportError as err:
+            assert "pip install monai" in str(err), err
+            print("no-monai OK")
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no-monai OK" in result.stdout
