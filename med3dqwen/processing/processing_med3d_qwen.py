@@ -151,9 +151,11 @@ class Med3DQwenProcessor(ProcessorMixin):
             layout: the axis layout of bare arrays (`"DHW"`); required for them, since they carry no affine.
             intensity, rescale: per-volume intensity kind and HU rescale, see `Med3DQwenImageProcessor.preprocess`.
             return_prompt_info: also return `covered_fraction` (B,) and `roi_empty` (B,) (not model inputs).
-            return_tensors: `"pt"` (default) or `"np"`.
-            **kwargs: tokenizer arguments (`padding`, `padding_side`, `truncation` ...). Truncation can cut image
-                tokens; the model then raises a token/feature mismatch.
+            return_tensors: `"pt"` (default), `"np"` or None (lists, numpy `pixel_values`).
+            **kwargs: tokenizer arguments (`padding`, `padding_side`, `truncation` ...; truncation can cut image
+                tokens, and the model then raises a token/feature mismatch), and transformers' processor flags
+                `return_mm_token_type_ids` (1 on each volume's visual and slice tokens) and
+                `return_text_replacement_offsets`.
 
         Returns:
             `BatchFeature` with the model inputs only: `input_ids`, `attention_mask` and, when volumes are given,
@@ -200,10 +202,15 @@ class Med3DQwenProcessor(ProcessorMixin):
         elif masks is not None and _flatten_samples(masks):
             raise ValueError("masks were given without volumes")
         return_offsets = kwargs.pop("return_text_replacement_offsets", False)
+        return_mm_token_type_ids = kwargs.pop("return_mm_token_type_ids", False)
         expanded = [self._expand(t) for t in texts]
-        data.update(self.tokenizer([t for t, _ in expanded], return_tensors=return_tensors, **kwargs))
+        text_inputs = self.tokenizer([t for t, _ in expanded], return_tensors=None, **kwargs)
+        data.update(text_inputs)
         if return_offsets:
             data["text_replacement_offsets"] = [offsets for _, offsets in expanded]
+        if return_mm_token_type_ids:  # 1 on the visual and slice tokens of each volume, 0 on text
+            volume_ids = (self.image_token_id, self.slice_token_id)
+            data["mm_token_type_ids"] = [[int(i in volume_ids) for i in row] for row in text_inputs["input_ids"]]
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
 
     def _check_text_kwargs(self, kwargs: dict) -> None:

@@ -318,3 +318,11 @@ def test_the_processor_works_without_monai_and_the_transform_module_says_what_it
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no-monai OK" in result.stdout
+
+
+def test_mm_token_type_ids_on_request(processor, case):
+    """transformers' return_mm_token_type_ids used to reach the tokenizer, which ignores unknown flags."""
+    _, _, folder = case
+    out = processor(images=[folder / "ct.nii.gz"], text=PROMPT, return_mm_token_type_ids=True)
+    ids, types = out["input_ids"][0], out["mm_token_type_ids"][0]
+    assert types.tolist() == ((ids == IMAGE_ID) | (ids == SLICE_ID)).long().tolist() and int(types.sum()) == 8
