@@ -175,6 +175,7 @@ class Med3DQwenProcessor(ProcessorMixin):
             raise ValueError("Med3DQwen reads CT volumes (images= or volumes=); videos= and audio= are not supported")
         self._check_text_kwargs(kwargs)
         volumes = _flatten_samples(images if volumes is None else volumes)
+        masks = _flatten_samples(masks)
         texts = [text] if isinstance(text, str) else list(text)
         num_blocks = sum(t.count(IMAGE_BLOCK) for t in texts)
         stray = sum(t.count(IMAGE_TOKEN) for t in texts) - num_blocks
@@ -199,7 +200,7 @@ class Med3DQwenProcessor(ProcessorMixin):
                     return_prompt_info=return_prompt_info,
                 )
             )
-        elif masks is not None and _flatten_samples(masks):
+        elif masks and any(mask is not None for mask in masks):
             raise ValueError("masks were given without volumes")
         return_offsets = kwargs.pop("return_text_replacement_offsets", False)
         return_mm_token_type_ids = kwargs.pop("return_mm_token_type_ids", False)

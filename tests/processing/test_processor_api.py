@@ -86,8 +86,10 @@ def test_images_is_the_volumes_argument_and_ignored_names_are_errors(processor, 
     by_volumes = processor(volumes=[ct], text=PROMPT, masks=[folder / "roi.nii.gz"])
     torch.testing.assert_close(by_images["pixel_values"], by_volumes["pixel_values"])
     assert by_images["input_ids"].tolist() == by_volumes["input_ids"].tolist()
-    nested = processor(images=[[ct], [ct]], text=[PROMPT, PROMPT])  # one list per sample, as TRL passes them
+    roi = folder / "roi.nii.gz"
+    nested = processor(images=[[ct], [ct]], masks=[[roi], [None]], text=[PROMPT, PROMPT])  # one list per sample
     assert nested["pixel_values"].shape == (2, 1, *SIZE)
+    torch.testing.assert_close(nested["pixel_values"][:1], by_images["pixel_values"])
     with pytest.raises(TypeError, match=r"\['image'\].*images="):
         processor(image=[ct], text="Hello")  # used to be dropped silently: a text-only batch came back
     with pytest.raises(TypeError, match="pixel_values"):
