@@ -41,6 +41,7 @@ __all__ = [
     "load_volume",
     "select_label",
     "standard_affine",
+    "to_canonical",
 ]
 
 # Orientation of the (D, H, W) axes, as the world direction each index increases towards.
@@ -166,8 +167,12 @@ class CTVolume:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorient a 3D array with its index→RAS affine to the (D, H, W) = (S, P, L) layout (flips and swaps only)."""
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient a 3D array with its index→RAS affine to the (D, H, W) = (S, P, L) layout (flips and swaps only).
+
+    Returns:
+        ``(array, affine)``: the (D, H, W) array and its index→RAS affine.
+    """
     source = nib.orientations.io_orientation(affine)
     transform = nib.orientations.ornt_transform(source, nib.orientations.axcodes2ornt(_AXCODES_WHD))
     whd = nib.orientations.apply_orientation(data, transform)
@@ -514,7 +519,7 @@ def load_volume(
         )
     data = _validate_volume(data, path)
     meta["source_axcodes"] = nib.aff2axcodes(affine)
-    array, affine = _to_canonical(data, affine)
+    array, affine = to_canonical(data, affine)
     return CTVolume(array=array, affine=affine, path=str(path), meta=meta)
 
 
@@ -595,7 +600,7 @@ def load_label_map(path: str | os.PathLike) -> LabelMap:
             raise InvalidVolumeError(path, "mask holds non-integer values (is this an image, not a label map?)")
         data = data.astype(np.int32)
     if affine is not None:
-        data, affine = _to_canonical(data, affine)
+        data, affine = to_canonical(data, affine)
     return LabelMap(array=np.ascontiguousarray(data), affine=affine, header_table=header_table, path=str(path))
 
 

@@ -1,19 +1,34 @@
 """3D image processor: CT volume (+ ROI mask) → ``pixel_values`` with the boundary prompt drawn in.
 
+Inputs carry their orientation: a file path, a nibabel image or a MONAI ``MetaTensor`` is reoriented from its affine
+to the canonical (D, H, W) layout of ``ct_io``; a bare numpy array or torch tensor has no affine, so it is refused
+unless the caller states its layout (``layout="DHW"``).
+
 Self-contained for Hub remote code: third-party imports and the sibling modules ``ct_io`` / ``ct_transforms``.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .ct_io import CTVolume, InvalidVolumeError, load_mask, load_volume
+from .ct_io import (
+    CTVolume,
+    InvalidVolumeError,
+    LabelMap,
+    MaskMismatchError,
+    load_mask,
+    load_volume,
+    select_label,
+    to_canonical,
+)
 from .ct_transforms import (
     WINDOW_PRESETS,
     binarize_mask,
@@ -25,11 +40,78 @@ from .ct_transforms import (
 )
 
 
-__all__ = ["Med3DQwenImageProcessor"]
+__all__ = ["LAYOUTS", "Med3DQwenImageProcessor"]
 
-VolumeInput = str | os.PathLike | CTVolume | np.ndarray | torch.Tensor
-MaskInput = str | os.PathLike | np.ndarray | torch.Tensor | None
+VolumeInput = str | os.PathLike | CTVolume | nib.spatialimages.SpatialImage | np.ndarray | torch.Tensor
+MaskInput = str | os.PathLike | nib.spatialimages.SpatialImage | np.ndarray | torch.Tensor | None
 _ENCODING_CHANNELS = {"burn_in": 1, "channel": 2, "rgb": 3}
+#: Layouts a bare array (no affine) may be declared in: ``"DHW"`` is ``ct_io``'s canonical layout (axial slices
+#: inferior → superior, rows anterior → posterior, columns patient right → left), what ``load_volume`` returns.
+LAYOUTS = ("DHW",)
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_SINGLE_INPUTS = (str, os.PathLike, CTVolume, nib.spatialimages.SpatialImage, np.ndarray, torch.Tensor)
+
+
+def _is_meta_tensor(value) -> bool:
+    """A MONAI ``MetaTensor`` (checked without importing MONAI): a tensor that carries an affine and metadata."""
+    return isinstance(value, torch.Tensor) and hasattr(value, "affine") and hasattr(value, "meta")
+
+
+def _describe(value, index: int, what: str) -> str:
+    """How an input is named in errors and warnings: its file when it has one, else its position and type."""
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, CTVolume) and value.path:
+        return value.path
+    filename = value.get_filename() if isinstance(value, nib.spatialimages.SpatialImage) else None
+    if filename:
+        return filename
+    if _is_meta_tensor(value) and value.meta.get("filename_or_obj"):
+        return str(value.meta["filename_or_obj"])
+    return f"{what}[{index}] ({type(value).__name__})"
+
+
+def _tensor_to_numpy(value: torch.Tensor) -> np.ndarray:
+    """bfloat16 has no numpy dtype: any floating tensor → float32; MetaTensor → its plain data."""
+    value = value.detach().cpu()
+    value = value.as_tensor() if hasattr(value, "as_tensor") else value
+    return (value.float() if value.is_floating_point() else value).numpy()
+
+
+def _oriented(value, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(data, index→RAS affine)`` of a nibabel image or a MetaTensor, data still in the input's own axis order."""
+    if isinstance(value, nib.spatialimages.SpatialImage):
+        data = np.asanyarray(value.dataobj)  # a file's proxy applies the header's slope / intercept on reading
+        while data.ndim > 3 and data.shape[-1] == 1:  # NIfTI's trailing time / vector axes of length 1
+            data = data[..., 0]
+        affine = np.asarray(value.affine, dtype=np.float64)
+    else:  # MetaTensor: channel-first (1, X, Y, Z) after EnsureChannelFirst, or (X, Y, Z) without a channel
+        affine = np.asarray(_tensor_to_numpy(value.affine), dtype=np.float64)
+        data = _tensor_to_numpy(value)
+        if affine.shape != (4, 4):
+            raise InvalidVolumeError(name, f"a MetaTensor with a {affine.shape} affine is not a 3D image")
+        if data.ndim == 4:
+            if data.shape[0] != 1:
+                raise InvalidVolumeError(
+                    name,
+                    f"expected a channel-first (1, X, Y, Z) MetaTensor, got shape {data.shape}; a channel-last "
+                    "image needs EnsureChannelFirstd first, and a CT has one channel",
+                )
+            data = data[0]
+        if str(value.meta.get("space", "RAS")).upper() == "LPS":
+            affine = _LPS_TO_RAS @ affine
+    if data.ndim != 3:
+        raise InvalidVolumeError(name, f"expected a 3D image, got shape {data.shape}")
+    return data, affine
+
+
+def _label_map(data: np.ndarray, affine: np.ndarray | None, name: str) -> LabelMap:
+    """An integer :class:`LabelMap` of mask data already in the canonical layout (integral floats → int32)."""
+    if data.dtype.kind not in "iub":
+        if not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
+            raise InvalidVolumeError(name, "mask holds non-integer values; a label= needs an integer label map")
+        data = data.astype(np.int32)
+    return LabelMap(array=np.ascontiguousarray(data), affine=affine, header_table={}, path=name)
 
 
 class Med3DQwenImageProcessor(BaseImageProcessor):
@@ -84,27 +166,53 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
     def num_channels(self) -> int:
         return _ENCODING_CHANNELS[self.prompt_encoding]
 
-    def _load(self, volume: VolumeInput, mask: MaskInput) -> tuple[np.ndarray, np.ndarray | None, str | None]:
-        """(values, mask, intensity of the file or None): loads paths and checks the mask against the volume."""
-        intensity = None
+    def _volume(self, volume: VolumeInput, layout: str | None, name: str) -> CTVolume:
+        """The volume in the canonical (D, H, W) layout, oriented from its affine or from the stated ``layout``."""
         if isinstance(volume, (str, os.PathLike)):
-            volume = load_volume(volume)
+            return load_volume(volume)
         if isinstance(volume, CTVolume):
-            if isinstance(mask, (str, os.PathLike)):
-                mask = load_mask(mask, like=volume)
-            hu, intensity = volume.array, volume.intensity
-        else:
-            if isinstance(mask, (str, os.PathLike)):
-                raise ValueError("a mask file needs the volume as a file or CTVolume, so its grid can be checked")
-            if isinstance(volume, torch.Tensor):  # bfloat16 has no numpy dtype: any floating tensor → float32
-                volume = volume.detach().cpu()
-                volume = (volume.float() if volume.is_floating_point() else volume).numpy()
-            hu = CTVolume.from_array(np.asarray(volume)).array  # validates: 3D, real numbers, finite
-        if mask is not None:
-            mask = binarize_mask(mask)  # one rule for every path: floating values > 0.5
-            if mask.shape != hu.shape:
-                raise InvalidVolumeError("mask", f"mask shape {mask.shape} differs from volume shape {hu.shape}")
-        return hu, mask, intensity
+            return volume
+        if isinstance(volume, nib.spatialimages.SpatialImage) or _is_meta_tensor(volume):
+            data, affine = _oriented(volume, name)
+            array, affine = to_canonical(data, affine)
+            return CTVolume.from_array(array, affine=affine, name=name)  # validates: real numbers, finite
+        if isinstance(volume, (np.ndarray, torch.Tensor)):
+            array = _tensor_to_numpy(volume) if isinstance(volume, torch.Tensor) else volume
+            _require_layout(layout, name, "volume")
+            return CTVolume.from_array(np.asarray(array), name=name)  # validates: 3D, real numbers, finite
+        raise TypeError(
+            f"{name}: unsupported volume type {type(volume).__name__}; give a file path, a nibabel image, a MONAI "
+            "MetaTensor, a CTVolume, or a numpy array / torch tensor with layout='DHW'"
+        )
+
+    def _mask(self, mask: MaskInput, volume: CTVolume, layout: str | None, label, name: str) -> np.ndarray | None:
+        """The ROI as a (D, H, W) bool mask on ``volume``'s grid (one ``label`` of a multi-label map)."""
+        if mask is None:
+            return None
+        if isinstance(mask, (str, os.PathLike)):
+            return load_mask(mask, like=volume, label=label)
+        if isinstance(mask, nib.spatialimages.SpatialImage) or _is_meta_tensor(mask):
+            data, affine = _oriented(mask, name)
+            array, affine = to_canonical(data, affine)
+            labels = _label_map(array, affine, name)
+            labels.check_grid(volume)
+            return select_label(labels, label)
+        if isinstance(mask, (np.ndarray, torch.Tensor)):
+            _require_layout(layout, name, "mask")
+            array = _tensor_to_numpy(mask) if isinstance(mask, torch.Tensor) else np.asarray(mask)
+            if array.shape != volume.shape:
+                raise MaskMismatchError(name, f"mask shape {array.shape} differs from volume shape {volume.shape}")
+            if label is None:
+                return binarize_mask(array, name)  # one rule for soft masks: floating values > 0.5
+            return select_label(_label_map(array, None, name), label)
+        raise TypeError(f"{name}: unsupported mask type {type(mask).__name__}")
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        """Warn about the first input of a kind of likely mistake; later ones of that kind stay quiet."""
+        warned = self.__dict__.setdefault("_warned", set())
+        if kind not in warned:
+            warned.add(kind)
+            warnings.warn(f"{message} (warned once per processor)", UserWarning, stacklevel=4)
 
     def preprocess(
         self,
@@ -113,25 +221,39 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
         return_tensors: str | None = "pt",
         intensity: str | Sequence[str | None] | None = None,
         rescale: tuple[float, float] | Sequence[tuple[float, float] | None] | None = None,
+        layout: str | Sequence[str | None] | None = None,
+        label: int | str | Sequence[int | str | None] | None = None,
+        return_prompt_info: bool = False,
     ) -> BatchFeature:
         """Process one volume or a list of volumes.
 
         Args:
-            volumes: file paths (NIfTI, DICOM folder, `.npy`, 2D figure), :class:`CTVolume` objects or (D, H, W)
-                HU arrays.
-            masks: one ROI mask per volume (path, array or None for no prompt), or None for none at all.
+            volumes: file paths (NIfTI, DICOM folder, `.npy`, 2D figure), nibabel images, MONAI `MetaTensor`s
+                (channel-first `(1, X, Y, Z)` or `(X, Y, Z)`, oriented from their affine), :class:`CTVolume`
+                objects, or numpy arrays / torch tensors with `layout="DHW"`.
+            masks: one ROI mask per volume (path, nibabel image, MetaTensor, array with `layout="DHW"`, or None for
+                no prompt), or None for none at all. Files and images must lie on their volume's voxel grid.
             return_tensors: `"pt"` or `"np"`.
             intensity: per volume (or one for all) `"hu"` — windowed with `window` — or `"unit"` — already in
                 [0, 1] (M3D-VQA volumes, 2D figures), only clipped. Default: what the loaded file says (figures are
                 `"unit"`), else `"hu"`. Datasets record it in their `intensity` field.
             rescale: per volume (or one for all) `(slope, intercept)` applied before windowing, for files whose
                 header lacks it (CT-RATE's `rescale_slope` / `rescale_intercept` fields).
+            layout: per volume (or one for all) the axis layout of bare arrays, which carry no affine: `"DHW"` (see
+                :data:`LAYOUTS`). Required for arrays and tensors; inputs with an affine ignore it.
+            label: per volume (or one for all) the label id or name to outline in a multi-label mask (names need a
+                file with a label table); None for binary masks.
+            return_prompt_info: also return `covered_fraction` (B,) — the share of ROI voxels the band covers — and
+                `roi_empty` (B,) bool. They are not model inputs, so they are left out by default.
 
         Returns:
-            `BatchFeature` with `pixel_values` (B, C, D, H, W) float32 in [0, 1], `covered_fraction` (B,) — the
-            share of ROI voxels the band covers — and `roi_empty` (B,) bool.
+            `BatchFeature` with `pixel_values` (B, C, D, H, W) float32 in [0, 1] (+ the prompt info on request).
+
+        Warns:
+            UserWarning, once per processor and kind, naming the input: a one-slice volume (a 2D figure) repeated to
+            the model depth; values already in [0, 1] windowed as HU (pass `intensity="unit"`).
         """
-        if isinstance(volumes, (str, os.PathLike, CTVolume, np.ndarray, torch.Tensor)):
+        if isinstance(volumes, _SINGLE_INPUTS):
             volumes, masks = [volumes], [masks]
         volumes = list(volumes)
         masks = [None] * len(volumes) if masks is None else list(masks)
@@ -139,15 +261,33 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
             raise ValueError(f"got {len(volumes)} volumes but {len(masks)} masks")
         intensities = _per_volume(intensity, len(volumes), "intensity", lambda v: isinstance(v, str))
         rescales = _per_volume(rescale, len(volumes), "rescale", _is_number_pair)
+        layouts = _per_volume(layout, len(volumes), "layout", lambda v: isinstance(v, str))
+        labels = _per_volume(label, len(volumes), "label", lambda v: isinstance(v, (str, int, np.integer)))
         pixel_values, covered, empty = [], [], []
-        for volume, mask, kind, scale in zip(volumes, masks, intensities, rescales, strict=True):
-            values, roi, file_kind = self._load(volume, mask)
-            kind = kind or file_kind or "hu"
+        for i, (volume, mask, kind, scale, axes, roi_label) in enumerate(
+            zip(volumes, masks, intensities, rescales, layouts, labels, strict=True)
+        ):
+            name = _describe(volume, i, "volumes")
+            ct = self._volume(volume, axes, name)
+            roi = self._mask(mask, ct, axes, roi_label, _describe(mask, i, "masks"))
+            values = ct.array
+            kind = kind or ct.intensity
             if kind not in ("hu", "unit"):
                 raise ValueError(f"intensity must be 'hu' or 'unit', got {kind!r}")
             if scale is not None:
                 slope, intercept = (float(v) for v in scale)
                 values = values * np.float32(slope) + np.float32(intercept)
+            if ct.shape[0] == 1 and self.volume_size[0] > 1:
+                self._warn_once(
+                    "one_slice",
+                    f"{name}: a single slice (a 2D figure?) is repeated to the model depth of {self.volume_size[0]}",
+                )
+            if kind == "hu" and float(values.min()) >= 0.0 and float(values.max()) <= 1.0:
+                self._warn_once(
+                    "unit_as_hu",
+                    f"{name}: values lie in [0, 1] but are windowed as HU, which maps them all to about one grey; "
+                    "pass intensity='unit' if the volume is already normalised",
+                )
             window = self.window if kind == "hu" else (0.0, 1.0)
             # window_hu refuses NaN/inf; its output is finite, so the later steps skip their own (full-size) check.
             image = resize_volume(window_hu(values, window), self.volume_size, check_finite=False)
@@ -166,15 +306,26 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
             pixel_values.append(result.pixel_values)
             covered.append(result.covered_fraction)
             empty.append(result.roi_empty)
-        data = {
-            "pixel_values": np.stack(pixel_values),
-            "covered_fraction": np.asarray(covered, dtype=np.float32),
-            "roi_empty": np.asarray(empty, dtype=bool),
-        }
+        data = {"pixel_values": np.stack(pixel_values)}
+        if return_prompt_info:
+            data["covered_fraction"] = np.asarray(covered, dtype=np.float32)
+            data["roi_empty"] = np.asarray(empty, dtype=bool)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def __call__(self, volumes, masks=None, **kwargs) -> BatchFeature:
         return self.preprocess(volumes, masks, **kwargs)
+
+
+def _require_layout(layout: str | None, name: str, what: str) -> None:
+    """A bare array carries no affine: its layout must be stated, never guessed."""
+    if layout is None:
+        raise ValueError(
+            f"{name}: a bare {what} array has no affine, so its orientation is unknown; pass layout='DHW' if it is "
+            "(D, H, W) = axial slices inferior→superior, rows anterior→posterior, columns patient right→left (what "
+            "load_volume returns), or give a file path, a nibabel image or a MONAI MetaTensor"
+        )
+    if layout not in LAYOUTS:
+        raise ValueError(f"{name}: layout must be one of {LAYOUTS}, got {layout!r}")
 
 
 def _is_number_pair(value) -> bool:

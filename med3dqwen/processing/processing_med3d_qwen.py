@@ -4,15 +4,20 @@ A prompt holds one image block per volume, ``<|vision_start|><|image_pad|><|visi
 its single ``<|image_pad|>`` into ``num_visual_tokens`` × ``<|image_pad|>`` followed by ``num_slice_tokens`` ×
 ``<|vision_pad|>`` (the slice tokens), then tokenizes. The model splices its features on those ids.
 
-Self-contained for Hub remote code: third-party imports and the sibling image processor only.
+Self-contained for Hub remote code: third-party imports and the sibling image processor / tokenizer modules only.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Sequence
 
 import numpy as np
 from transformers import BatchFeature, ProcessorMixin
+from transformers.processing_utils import TextKwargs
+
+from .tokenization_med3d_qwen import CHAT_TEMPLATE
 
 
 __all__ = ["Med3DQwenProcessor"]
@@ -22,38 +27,12 @@ SLICE_TOKEN = "<|vision_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_BLOCK = f"{VISION_START}{IMAGE_TOKEN}{VISION_END}"
-
-# ChatML over the paper's message layout [system, user, vision, assistant] and HF's content-list format.
-# The "vision" turn carries file paths, not text: it renders nothing, but puts the image block at the start of
-# the first user turn (the model sees the volume, then the question). Content lists render their image entries
-# as image blocks in place. The template has no layout whitespace, so no whitespace control is needed (a "{%-" would
-# also eat the newlines that ChatML needs).
-CHAT_TEMPLATE = (
-    "{% set has_vision = messages | selectattr('role', 'equalto', 'vision') | list | length > 0 %}"
-    "{% set ns = namespace(image_pending=has_vision) %}"
-    "{% if messages[0]['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-    "{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'vision' %}"
-    "{% else %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['role'] == 'user' and ns.image_pending %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% set ns.image_pending = false %}"
-    "{% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or part['type'] == 'volume' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "<|im_end|>\n"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+_IMAGE_BLOCK_RE = re.compile(re.escape(IMAGE_BLOCK))
+# Keys of a content-list image block that hold the volume (transformers' own list) and what may go with it.
+_IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+_IMAGE_EXTRA_KEYS = ("mask", "label", "layout", "intensity", "rescale")
+# Keyword names that would hold a volume or mask under a name the processor does not read: refused, not dropped.
+_VOLUME_LIKE_NAMES = ("image", "volume", "pixel_values", "mask", "roi", "ct", "nifti", "video")
 
 
 class Med3DQwenProcessor(ProcessorMixin):
@@ -62,7 +41,8 @@ class Med3DQwenProcessor(ProcessorMixin):
     Args:
         image_processor ([`Med3DQwenImageProcessor`]): the 3D image processor.
         tokenizer ([`PreTrainedTokenizerFast`]): a Qwen2.5 tokenizer (see `load_qwen2_5_tokenizer`).
-        chat_template (`str`, *optional*): defaults to ChatML over the paper's message layout.
+        chat_template (`str`, *optional*): defaults to the tokenizer module's `CHAT_TEMPLATE` (the same template and
+            default system prompt as `load_qwen2_5_tokenizer()`'s), with image blocks and `{% generation %}` marks.
         num_visual_tokens (`int`, *optional*, defaults to 256): projector tokens per volume.
         num_slice_tokens (`int`, *optional*, defaults to 8): slice tokens per volume (0 without slice tokens).
     """
@@ -113,38 +93,89 @@ class Med3DQwenProcessor(ProcessorMixin):
 
     def expand_image_tokens(self, text: str) -> str:
         """Replace each single ``<|image_pad|>`` of an image block by the full visual + slice token sequence."""
-        return text.replace(IMAGE_BLOCK, f"{VISION_START}\x00{VISION_END}").replace("\x00", self.image_sequence)
+        return self._expand(text)[0]
+
+    def _expand(self, text: str) -> tuple[str, list[dict]]:
+        """The expanded text and, per image, where its ``<|image_pad|>`` was and where its expansion is.
+
+        The offsets have the form of transformers' ``text_replacement_offsets``, which ``apply_chat_template``
+        uses to move the ``{% generation %}`` spans past the expansion (``return_assistant_tokens_mask=True``).
+        """
+        sequence, pieces, offsets, last, gained = self.image_sequence, [], [], 0, 0
+        for match in _IMAGE_BLOCK_RE.finditer(text):
+            start = match.start() + len(VISION_START)
+            end = start + len(IMAGE_TOKEN)
+            pieces += [text[last:start], sequence]
+            offsets.append(
+                {
+                    "type": "image",
+                    "span": (start, end),
+                    "new_span": (start + gained, start + gained + len(sequence)),
+                    "text": IMAGE_TOKEN,
+                    "replacement": sequence,
+                }
+            )
+            gained += len(sequence) - len(IMAGE_TOKEN)
+            last = end
+        pieces.append(text[last:])
+        return "".join(pieces), offsets
 
     def __call__(
         self,
-        volumes=None,
+        images=None,
         text: str | Sequence[str] | None = None,
+        videos=None,
+        audio=None,
+        *,
+        volumes=None,
         masks=None,
-        return_tensors: str | None = "pt",
+        label=None,
+        layout=None,
         intensity=None,
         rescale=None,
+        return_prompt_info: bool = False,
+        return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchFeature:
         """Prepare model inputs.
 
         Args:
-            volumes: one volume per image block in `text` (paths, `CTVolume`s or HU arrays), in order.
+            images: one volume per image block in `text`, in order: file paths (NIfTI, DICOM, `.npy`, figure),
+                nibabel images, MONAI `MetaTensor`s, `CTVolume`s, or arrays / tensors with `layout="DHW"`. A list
+                of lists (one per sample, as TRL's collator and `apply_chat_template` pass them) is flattened.
             text: prompts (e.g. from :meth:`apply_chat_template`), each with zero or more image blocks.
-            masks: ROI masks, one per volume (or None), drawn as boundary prompts.
-            return_tensors: `"pt"` (default) or `"np"`.
+            videos, audio: not supported; giving them is an error.
+            volumes: another name for `images` (give one of the two).
+            masks: ROI masks, one per volume (or None), drawn as boundary prompts; same kinds as the volumes.
+            label: per volume (or one for all) the label id or name to outline in a multi-label mask file.
+            layout: the axis layout of bare arrays (`"DHW"`); required for them, since they carry no affine.
             intensity, rescale: per-volume intensity kind and HU rescale, see `Med3DQwenImageProcessor.preprocess`.
-            **kwargs: tokenizer arguments (`padding`, `padding_side`, `truncation` ...). Truncation can cut image
-                tokens; the model then raises a token/feature mismatch.
+            return_prompt_info: also return `covered_fraction` (B,) and `roi_empty` (B,) (not model inputs).
+            return_tensors: `"pt"` (default), `"np"` or None (lists, numpy `pixel_values`).
+            **kwargs: tokenizer arguments (`padding`, `padding_side`, `truncation` ...; truncation can cut image
+                tokens, and the model then raises a token/feature mismatch), and transformers' processor flags
+                `return_mm_token_type_ids` (1 on each volume's visual and slice tokens) and
+                `return_text_replacement_offsets`.
 
         Returns:
-            `BatchFeature` with `input_ids`, `attention_mask` and, when volumes are given, `pixel_values`,
-            `covered_fraction` and `roi_empty`.
+            `BatchFeature` with the model inputs only: `input_ids`, `attention_mask` and, when volumes are given,
+            `pixel_values`; so `model.generate(**processor(...))` works.
 
         Raises:
-            ValueError: the number of image blocks in the text differs from the number of volumes.
+            ValueError: the number of image blocks in the text differs from the number of volumes; `images` and
+                `volumes` both given; videos or audio given.
+            TypeError: a keyword argument that neither the processor nor the tokenizer reads (a volume given as
+                `image=` or `pixel_values=` would otherwise be dropped silently).
         """
         if text is None:
             raise ValueError("text is required: the volume goes where the prompt's image block is")
+        if images is not None and volumes is not None:
+            raise ValueError("give the volumes as images= or as volumes=, not both")
+        if videos is not None or audio is not None:
+            raise ValueError("Med3DQwen reads CT volumes (images= or volumes=); videos= and audio= are not supported")
+        self._check_text_kwargs(kwargs)
+        volumes = _flatten_samples(images if volumes is None else volumes)
+        masks = _flatten_samples(masks)
         texts = [text] if isinstance(text, str) else list(text)
         num_blocks = sum(t.count(IMAGE_BLOCK) for t in texts)
         stray = sum(t.count(IMAGE_TOKEN) for t in texts) - num_blocks
@@ -152,20 +183,74 @@ class Med3DQwenProcessor(ProcessorMixin):
             raise ValueError(
                 f"found {stray} {IMAGE_TOKEN} outside a {IMAGE_BLOCK} block; write one image block per volume"
             )
-        data: dict = {}
-        if volumes is not None:
-            image_inputs = self.image_processor(
-                volumes, masks, return_tensors=return_tensors, intensity=intensity, rescale=rescale
-            )
-            num_volumes = len(image_inputs["pixel_values"])
-            data.update(image_inputs)
-        else:
-            num_volumes = 0
+        num_volumes = 0 if volumes is None else len(volumes)
         if num_blocks != num_volumes:
             raise ValueError(f"the text holds {num_blocks} image block(s) but {num_volumes} volume(s) were given")
-        texts = [self.expand_image_tokens(t) for t in texts]
-        data.update(self.tokenizer(texts, return_tensors=return_tensors, **kwargs))
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        data: dict = {}
+        if volumes:
+            data.update(
+                self.image_processor(
+                    volumes,
+                    masks,
+                    return_tensors=return_tensors,
+                    intensity=intensity,
+                    rescale=rescale,
+                    layout=layout,
+                    label=label,
+                    return_prompt_info=return_prompt_info,
+                )
+            )
+        elif masks and any(mask is not None for mask in masks):
+            raise ValueError("masks were given without volumes")
+        return_offsets = kwargs.pop("return_text_replacement_offsets", False)
+        return_mm_token_type_ids = kwargs.pop("return_mm_token_type_ids", False)
+        expanded = [self._expand(t) for t in texts]
+        text_inputs = self.tokenizer([t for t, _ in expanded], return_tensors=None, **kwargs)
+        data.update(text_inputs)
+        if return_offsets:
+            data["text_replacement_offsets"] = [offsets for _, offsets in expanded]
+        if return_mm_token_type_ids:  # 1 on the visual and slice tokens of each volume, 0 on text
+            volume_ids = (self.image_token_id, self.slice_token_id)
+            data["mm_token_type_ids"] = [[int(i in volume_ids) for i in row] for row in text_inputs["input_ids"]]
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
+
+    def _check_text_kwargs(self, kwargs: dict) -> None:
+        """Refuse keyword arguments that nothing reads, naming them (the tokenizer would ignore them)."""
+        known = set(inspect.signature(type(self.tokenizer).__call__).parameters) | set(TextKwargs.__annotations__)
+        unknown = sorted(set(kwargs) - known)
+        if not unknown:
+            return
+        hint = ""
+        if any(name.rstrip("s") in _VOLUME_LIKE_NAMES for name in unknown):
+            hint = "; volumes go in images= (or volumes=), masks in masks=, multi-label mask ids or names in label="
+        raise TypeError(f"{type(self).__name__}.__call__ got unexpected keyword argument(s) {unknown}{hint}")
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """Render (and with `tokenize=True`, process) conversations in the content-list format.
+
+        Like Qwen2-VL's processor for images: an image block ``{"type": "image", "path": ...}`` (or ``"image"``,
+        ``"url"``, ``"base64"``) renders the image block and, with `tokenize=True, return_dict=True`, its volume is
+        loaded and returned as `pixel_values`. Each image block may also hold ``"mask"`` (the ROI drawn as the
+        boundary prompt: path, nibabel image, MetaTensor or array), ``"label"`` (for a multi-label mask),
+        ``"layout"`` (for bare arrays), ``"intensity"`` and ``"rescale"``. A ``{"type": "image"}`` without a
+        volume only renders the block (the records' form; give the volume in `processor_kwargs={"images": ...}`).
+
+        All other arguments are those of `ProcessorMixin.apply_chat_template` (`add_generation_prompt`,
+        `return_assistant_tokens_mask`, `processor_kwargs`, ...). Without `return_tensors` the ids come back as
+        lists and `pixel_values` as a numpy array, as the tokenizer's `apply_chat_template` returns lists; pass
+        `return_tensors="pt"` for tensors.
+        """
+        if kwargs.get("tokenize"):
+            processor_kwargs = dict(kwargs.get("processor_kwargs") or {})
+            for key, values in _image_block_extras(conversation).items():
+                if key in processor_kwargs:
+                    raise ValueError(f"{key!r} given both in the image blocks and in processor_kwargs")
+                processor_kwargs[key] = values
+            if kwargs.get("return_tensors", "auto") == "auto":
+                # As the tokenizer's apply_chat_template (and TRL's checks, which read it): lists, unless asked.
+                processor_kwargs.setdefault("return_tensors", None)
+            kwargs["processor_kwargs"] = processor_kwargs
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
@@ -181,3 +266,43 @@ class Med3DQwenProcessor(ProcessorMixin):
         """Token count of each prompt after image expansion (for masking the prompt out of the labels)."""
         expanded = [self.expand_image_tokens(p) for p in prompts]
         return np.asarray([len(ids) for ids in self.tokenizer(expanded)["input_ids"]])
+
+
+def _flatten_samples(values) -> list | None:
+    """One flat list of volumes (or masks) from a single one, a list, or a list of per-sample lists."""
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple)):
+        return [values]
+    flat = []
+    for value in values:
+        flat.extend(value if isinstance(value, (list, tuple)) else [value])
+    return flat
+
+
+def _image_block_extras(conversation) -> dict[str, list]:
+    """Per-volume ``mask`` / ``label`` / ... of the image blocks that hold a volume, in order (empty if none has one).
+
+    Raises:
+        ValueError: an image block gives a mask (or another extra) but no volume.
+    """
+    batched = isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple))
+    conversations = conversation if batched else [conversation]
+    extras: dict[str, list] = {key: [] for key in _IMAGE_EXTRA_KEYS}
+    for messages in conversations:
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, list):
+                continue
+            for block in content:
+                if not isinstance(block, dict) or block.get("type") != "image":
+                    continue
+                has_volume = any(block.get(key) is not None for key in _IMAGE_SOURCE_KEYS)
+                given = [key for key in _IMAGE_EXTRA_KEYS if block.get(key) is not None]
+                if given and not has_volume:
+                    raise ValueError(f"an image block gives {given} but no volume (one of {_IMAGE_SOURCE_KEYS})")
+                if has_volume:
+                    for key in _IMAGE_EXTRA_KEYS:
+                        extras[key].append(block.get(key))
+    processor_names = {"mask": "masks"}
+    return {processor_names.get(k, k): v for k, v in extras.items() if any(x is not None for x in v)}

@@ -107,22 +107,32 @@ MODEL_MAX_LENGTH = 131072
 #: The system prompt Qwen2.5-Instruct's template inserts when the conversation has none.
 DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
-#: ChatML as rendered by Qwen2.5-Instruct's template for system/user/assistant turns, with its default system
-#: prompt when the conversation has none; tools are not supported. Messages with role ``"vision"`` (our JSONL
-#: layout: ``{"role": "vision", "content": "nifti:…; prompt_png:[…]"}``) carry file paths for the collator, not
-#: text: the template drops them first. ``content`` may be a string or a list of ``{"type": "text", "text": …}``
-#: parts (other part types render nothing). Any other role raises.
+#: The one chat template of the tokenizer and the processor: ChatML as rendered by Qwen2.5-Instruct's template
+#: for system/user/assistant turns, with its default system prompt when the conversation has none; tools are not
+#: supported. ``content`` is a string or a list of parts: ``{"type": "text", "text": …}`` renders its text,
+#: ``{"type": "image", …}`` (or ``"volume"``) the image block ``<|vision_start|><|image_pad|><|vision_end|>`` in
+#: place (the processor expands it; extra keys such as ``path``, ``image`` or ``mask`` render nothing). Messages with
+#: role ``"vision"`` (the paper's layout: ``{"role": "vision", "content": "nifti:…; prompt_png:[…]"}``) carry file
+#: paths, not text: they render nothing but put one image block at the start of the first user turn. Assistant
+#: contents and their ``<|im_end|>`` sit inside ``{% generation %}`` so ``return_assistant_tokens_mask=True`` (and
+#: TRL's ``assistant_only_loss``) mark exactly the tokens the model must learn, the end-of-turn token included.
+#: Any other role raises.
 CHAT_TEMPLATE = """\
-{#- ChatML as Qwen2.5-Instruct (no tools). Role "vision" messages hold volume paths, not text: dropped. -#}
+{#- ChatML as Qwen2.5-Instruct (no tools), with image blocks. Role "vision" messages hold volume paths: no text. -#}
 {%- macro render_content(content) %}
     {%- if content is string %}
         {{- content }}
     {%- elif content is not none %}
-        {%- for part in content if part.type == "text" %}
-            {{- part.text }}
+        {%- for part in content %}
+            {%- if part.type == "text" %}
+                {{- part.text }}
+            {%- elif part.type in ["image", "volume"] %}
+                {{- "<|vision_start|><|image_pad|><|vision_end|>" }}
+            {%- endif %}
         {%- endfor %}
     {%- endif %}
 {%- endmacro %}
+{%- set ns = namespace(image_pending=(messages | selectattr("role", "equalto", "vision") | list | length > 0)) %}
 {%- set turns = messages | rejectattr("role", "equalto", "vision") | list %}
 {%- if turns and turns[0].role == "system" %}
     {{- "<|im_start|>system\\n" + render_content(turns[0].content) + "<|im_end|>\\n" }}
@@ -131,8 +141,19 @@ CHAT_TEMPLATE = """\
 {%- endif %}
 {%- for message in turns %}
     {%- if message.role == "system" and loop.first %}
-    {%- elif message.role in ["system", "user", "assistant"] %}
-        {{- "<|im_start|>" + message.role + "\\n" + render_content(message.content) + "<|im_end|>\\n" }}
+    {%- elif message.role == "assistant" %}
+        {{- "<|im_start|>assistant\\n" }}
+        {%- generation %}
+            {{- render_content(message.content) + "<|im_end|>" }}
+        {%- endgeneration %}
+        {{- "\\n" }}
+    {%- elif message.role in ["system", "user"] %}
+        {{- "<|im_start|>" + message.role + "\\n" }}
+        {%- if message.role == "user" and ns.image_pending %}
+            {{- "<|vision_start|><|image_pad|><|vision_end|>" }}
+            {%- set ns.image_pending = false %}
+        {%- endif %}
+        {{- render_content(message.content) + "<|im_end|>\\n" }}
     {%- else %}
         {{- raise_exception("Unsupported chat role '" + message.role + "': use system, user, assistant or vision") }}
     {%- endif %}

@@ -63,36 +63,39 @@ def messages(question: str = "Is there a nodule?", answer: str | None = "Yes.") 
 
 def test_image_processor_from_files_draws_the_prompt(case):
     hu, mask, ct_path, roi_path = case
-    out = Med3DQwenImageProcessor(volume_size=SIZE, contour_thickness=1)(ct_path, roi_path)
+    out = Med3DQwenImageProcessor(volume_size=SIZE, contour_thickness=1)(ct_path, roi_path, return_prompt_info=True)
     pixels = out["pixel_values"]
     assert pixels.shape == (1, 1, *SIZE) and pixels.dtype == torch.float32
     assert 0.0 <= float(pixels.min()) and float(pixels.max()) == 1.0
     assert 0.0 < float(out["covered_fraction"][0]) < 1.0 and not bool(out["roi_empty"][0])
     # Same thing from arrays: the contour is drawn after resizing, on the resized mask.
-    same = Med3DQwenImageProcessor(volume_size=SIZE, contour_thickness=1)(hu, mask)
+    same = Med3DQwenImageProcessor(volume_size=SIZE, contour_thickness=1)(hu, mask, layout="DHW")
     torch.testing.assert_close(same["pixel_values"], pixels)
 
 
 def test_image_processor_without_mask_is_the_windowed_volume(case):
     hu, _, ct_path, _ = case
-    out = Med3DQwenImageProcessor(volume_size=SIZE)(ct_path)
+    out = Med3DQwenImageProcessor(volume_size=SIZE)(ct_path, return_prompt_info=True)
     assert bool(out["roi_empty"][0]) and float(out["covered_fraction"][0]) == 0.0
     assert float(out["pixel_values"].max()) == pytest.approx((40 + 1000) / 1200, abs=1e-4)
 
 
 def test_image_processor_encodings(case):
     hu, mask, _, _ = case
-    channel = Med3DQwenImageProcessor(volume_size=SIZE, prompt_encoding="channel")(hu, mask)["pixel_values"]
+    channel = Med3DQwenImageProcessor(volume_size=SIZE, prompt_encoding="channel")(hu, mask, layout="DHW")
+    channel = channel["pixel_values"]
     assert channel.shape == (1, 2, *SIZE)
     assert set(torch.unique(channel[0, 1]).tolist()) == {0.0, 1.0}
-    rgb = Med3DQwenImageProcessor(volume_size=SIZE, prompt_encoding="rgb", prompt_color="blue")(hu, mask)
+    rgb = Med3DQwenImageProcessor(volume_size=SIZE, prompt_encoding="rgb", prompt_color="blue")(hu, mask, layout="DHW")
     band = rgb["pixel_values"][0, 2] == 1.0
     assert band.any() and bool((rgb["pixel_values"][0, 0][band] <= 1.0).all())
 
 
 def test_image_processor_batch_and_numpy_output(case):
     hu, mask, ct_path, roi_path = case
-    out = Med3DQwenImageProcessor(volume_size=SIZE)([ct_path, hu], [roi_path, None], return_tensors="np")
+    out = Med3DQwenImageProcessor(volume_size=SIZE)(
+        [ct_path, hu], [roi_path, None], return_tensors="np", layout=[None, "DHW"], return_prompt_info=True
+    )
     assert out["pixel_values"].shape == (2, 1, *SIZE) and isinstance(out["pixel_values"], np.ndarray)
     assert out["roi_empty"].tolist() == [False, True]
 
@@ -101,11 +104,11 @@ def test_image_processor_bad_input(case, tmp_path):
     hu, mask, ct_path, _ = case
     processor = Med3DQwenImageProcessor(volume_size=SIZE)
     with pytest.raises(ValueError, match="2 volumes but 1 masks"):
-        processor([hu, hu], [mask])
+        processor([hu, hu], [mask], layout="DHW")
     with pytest.raises(CTInputError, match="differs"):
-        processor(hu, mask[:, :10])
-    with pytest.raises(ValueError, match="mask file needs the volume as a file"):
-        processor(hu, tmp_path / "roi.nii.gz")
+        processor(hu, mask[:, :10], layout="DHW")
+    with pytest.raises(CTInputError, match="mask affine differs"):
+        processor(hu, tmp_path / "roi.nii.gz", layout="DHW")  # the array's standard 1 mm grid is not the file's
     with pytest.raises(CTInputError, match="file not found"):
         processor(tmp_path / "missing.nii.gz")
     with pytest.raises(ValueError, match="prompt_encoding"):
@@ -138,7 +141,7 @@ def test_image_placeholder_expansion_and_batch_padding(processor, case):
         for q in ("Is there a nodule?", "What abnormalities are seen in the left lung?")
     ]
     batch = processor(volumes=[ct_path, ct_path], masks=[roi_path, None], text=prompts, padding=True,
-                      padding_side="left")  # fmt: skip
+                      padding_side="left", return_prompt_info=True)  # fmt: skip
     ids = batch["input_ids"]
     assert batch["pixel_values"].shape == (2, 1, *SIZE)
     assert ((ids == IMAGE_ID).sum(dim=1) == 6).all() and ((ids == SLICE_ID).sum(dim=1) == 2).all()
@@ -230,7 +233,8 @@ def test_processor_remote_code_load_without_the_package(processor, tmp_path):
         hu = np.full((8, 16, 16), -1000.0, dtype=np.float32)
         mask = np.zeros(hu.shape, bool)
         mask[2:6, 4:12, 4:12] = True
-        out = proc(volumes=[hu], masks=[mask], text=["<|vision_start|><|image_pad|><|vision_end|>Is it there?"])
+        out = proc(volumes=[hu], masks=[mask], layout="DHW",
+                   text=["<|vision_start|><|image_pad|><|vision_end|>Is it there?"])
         assert tuple(out["pixel_values"].shape) == (1, 1, 16, 32, 32), out["pixel_values"].shape
         assert int((out["input_ids"] == 151655).sum()) == 6
         print("remote-processor OK")
@@ -252,13 +256,15 @@ def test_unit_intensity_volumes_skip_the_hu_window(tmp_path):
     processor = Med3DQwenImageProcessor(volume_size=(8, 16, 16))
     as_unit = processor(tmp_path / "m3d.npy", intensity="unit", return_tensors="np")["pixel_values"]
     np.testing.assert_allclose(as_unit[0, 0], unit[0], atol=1e-6)  # no window: values kept
-    as_hu = processor(tmp_path / "m3d.npy", return_tensors="np")["pixel_values"]
+    with pytest.warns(UserWarning, match=r"m3d\.npy: values lie in \[0, 1\] but are windowed as HU"):
+        as_hu = processor(tmp_path / "m3d.npy", return_tensors="np")["pixel_values"]
     assert as_hu.max() < 0.85  # [0, 1] read as HU lands in a narrow band of the chest window
     from PIL import Image
 
     figure = (rng.uniform(0, 255, size=(16, 16, 3))).astype(np.uint8)
     Image.fromarray(figure).save(tmp_path / "fig.png")
-    out = processor(tmp_path / "fig.png", return_tensors="np")["pixel_values"]  # figures say "unit" themselves
+    with pytest.warns(UserWarning, match=r"fig\.png: a single slice"):
+        out = processor(tmp_path / "fig.png", return_tensors="np")["pixel_values"]  # figures say "unit" themselves
     grey = np.asarray(Image.fromarray(figure).convert("L"), dtype=np.float32) / 255.0
     np.testing.assert_allclose(out[0, 0, 3], grey, atol=1e-6)  # one slice repeated along the depth
     with pytest.raises(ValueError, match="intensity"):
@@ -269,25 +275,28 @@ def test_rescale_is_applied_before_the_window(case):
     hu, _, _, _ = case
     raw = hu + 1024.0  # a CT-RATE volume without its header rescale
     processor = Med3DQwenImageProcessor(volume_size=SIZE)
-    expected = processor(hu, return_tensors="np")["pixel_values"]
-    fixed = processor([raw, raw], rescale=[(1.0, -1024.0), (1.0, -1024.0)], return_tensors="np")["pixel_values"]
+    expected = processor(hu, return_tensors="np", layout="DHW")["pixel_values"]
+    fixed = processor([raw, raw], rescale=[(1.0, -1024.0)] * 2, return_tensors="np", layout="DHW")["pixel_values"]
     np.testing.assert_allclose(fixed[0], expected[0], atol=1e-6)
-    np.testing.assert_allclose(processor(raw, rescale=(1, -1024), return_tensors="np")["pixel_values"], expected)
+    np.testing.assert_allclose(
+        processor(raw, rescale=(1, -1024), return_tensors="np", layout="DHW")["pixel_values"], expected
+    )
     with pytest.raises(ValueError, match="2 volumes but 3 rescale"):
-        processor([raw, raw], rescale=[(1, 0)] * 3)
+        processor([raw, raw], rescale=[(1, 0)] * 3, layout="DHW")
 
 
 def test_image_processor_takes_bfloat16_and_soft_masks_and_refuses_nan_rescale(case):
     """bf16 tensors used to crash in Tensor.numpy(); a 0.7 soft mask vanished after resizing."""
     hu, mask, _, _ = case
     processor = Med3DQwenImageProcessor(volume_size=SIZE)
+    kwargs = {"return_tensors": "np", "layout": "DHW", "return_prompt_info": True}
     bf16 = torch.from_numpy(hu).to(torch.bfloat16)
-    expected = processor(bf16.float().numpy(), mask, return_tensors="np")
-    out = processor(bf16, torch.from_numpy(mask).to(torch.bfloat16), return_tensors="np")
+    expected = processor(bf16.float().numpy(), mask, **kwargs)
+    out = processor(bf16, torch.from_numpy(mask).to(torch.bfloat16), **kwargs)
     np.testing.assert_array_equal(out["pixel_values"], expected["pixel_values"])
-    soft = processor(hu, mask * np.float32(0.7), return_tensors="np")
-    np.testing.assert_array_equal(soft["pixel_values"], processor(hu, mask, return_tensors="np")["pixel_values"])
+    soft = processor(hu, mask * np.float32(0.7), **kwargs)
+    np.testing.assert_array_equal(soft["pixel_values"], processor(hu, mask, **kwargs)["pixel_values"])
     assert not soft["roi_empty"][0]
-    assert processor(hu, mask * np.float32(0.3), return_tensors="np")["roi_empty"][0]
+    assert processor(hu, mask * np.float32(0.3), **kwargs)["roi_empty"][0]
     with pytest.raises(CTInputError, match="NaN or infinite"):
-        processor(hu, rescale=(float("nan"), 0.0))
+        processor(hu, rescale=(float("nan"), 0.0), layout="DHW")

@@ -26,6 +26,9 @@ from med3dqwen.processing.tokenization_med3d_qwen import (
 )
 
 
+IMAGE_BLOCK = VISION_START + IMAGE_TOKEN + VISION_END
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_qwen2_5_tokenizer()
@@ -331,23 +334,26 @@ def test_chat_template_generation_prompt_and_default_system(tokenizer):
     assert prompt.endswith("?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_chat_template_skips_vision_messages(tokenizer):
+def test_chat_template_renders_vision_messages_as_an_image_block(tokenizer):
     with_vision = [
         *CONVERSATION[:2],
         {"role": "vision", "content": "nifti:volumes/train_1_a_1.nii.gz; prompt_png:[png/train_1_a_1/012.png]"},
         CONVERSATION[2],
     ]
     text = tokenizer.apply_chat_template(with_vision, tokenize=False)
-    assert text == tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
-    assert "nifti" not in text and "vision" not in text
+    image_first = [CONVERSATION[0], {**CONVERSATION[1], "content": IMAGE_BLOCK + CONVERSATION[1]["content"]}]
+    assert text == tokenizer.apply_chat_template([*image_first, CONVERSATION[2]], tokenize=False)
+    assert "nifti" not in text and text.count(IMAGE_BLOCK) == 1
     # A vision message first does not hide the system message behind it.
     first = tokenizer.apply_chat_template([with_vision[2], *CONVERSATION], tokenize=False)
     assert first == text
 
 
 def test_chat_template_text_parts_and_unknown_role(tokenizer):
+    """The image block of a content list is kept: the tokenizer's template used to drop it (issue 8, item 10)."""
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a nodule?"}]}]
-    assert "<|im_start|>user\nIs there a nodule?<|im_end|>\n" in tokenizer.apply_chat_template(parts, tokenize=False)
+    rendered = tokenizer.apply_chat_template(parts, tokenize=False)
+    assert f"<|im_start|>user\n{IMAGE_BLOCK}Is there a nodule?<|im_end|>\n" in rendered
     with pytest.raises(Exception, match="Unsupported chat role 'tool'"):
         tokenizer.apply_chat_template([{"role": "tool", "content": "{}"}], tokenize=False)
 
