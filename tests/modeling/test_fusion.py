@@ -776,10 +776,9 @@ def test_cached_generation_equals_uncached_on_a_multi_turn_chat():
 
 
 def test_fusion_window_on_the_real_qwen_tokens_is_the_question():
-    # The real tokenizer and the processor's chat template: the window must decode to the question exactly.
-    jinja2 = pytest.importorskip("jinja2")
+    # The real tokenizer and its chat template (the processor's too): the window must decode to the question exactly.
     from med3dqwen.modeling.configuration_med3d_qwen import Med3DQwenConfig
-    from med3dqwen.processing.processing_med3d_qwen import CHAT_TEMPLATE, IMAGE_TOKEN, SLICE_TOKEN
+    from med3dqwen.processing.processing_med3d_qwen import IMAGE_TOKEN, SLICE_TOKEN
     from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
 
     tokenizer = load_qwen2_5_tokenizer()
@@ -791,7 +790,7 @@ def test_fusion_window_on_the_real_qwen_tokens_is_the_question():
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nIs there a pleural effusion?"}]},
         {"role": "assistant", "content": "Yes."},
     ]
-    text = jinja2.Template(CHAT_TEMPLATE).render(messages=messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
     text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * 4 + SLICE_TOKEN * 2)
     input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
