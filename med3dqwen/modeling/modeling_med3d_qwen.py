@@ -635,9 +635,8 @@ class Med3DQwenForConditionalGeneration(Med3DQwenPreTrainedModel, GenerationMixi
                 closed_logits = self._mask_closed_logits(closed_logits, closed_label_mask)
             if closed_labels is not None:
                 closed_loss = self._closed_loss(closed_logits, closed_labels, closed_label_mask)
-        present = [value for value in (lm_loss, closed_loss) if value is not None]
         return Med3DQwenCausalLMOutputWithPast(
-            loss=sum(present[1:], present[0]) if present else None,
+            loss=self._total_loss(lm_loss, closed_loss, labels, kwargs),
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
@@ -647,6 +646,30 @@ class Med3DQwenForConditionalGeneration(Med3DQwenPreTrainedModel, GenerationMixi
             lm_loss=lm_loss,
             closed_loss=closed_loss,
         )
+
+    @staticmethod
+    def _total_loss(
+        lm_loss: torch.Tensor | None, closed_loss: torch.Tensor | None, labels: torch.Tensor | None, kwargs: dict
+    ) -> torch.Tensor | None:
+        """`lm_loss + closed_loss` (those given): Trainer and TRL backpropagate `loss` only.
+
+        Under gradient accumulation Trainer passes `num_items_in_batch` (the target tokens of all accumulated
+        micro-batches) and no longer divides `loss` by the number of steps, since the LM loss is already a share of
+        the whole. The closed loss, a mean over this micro-batch, is then weighted by the micro-batch's share of
+        those tokens, so that over the accumulated batch it adds up to one mean too (weight 1 without
+        accumulation).
+        """
+        if closed_loss is None:
+            return lm_loss
+        if lm_loss is None:
+            return closed_loss
+        num_items = kwargs.get("num_items_in_batch")
+        if num_items is not None:
+            targets = kwargs.get("shift_labels")
+            targets = labels[..., 1:] if targets is None else targets
+            share = (targets != -100).sum().to(closed_loss.device) / torch.as_tensor(num_items).to(closed_loss.device)
+            closed_loss = closed_loss * share
+        return lm_loss + closed_loss
 
     def _mask_closed_logits(self, closed_logits: torch.Tensor, closed_label_mask: torch.Tensor) -> torch.Tensor:
         """`-inf` outside each row's allowed labels; rows that allow nothing stay as they are."""

@@ -232,6 +232,23 @@ def test_closed_loss_over_the_allowed_labels(config_and_inputs):
     assert nothing.closed_loss == 0 and torch.isfinite(nothing.closed_loss)
 
 
+def test_closed_loss_under_gradient_accumulation(config_and_inputs):
+    # Trainer passes num_items_in_batch (target tokens of all accumulated micro-batches) and then sums the
+    # micro-batch losses undivided: the closed mean is weighted by the micro-batch's share of those tokens.
+    config, inputs = config_and_inputs
+    model = make_model(config)
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100  # 3 targets per row: 6 in this micro-batch
+    closed_labels = torch.tensor([1, 0])
+    alone = model(**inputs, labels=labels, closed_labels=closed_labels)
+    same = model(**inputs, labels=labels, closed_labels=closed_labels, num_items_in_batch=torch.tensor(6))
+    torch.testing.assert_close(same.loss, alone.loss)
+    half = model(**inputs, labels=labels, closed_labels=closed_labels, num_items_in_batch=torch.tensor(12))
+    torch.testing.assert_close(half.lm_loss, alone.lm_loss / 2)
+    torch.testing.assert_close(half.closed_loss, alone.closed_loss)  # reported as the plain mean
+    torch.testing.assert_close(half.loss, (alone.lm_loss + alone.closed_loss) / 2)
+
+
 def test_closed_loss_trains_the_head_through_loss(config_and_inputs):
     config, inputs = config_and_inputs
     model = make_model(config).train()
