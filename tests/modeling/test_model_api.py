@@ -329,3 +329,28 @@ def test_prompt_mask_from_embeddings_finds_the_assistant_turn(config_and_inputs)
     assert torch.equal(recovered == IM_START, ids == IM_START)
     assert torch.equal(recovered == SLICE, ids == SLICE) and torch.equal(recovered == IMAGE, ids == IMAGE)
     assert (recovered[(ids < 90)] == -1).all()  # ordinary text is not taken for a special token
+
+
+def test_trainer_trains_the_closed_head(config_and_inputs, tmp_path):
+    # Trainer passes closed_labels / closed_label_mask through (they are forward arguments) and backpropagates `loss`.
+    from transformers import Trainer, TrainingArguments
+
+    config, inputs = config_and_inputs
+    model = make_model(config).train()
+    rows = []
+    for i in range(4):
+        row = {k: v[i % 2] for k, v in inputs.items()}
+        row["labels"] = row["input_ids"].masked_fill(torch.arange(row["input_ids"].shape[0]) < 20, -100)
+        row["closed_labels"] = torch.tensor(i % 2)
+        row["closed_label_mask"] = torch.tensor([True, True, False, False, False, False])
+        rows.append(row)
+    before = model.closed_head.classifier.weight.detach().clone()
+    frozen = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+        learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    assert not torch.equal(model.closed_head.classifier.weight, before)
+    for name, value in model.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(value, frozen[name]), f"frozen projector weight {name} moved"
