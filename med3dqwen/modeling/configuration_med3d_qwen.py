@@ -196,8 +196,7 @@ class Med3DQwenConfig(PreTrainedConfig):
         use_ssa (`bool`, *optional*, defaults to `True`): slice self-attention (eq. 2) after the first `ssa_layers`
             decoder blocks.
         ssa_layers (`int`, *optional*, defaults to 2): the paper's k.
-        use_mssa (`bool`, *optional*, defaults to `True`): multi-head slice self-attention (eqs. 3-4) after block k
-            (k = 0: on the embeddings, before the first block).
+        use_mssa (`bool`, *optional*, defaults to `True`): multi-head slice self-attention (eqs. 3-4) after block k.
         mssa_heads (`int`, *optional*, defaults to 4): heads of the MSSA.
         max_slices (`int`, *optional*, defaults to 64): largest slice distance the MSSA bias covers.
         closed_label_names (`list[str]`, *optional*, defaults to `["no", "yes", "A", "B", "C", "D"]`): the

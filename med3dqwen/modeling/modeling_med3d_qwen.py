@@ -282,13 +282,12 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
         self.vision_encoder.eval()
 
     def _install_fusion(self) -> None:
-        """Attach SSA after each of the first k decoder blocks and MSSA after block k (docs/design.md, "Model");
-        with k = 0 the MSSA runs on the embeddings, before the first block (in :meth:`forward`)."""
+        """Attach SSA after each of the first k decoder blocks and MSSA after block k (docs/design.md, "Model")."""
         per_layer: dict[int, list[nn.Module]] = {}
         for i, module in enumerate(self.slice_self_attention or []):
             per_layer.setdefault(i, []).append(module)
-        if self.multi_head_slice_attention is not None and self.config.ssa_layers > 0:
-            per_layer.setdefault(self.config.ssa_layers - 1, []).append(self.multi_head_slice_attention)
+        if self.multi_head_slice_attention is not None:
+            per_layer.setdefault(max(self.config.ssa_layers - 1, 0), []).append(self.multi_head_slice_attention)
         for i, layer in enumerate(self.language_model.layers):
             layer.forward = _FusedLayerForward(layer.forward, per_layer.get(i, []))
 
@@ -471,11 +470,6 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
             if self.slice_self_attention is not None or self.multi_head_slice_attention is not None:
                 text_mask = prompt & ~image_mask & ~slice_mask
                 fusion = _FusionContext(slice_mask=slice_mask, text_mask=text_mask)
-                if self.config.ssa_layers == 0 and self.multi_head_slice_attention is not None:
-                    # k = 0: MSSA runs before the first decoder block (docs/design.md, "Model").
-                    inputs_embeds = apply_slice_fusion(
-                        inputs_embeds, slice_mask, text_mask, self.multi_head_slice_attention
-                    )
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,

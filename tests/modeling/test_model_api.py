@@ -9,7 +9,6 @@ from transformers import AutoModelForImageTextToText, GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from med3dqwen.modeling.configuration_med3d_qwen import Med3DQwenConfig
-from med3dqwen.modeling.fusion_med3d_qwen import apply_slice_fusion
 from med3dqwen.modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration, Med3DQwenModel
 
 
@@ -274,25 +273,7 @@ def test_bad_closed_labels_raise_clear_errors(config_and_inputs):
         no_head(**inputs, closed_labels=torch.tensor([1, 0]))
 
 
-# --- 10. MSSA placement for k = 0, a frozen projector, presets with a pad token -------------------------------
-
-
-def test_ssa_layers_zero_places_mssa_before_the_decoder():
-    config, inputs = Med3DQwenModelTester(ssa_layers=0, use_ssa=False).prepare_config_and_inputs_for_common()
-    model = make_model(config)
-    open_fusion(model)
-    backbone = model.model
-    out = model(**inputs, output_hidden_states=True)
-    # The decoder's input (hidden_states[0]) is already fused: MSSA applied to the spliced embeddings.
-    ids = inputs["input_ids"]
-    features = backbone.get_image_features(inputs["pixel_values"]).pooler_output
-    spliced = model.get_input_embeddings()(ids)
-    spliced = spliced.masked_scatter((ids == IMAGE)[..., None], features[:, :8].flatten(0, 1))
-    spliced = spliced.masked_scatter((ids == SLICE)[..., None], features[:, 8:].flatten(0, 1))
-    text = backbone.prompt_mask(ids, inputs["attention_mask"]) & (ids != IMAGE) & (ids != SLICE)
-    expected = apply_slice_fusion(spliced, ids == SLICE, text, backbone.multi_head_slice_attention)
-    assert not torch.allclose(expected, spliced)
-    torch.testing.assert_close(out.hidden_states[0], expected, rtol=0, atol=1e-6)
+# --- 10. a frozen projector, presets with a pad token (MSSA placement for k = 0: branch peft-fusion) -----------
 
 
 def test_projector_is_frozen_unless_the_config_trains_it(config_and_inputs, tmp_path):
