@@ -365,7 +365,7 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
 
         As LLaVA's ``get_placeholder_mask``: a position holds a special token where its embedding equals that
         token's row of the embedding table. The special tokens are the config's ``*_token_id`` fields (image and
-        slice placeholders, vision markers, ``<|im_start|>``), which is all the placeholder and prompt masks read.
+        slice placeholders, vision markers, chat markers), which is all the placeholder and prompt masks read.
 
         Args:
             inputs_embeds: `(B, L, H)` input embeddings.
@@ -373,14 +373,14 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
         Returns:
             `(B, L)` the special token id at each such position, -1 elsewhere.
         """
+        table = self.get_input_embeddings()
         ids = sorted(
             {
                 value
                 for key, value in vars(self.config).items()
-                if key.endswith("_token_id") and isinstance(value, int) and value >= 0
+                if key.endswith("_token_id") and isinstance(value, int) and 0 <= value < table.num_embeddings
             }
-        )
-        table = self.get_input_embeddings()
+        )  # ids outside the vocabulary cannot be in the input
         found = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
         for token_id in ids:
             token = table(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)  # (H,)

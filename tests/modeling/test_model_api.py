@@ -335,3 +335,12 @@ def test_trainer_trains_the_closed_head(config_and_inputs, tmp_path):
     assert not torch.equal(model.closed_head.classifier.weight, before)
     for name, value in model.model.multi_modal_projector.state_dict().items():
         assert torch.equal(value, frozen[name]), f"frozen projector weight {name} moved"
+
+
+def test_token_ids_outside_the_vocabulary_are_skipped_from_embeddings():
+    # A config may name a special token the (tiny) vocabulary lacks; it cannot be in the input, nor break the lookup.
+    config, inputs = Med3DQwenModelTester(vision_end_token_id=1000).prepare_config_and_inputs_for_common()
+    model = make_model(config)
+    ids = inputs.pop("input_ids")
+    from_embeds = model(inputs_embeds=model.get_input_embeddings()(ids), **inputs)
+    torch.testing.assert_close(from_embeds.logits, model(input_ids=ids, **inputs).logits, rtol=0, atol=0)
