@@ -12,7 +12,7 @@ from .dcformer_med3d_qwen import DCFORMER_PRESETS
 from .fusion_med3d_qwen import FUSION_TEXT_SCOPES
 
 
-__all__ = ["QWEN2_5_PRESETS", "Med3DQwenConfig", "Med3DQwenVisionConfig"]
+__all__ = ["DEFAULT_CLOSED_LABEL_NAMES", "QWEN2_5_PRESETS", "Med3DQwenConfig", "Med3DQwenVisionConfig"]
 
 # Architecture numbers of the Qwen2.5 decoders (their config.json files), so presets need no download.
 _QWEN2_5_COMMON = {
@@ -24,6 +24,7 @@ _QWEN2_5_COMMON = {
     "use_sliding_window": False,
     "bos_token_id": 151643,
     "eos_token_id": 151645,
+    "pad_token_id": 151643,  # <|endoftext|>, as in the Qwen2.5 tokenizers
 }
 QWEN2_5_PRESETS: dict[str, dict] = {
     "qwen2.5-0.5b": {
@@ -76,6 +77,30 @@ QWEN2_5_PRESETS: dict[str, dict] = {
 }
 
 PROMPT_ENCODINGS = ("burn_in", "channel", "rgb")
+
+# The closed-answer label vocabulary: yes/no questions, then the letters of multiple-choice questions. A record
+# names its label and the allowed subset (a yes/no question's softmax runs over {no, yes} only).
+DEFAULT_CLOSED_LABEL_NAMES = ("no", "yes", "A", "B", "C", "D")
+
+
+def _closed_label_names(names: list[str] | tuple[str, ...] | None, num_closed_classes: int | None) -> list[str]:
+    """Check the closed label vocabulary; `num_closed_classes` (the old field) is accepted only when it agrees."""
+    if names is None:
+        names = [] if num_closed_classes == 0 else list(DEFAULT_CLOSED_LABEL_NAMES)
+    if isinstance(names, str) or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"closed_label_names must be a list of non-empty strings, got {names!r}")
+    names = list(names)
+    if len(set(names)) != len(names):
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"closed_label_names must be unique, {duplicated} appear more than once")
+    if len(names) == 1:
+        raise ValueError(f"closed_label_names needs at least 2 labels (or none: no closed head), got {names}")
+    if num_closed_classes is not None and num_closed_classes != len(names):
+        raise ValueError(
+            f"num_closed_classes={num_closed_classes} disagrees with the {len(names)} closed_label_names {names}; "
+            "the head size is len(closed_label_names), give only that"
+        )
+    return names
 
 
 class Med3DQwenVisionConfig(PreTrainedConfig):
@@ -181,7 +206,11 @@ class Med3DQwenConfig(PreTrainedConfig):
             slice tokens (docs/fusion.md): `"user_turn"` = the text of the chat turn that holds the volume (the
             question; no system prompt, chat markup, vision markers or other turns), `"prompt"` = every token
             before the end of that turn except the image block (system prompt and earlier turns included).
-        num_closed_classes (`int`, *optional*, defaults to 2): size of the closed-answer head (0: no head).
+        closed_label_names (`list[str]`, *optional*, defaults to `["no", "yes", "A", "B", "C", "D"]`): the
+            closed-answer label vocabulary; the closed head has one output per name (an empty list: no head). The
+            forward's `closed_labels` index into it and `closed_label_mask` picks each row's allowed subset.
+        train_projector (`bool`, *optional*, defaults to `False`): leave the projector trainable at construction
+            (the alignment stage); otherwise it is frozen, as after alignment (docs/design.md, "Training recipe").
         prompt_encoding (`str`, *optional*, defaults to `"burn_in"`): how the contour reaches the encoder; sets
             `vision_config.in_channels`.
         tie_word_embeddings (`bool`, *optional*): defaults to the text config's (Qwen2.5 <= 3B are tied).
@@ -206,7 +235,8 @@ class Med3DQwenConfig(PreTrainedConfig):
         mssa_heads: int = 4,
         max_slices: int = 64,
         fusion_text_scope: str = "user_turn",
-        num_closed_classes: int = 2,
+        closed_label_names: list[str] | tuple[str, ...] | None = None,
+        train_projector: bool = False,
         prompt_encoding: str = "burn_in",
         tie_word_embeddings: bool | None = None,
         **kwargs,
@@ -234,8 +264,7 @@ class Med3DQwenConfig(PreTrainedConfig):
             raise ValueError("use_ssa / use_mssa need slice tokens (vision_config.use_slice_tokens=True)")
         if fusion_text_scope not in FUSION_TEXT_SCOPES:
             raise ValueError(f"fusion_text_scope must be one of {FUSION_TEXT_SCOPES}, got {fusion_text_scope!r}")
-        if num_closed_classes < 0:
-            raise ValueError(f"num_closed_classes must be >= 0, got {num_closed_classes}")
+        closed_label_names = _closed_label_names(closed_label_names, kwargs.pop("num_closed_classes", None))
         self.text_config = text_config
         self.vision_config = vision_config
         self.image_token_id = image_token_id
@@ -250,12 +279,18 @@ class Med3DQwenConfig(PreTrainedConfig):
         self.mssa_heads = mssa_heads
         self.max_slices = max_slices
         self.fusion_text_scope = fusion_text_scope
-        self.num_closed_classes = num_closed_classes
+        self.closed_label_names = closed_label_names
+        self.train_projector = train_projector
         self.prompt_encoding = prompt_encoding
         self.tie_word_embeddings = (
             text_config.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
         )
         super().__init__(**kwargs)
+
+    @property
+    def num_closed_labels(self) -> int:
+        """Outputs of the closed head (0: no head)."""
+        return len(self.closed_label_names)
 
     @property
     def num_image_tokens(self) -> int:

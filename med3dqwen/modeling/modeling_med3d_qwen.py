@@ -13,11 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
-from transformers.utils import is_flash_attn_2_available, logging
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, is_flash_attn_2_available, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_med3d_qwen import Med3DQwenConfig
 from .dcformer_med3d_qwen import DCFormerConvBlock, Med3DQwenVisionEncoder, PromptStem, flatten_stage_tokens
@@ -51,40 +59,65 @@ __all__ = [
 
 
 @dataclass
-class Med3DQwenModelOutputWithPast(BaseModelOutputWithPast):
-    """Backbone output.
+class Med3DQwenModelOutputWithPast(MultimodalBaseModelOutputWithPast):
+    """Backbone output: transformers' multimodal output (`last_hidden_state`, `cache`, `hidden_states`,
+    `attentions`, `image_outputs` from :meth:`Med3DQwenModel.get_image_features`) and where the closed head reads.
 
     Args:
-        image_hidden_states (`torch.FloatTensor` of shape `(num_volumes, num_image_tokens, hidden_size)`, *optional*):
-            projected visual tokens followed by slice tokens, as spliced into the sequence.
         prompt_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             index of each sample's last prompt token (where the closed head reads).
     """
 
-    image_hidden_states: torch.FloatTensor | None = None
     prompt_positions: torch.LongTensor | None = None
+
+    @property
+    def image_hidden_states(self) -> torch.FloatTensor | None:
+        """`(num_volumes, num_image_tokens, hidden_size)`: visual then slice tokens, as spliced into the sequence."""
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
 @dataclass
-class Med3DQwenCausalLMOutputWithPast(ModelOutput):
-    """Output of :class:`Med3DQwenForConditionalGeneration`.
+class Med3DQwenCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    """Output of :class:`Med3DQwenForConditionalGeneration`: transformers' multimodal causal-LM output plus the
+    closed head.
 
     Args:
-        loss (`torch.FloatTensor`, *optional*): next-token loss when `labels` are given.
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
-        closed_logits (`torch.FloatTensor` of shape `(batch_size, num_closed_classes)`, *optional*):
-            the closed-answer head on the last prompt token.
-        cache, hidden_states, attentions: as in transformers' causal LM outputs.
-        image_hidden_states (`torch.FloatTensor`, *optional*): see :class:`Med3DQwenModelOutputWithPast`.
+        loss (`torch.FloatTensor`, *optional*): what a trainer minimises: `lm_loss + closed_loss`, of those given
+            (`labels` and/or `closed_labels`). Trainer and TRL read only `loss`, so the closed head trains only if
+            its loss is in it.
+        closed_logits (`torch.FloatTensor` of shape `(batch_size, num_closed_labels)`, *optional*):
+            the closed-answer head on the last prompt token; `-inf` outside each row's allowed labels when a
+            `closed_label_mask` is given.
+        lm_loss (`torch.FloatTensor`, *optional*): next-token loss, when `labels` are given.
+        closed_loss (`torch.FloatTensor`, *optional*): cross-entropy of the closed head over each row's allowed
+            labels, mean over the rows with a closed label, when `closed_labels` are given.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     closed_logits: torch.FloatTensor | None = None
-    cache: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    closed_loss: torch.FloatTensor | None = None
+
+    @property
+    def image_hidden_states(self) -> torch.FloatTensor | None:
+        """`(num_volumes, num_image_tokens, hidden_size)`: visual then slice tokens, as spliced into the sequence."""
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
+
+
+# Keyword arguments the forwards take besides their named ones: what transformers passes to every model
+# (`output_hidden_states`, `num_items_in_batch`, flash-attention varlen arguments ...). Anything else is refused.
+_MODEL_KWARGS = frozenset(TransformersKwargs.__annotations__)
+_LOSS_KWARGS = frozenset({"shift_labels"})
+
+
+def _refuse_unknown_kwargs(where: str, kwargs: dict, allowed: frozenset[str]) -> None:
+    """Raise the TypeError Python raises for an unexpected keyword (model inputs only; no silent drop)."""
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(
+            f"{where}() got an unexpected keyword argument {unknown[0]!r}"
+            + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
+            + "; pass only model inputs (the processor's extras are not model inputs)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,9 +206,19 @@ class Med3DQwenPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """As transformers' ``from_pretrained``; the attention defaults to :func:`default_attn_implementation`."""
-        kwargs.setdefault("attn_implementation", default_attn_implementation())
-        return super().from_pretrained(*args, **kwargs)
+        """As transformers' ``from_pretrained``; with no attention chosen (neither ``attn_implementation`` nor a
+        ``config`` that names one, as the Auto classes pass it) it defaults to :func:`default_attn_implementation`.
+        """
+        config = kwargs.get("config")
+        chosen = isinstance(config, PreTrainedConfig) and config._attn_implementation is not None
+        if "attn_implementation" not in kwargs and not chosen:
+            kwargs["attn_implementation"] = default_attn_implementation()
+        loaded = super().from_pretrained(*args, **kwargs)
+        # Loading puts new Parameters (requires_grad=True) in place: freeze the frozen parts again.
+        for module in (loaded[0] if isinstance(loaded, tuple) else loaded).modules():
+            if isinstance(module, Med3DQwenModel):
+                module.freeze_pretrained_parts()
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # register_for_auto_class records one class per model; name all three so every Auto class finds its own.
@@ -244,7 +287,13 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self._install_fusion()
         self.post_init()
+        self.freeze_pretrained_parts()
+
+    def freeze_pretrained_parts(self) -> None:
+        """Freeze the vision encoder (see :meth:`freeze_vision_encoder`) and the projector, which is trained only
+        in the alignment stage (`config.train_projector`; docs/design.md, "Training recipe")."""
         self.freeze_vision_encoder()
+        self.multi_modal_projector.requires_grad_(self.config.train_projector)
 
     def freeze_vision_encoder(self) -> None:
         """Freeze the encoder (except its prompt stem) and keep it in eval mode: its BatchNorm statistics and
@@ -344,18 +393,36 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> tuple | BaseModelOutputWithPooling:
         """Encode volumes into the tokens that replace the image placeholders.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_volumes, in_channels, D, H, W)`): windowed volumes in
                 [0, 1] with the prompt drawn in (see the processor).
+            output_hidden_states (`bool`, *optional*): also return every encoder stage (defaults to the config's).
+            output_attentions (`bool`, *optional*): the encoder and the projector are convolution and MLP-Mixer
+                layers, so there are no attention maps: `attentions` is then an empty tuple.
+            return_dict (`bool`, *optional*): `False` gives the fields as a tuple (None fields left out).
 
         Returns:
-            `(num_volumes, num_visual_tokens + num_slice_tokens, hidden_size)`: the projector's visual tokens, then
-            one token per encoder slice of `slice_stage`.
+            `BaseModelOutputWithPooling` with
+            - `pooler_output` `(num_volumes, num_visual_tokens + num_slice_tokens, hidden_size)`: the projector's
+              visual tokens, then one token per encoder slice of `slice_stage` (what the placeholders receive);
+            - `last_hidden_state` `(num_volumes, N_4, C_4)`: the last encoder stage as depth-major tokens;
+            - `hidden_states` (on request): the 5 encoder stages (stem + 4), each `(num_volumes, N_s, C_s)`;
+            - `attentions` (on request): `()`.
         """
         vision = self.config.vision_config
+        if output_hidden_states is None:
+            output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
+        if output_attentions is None:
+            output_attentions = bool(getattr(self.config, "output_attentions", False))
         if pixel_values.dim() != 5 or tuple(pixel_values.shape[1:]) != (vision.in_channels, *vision.volume_size):
             raise ValueError(
                 f"pixel_values must be (num_volumes, {vision.in_channels}, {', '.join(map(str, vision.volume_size))}) "
@@ -376,12 +443,49 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
         if self.slice_tokenizer is not None:
             stage = stages[vision.slice_stage].to(next(self.slice_tokenizer.parameters()).dtype)
             features.append(self.slice_tokenizer(stage).to(features[0].dtype))  # (B, N_s, H)
-        return torch.cat(features, dim=1)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=flatten_stage_tokens(stages[-1]),  # (B, N_4, C_4)
+            pooler_output=torch.cat(features, dim=1),  # (B, N_visual + N_slices, H)
+            hidden_states=tuple(flatten_stage_tokens(s) for s in stages) if output_hidden_states else None,
+            attentions=() if output_attentions else None,
+        )
 
-    def get_placeholder_masks(
-        self, input_ids: torch.LongTensor, image_features: torch.Tensor
+    def special_token_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
+        """Recover the special tokens from embeddings (when `inputs_embeds` come instead of `input_ids`).
+
+        As LLaVA's ``get_placeholder_mask``: a position holds a special token where its embedding equals that
+        token's row of the embedding table. The special tokens are the config's ``*_token_id`` fields (image and
+        slice placeholders, vision markers, chat markers), which is all the placeholder and prompt masks read.
+
+        Args:
+            inputs_embeds: `(B, L, H)` input embeddings.
+
+        Returns:
+            `(B, L)` the special token id at each such position, -1 elsewhere.
+        """
+        table = self.get_input_embeddings()
+        ids = sorted(
+            {
+                value
+                for key, value in vars(self.config).items()
+                if key.endswith("_token_id") and isinstance(value, int) and 0 <= value < table.num_embeddings
+            }
+        )  # ids outside the vocabulary cannot be in the input
+        found = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        for token_id in ids:
+            token = table(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)  # (H,)
+            found = found.masked_fill((inputs_embeds == token).all(-1), token_id)
+        return found
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) masks of the visual and slice placeholder tokens, checked against the features to splice."""
+        """(B, L) masks of the visual and slice placeholder tokens, checked against the features to splice.
+
+        Found from `input_ids`, or from `inputs_embeds` when no ids are given (see :meth:`special_token_ids`).
+        """
+        if input_ids is None:
+            input_ids = self.special_token_ids(inputs_embeds)
         vision = self.config.vision_config
         image_mask = input_ids == self.config.image_token_id
         slice_mask = input_ids == self.config.slice_token_id
@@ -410,6 +514,8 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
         end = torch.where(starts >= 0, starts + 2, torch.full_like(starts, length - 1))  # (B,)
         return attended & (positions <= end[:, None])
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -419,43 +525,39 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
         cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
-    ) -> Med3DQwenModelOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | Med3DQwenModelOutputWithPast:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(num_volumes, in_channels, D, H, W)`, *optional*):
-            prompted volumes, one per image placeholder block in `input_ids`.
+            prompted volumes, one per image placeholder block. Without them, placeholder tokens are ordinary
+            tokens (as in LLaVA): no splice and no slice fusion.
+        inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+            instead of `input_ids`; the placeholders are then found from the embeddings.
+        kwargs: what transformers passes to its models (`output_hidden_states`, `output_attentions`,
+            `num_items_in_batch`, ...); any other keyword is a TypeError.
         """
+        _refuse_unknown_kwargs(f"{type(self).__name__}.forward", kwargs, _MODEL_KWARGS)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        # Token ids for the masks; from embeddings, only the special tokens can be recovered (all that is needed).
+        ids = input_ids if input_ids is not None else self.special_token_ids(inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        image_features = None
+        image_outputs = None
         fusion = None
-        prompt_positions = None
+        prompt = self.prompt_mask(ids, attention_mask)
         if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids to locate the image placeholder tokens")
-            image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
-            image_mask, slice_mask = self.get_placeholder_masks(input_ids, image_features)
+            image_outputs = self.get_image_features(pixel_values, return_dict=True)
+            image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, slice_mask = self.get_placeholder_mask(ids, inputs_embeds, image_features)
             num_visual = self.config.vision_config.num_visual_tokens
             visual, slices = image_features[:, :num_visual], image_features[:, num_visual:]
             # Splice by token id (never by offset): each placeholder gets its feature, the text stays untouched.
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], visual.flatten(0, 1))
             if slices.shape[1]:
                 inputs_embeds = inputs_embeds.masked_scatter(slice_mask[..., None], slices.flatten(0, 1))
-            prompt = self.prompt_mask(input_ids, attention_mask)
-            prompt_positions = self.closed_positions(prompt)
-            fusion = self.fusion_context(image_mask, slice_mask, attention_mask, input_ids=input_ids)
-        elif input_ids is not None and (cache is None or cache.get_seq_length() == 0):
-            is_placeholder = (input_ids == self.config.image_token_id) | (input_ids == self.config.slice_token_id)
-            placeholders = int(is_placeholder.sum())
-            if placeholders:
-                raise ValueError(
-                    f"input_ids hold {placeholders} image placeholder tokens but no pixel_values were given"
-                )
-        if input_ids is not None and prompt_positions is None:
-            prompt_positions = self.closed_positions(self.prompt_mask(input_ids, attention_mask))
+            fusion = self.fusion_context(image_mask, slice_mask, attention_mask, input_ids=ids)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -471,8 +573,8 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=image_features,
-            prompt_positions=prompt_positions,
+            image_outputs=image_outputs,
+            prompt_positions=self.closed_positions(prompt),
         )
 
     @staticmethod
@@ -492,9 +594,7 @@ class Med3DQwenForConditionalGeneration(Med3DQwenPreTrainedModel, GenerationMixi
         hidden = config.text_config.hidden_size
         self.model = Med3DQwenModel(config)
         self.lm_head = nn.Linear(hidden, config.text_config.vocab_size, bias=False)
-        self.closed_head = (
-            Med3DQwenClosedHead(hidden, config.num_closed_classes) if config.num_closed_classes else None
-        )
+        self.closed_head = Med3DQwenClosedHead(hidden, config.num_closed_labels) if config.num_closed_labels else None
         self.post_init()
 
     @classmethod
@@ -541,9 +641,23 @@ class Med3DQwenForConditionalGeneration(Med3DQwenPreTrainedModel, GenerationMixi
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """See :meth:`Med3DQwenModel.get_image_features`."""
+        return self.model.get_image_features(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=return_dict,
+        )
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -553,14 +667,25 @@ class Med3DQwenForConditionalGeneration(Med3DQwenPreTrainedModel, GenerationMixi
         cache=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        closed_labels: torch.LongTensor | None = None,
+        closed_label_mask: torch.BoolTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> Med3DQwenCausalLMOutputWithPast:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple | Med3DQwenCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             next-token targets; -100 marks positions without loss (prompt, image tokens, padding).
+        closed_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            index into `config.closed_label_names` of each row's closed answer; -100 for rows without one.
+        closed_label_mask (`torch.BoolTensor` of shape `(batch_size, num_closed_labels)`, *optional*):
+            the labels each row may take (a yes/no question: `no`, `yes`); the closed logits are `-inf` elsewhere,
+            so softmax and loss run over the allowed labels only. Missing: every label is allowed. A row that
+            allows nothing is no closed question: it is left unmasked and must have `closed_labels` -100.
+        kwargs: what transformers passes to its models (`output_hidden_states`, `num_items_in_batch`, ...) and
+            `shift_labels` for the loss; any other keyword is a TypeError.
         """
+        _refuse_unknown_kwargs(f"{type(self).__name__}.forward", kwargs, _MODEL_KWARGS | _LOSS_KWARGS)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -569,26 +694,106 @@ class Med3DQwenForConditionalGeneration(Med3DQwenPreTrainedModel, GenerationMixi
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            **kwargs,
+            return_dict=True,
+            **{k: v for k, v in kwargs.items() if k not in _LOSS_KWARGS},
         )
         hidden_states = outputs.last_hidden_state
         # Only compute the logits that are needed (generation keeps the last position).
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
+        lm_loss = None
         if labels is not None:
-            loss = self.loss_function(
+            lm_loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        closed_logits = None
-        if self.closed_head is not None and outputs.prompt_positions is not None and pixel_values is not None:
-            closed_logits = self.closed_head(hidden_states, positions=outputs.prompt_positions)
+
+        closed_logits = closed_loss = None
+        if closed_labels is not None and self.closed_head is None:
+            raise ValueError("closed_labels were given but this model has no closed head (closed_label_names=[])")
+        # The head reads the last prompt token: on a prompt with its volume (prefill), or when asked for its loss.
+        if self.closed_head is not None and (pixel_values is not None or closed_labels is not None):
+            closed_logits = self.closed_head(hidden_states, positions=outputs.prompt_positions)  # (B, K)
+            if closed_label_mask is not None:
+                closed_logits = self._mask_closed_logits(closed_logits, closed_label_mask)
+            if closed_labels is not None:
+                closed_loss = self._closed_loss(closed_logits, closed_labels, closed_label_mask)
         return Med3DQwenCausalLMOutputWithPast(
-            loss=loss,
+            loss=self._total_loss(lm_loss, closed_loss, labels, kwargs),
             logits=logits,
-            closed_logits=closed_logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
+            closed_logits=closed_logits,
+            lm_loss=lm_loss,
+            closed_loss=closed_loss,
         )
+
+    @staticmethod
+    def _total_loss(
+        lm_loss: torch.Tensor | None, closed_loss: torch.Tensor | None, labels: torch.Tensor | None, kwargs: dict
+    ) -> torch.Tensor | None:
+        """`lm_loss + closed_loss` (those given): Trainer and TRL backpropagate `loss` only.
+
+        Under gradient accumulation Trainer passes `num_items_in_batch` (the target tokens of all accumulated
+        micro-batches) and no longer divides `loss` by the number of steps, since the LM loss is already a share of
+        the whole. The closed loss, a mean over this micro-batch, is then weighted by the micro-batch's share of
+        those tokens, so that over the accumulated batch it adds up to one mean too (weight 1 without
+        accumulation).
+        """
+        if closed_loss is None:
+            return lm_loss
+        if lm_loss is None:
+            return closed_loss
+        num_items = kwargs.get("num_items_in_batch")
+        if num_items is not None:
+            targets = kwargs.get("shift_labels")
+            targets = labels[..., 1:] if targets is None else targets
+            share = (targets != -100).sum().to(closed_loss.device) / torch.as_tensor(num_items).to(closed_loss.device)
+            closed_loss = closed_loss * share
+        return lm_loss + closed_loss
+
+    def _mask_closed_logits(self, closed_logits: torch.Tensor, closed_label_mask: torch.Tensor) -> torch.Tensor:
+        """`-inf` outside each row's allowed labels; rows that allow nothing stay as they are."""
+        if closed_label_mask.shape != closed_logits.shape or closed_label_mask.dtype != torch.bool:
+            raise ValueError(
+                f"closed_label_mask must be a bool tensor of shape (batch_size, num_closed_labels) = "
+                f"{tuple(closed_logits.shape)}, got {closed_label_mask.dtype} {tuple(closed_label_mask.shape)}"
+            )
+        allowed = closed_label_mask.to(closed_logits.device)
+        allowed = allowed | ~allowed.any(dim=1, keepdim=True)  # (B, K)
+        return closed_logits.masked_fill(~allowed, float("-inf"))
+
+    def _closed_loss(
+        self, closed_logits: torch.Tensor, closed_labels: torch.Tensor, closed_label_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Cross-entropy over each row's allowed labels, mean over the rows with a closed label (0 if none)."""
+        batch, num_labels = closed_logits.shape
+        if closed_labels.shape != (batch,) or closed_labels.is_floating_point() or closed_labels.is_complex():
+            raise ValueError(
+                f"closed_labels must be an integer tensor of shape (batch_size,) = ({batch},), "
+                f"got {closed_labels.dtype} {tuple(closed_labels.shape)}"
+            )
+        closed_labels = closed_labels.to(closed_logits.device).long()
+        rows = closed_labels != -100
+        bad = rows & ((closed_labels < 0) | (closed_labels >= num_labels))
+        if bad.any():
+            row = int(bad.nonzero()[0])
+            raise ValueError(
+                f"closed_labels[{row}] = {int(closed_labels[row])} is not an index into the {num_labels} "
+                f"closed_label_names {self.config.closed_label_names} (or -100 for no closed answer)"
+            )
+        if closed_label_mask is not None:
+            allowed = closed_label_mask.to(closed_logits.device)
+            outside = rows & ~allowed.gather(1, closed_labels.clamp(min=0)[:, None])[:, 0]
+            if outside.any():
+                row = int(outside.nonzero()[0])
+                raise ValueError(
+                    f"closed_labels[{row}] = {int(closed_labels[row])} "
+                    f"({self.config.closed_label_names[int(closed_labels[row])]!r}) is not among the labels "
+                    f"closed_label_mask[{row}] allows"
+                )
+        if not rows.any():
+            # No closed row in this batch: zero, still on the graph (masked -inf logits would make 0 * sum nan).
+            return closed_logits.masked_fill(closed_logits.isinf(), 0.0).sum() * 0.0
+        return F.cross_entropy(closed_logits[rows].float(), closed_labels[rows])
