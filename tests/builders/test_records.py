@@ -68,17 +68,10 @@ def test_load_dataset_of_a_moved_copy_decodes_volumes_masks_and_pngs(moved):
     assert [part["type"] for part in rows[0]["messages"][1]["content"]] == ["image", "text"]
 
 
-class _VolumeProcessor(Med3DQwenProcessor):
-    """Med3DQwen's processor under the name TRL's collator calls: ``images`` (one list per sample) are the volumes."""
-
-    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        volumes = [image.get_filename() for sample in images for image in sample] if images else None
-        return super().__call__(volumes=volumes, text=text, **kwargs)
-
-
 def test_trl_collator_batches_the_records(moved):
     _, _, rows = moved
-    processor = _VolumeProcessor(
+    # The plain processor: TRL calls it with images= (one list per sample), which it reads as the volumes.
+    processor = Med3DQwenProcessor(
         Med3DQwenImageProcessor(volume_size=(8, 16, 16)), load_qwen2_5_tokenizer(), num_visual_tokens=4
     )
     examples = [{"messages": row["messages"], "images": [row["volume_path"]]} for row in rows[:2]]
