@@ -14,6 +14,9 @@ The registration is lazy, so that the data half (``med3dqwen.processing.ct_io``,
   before or after ``import med3dqwen``), at the first moment no ``med3dqwen`` or ``transformers`` module is half-way
   through its own import (a module that is still running cannot be imported from: another library importing
   ``transformers.processing_utils``, say, must finish before our processor imports it).
+
+The metric functions (``bleu``, ``rouge``, ``meteor``, ``closed_accuracy``, ``compute_metrics``) are imported on first
+access too, without torch, transformers or registration.
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ __all__ = [
     "Med3DQwenModel",
     "Med3DQwenProcessor",
     "Med3DQwenVisionConfig",
+    "bleu",
+    "closed_accuracy",
+    "compute_metrics",
     "load_qwen2_5_tokenizer",
+    "meteor",
+    "rouge",
 ]
 
 # Public name → the module that defines it (imported on first access).
@@ -45,6 +53,11 @@ _LAZY_NAMES = {
     "Med3DQwenImageProcessor": ".processing.image_processing_med3d_qwen",
     "Med3DQwenProcessor": ".processing.processing_med3d_qwen",
     "load_qwen2_5_tokenizer": ".processing.tokenization_med3d_qwen",
+}
+
+# Public names whose modules import neither torch nor transformers: imported on first access, no registration.
+_LIGHT_NAMES = {
+    name: ".evaluation.metrics" for name in ("bleu", "closed_accuracy", "compute_metrics", "meteor", "rouge")
 }
 
 # The package of the Auto classes: once it is imported, someone may look our model type up.
@@ -143,6 +156,9 @@ class _NotifyingLoader(importlib.abc.Loader):
 
 
 def __getattr__(name: str) -> Any:
+    if name in _LIGHT_NAMES:
+        value = globals()[name] = getattr(importlib.import_module(_LIGHT_NAMES[name], __name__), name)
+        return value
     if name not in _LAZY_NAMES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
@@ -152,7 +168,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_NAMES})
+    return sorted({*globals(), *_LAZY_NAMES, *_LIGHT_NAMES})
 
 
 if not any(isinstance(finder, _ImportWatcher) for finder in sys.meta_path):
