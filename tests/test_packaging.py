@@ -183,6 +183,10 @@ def test_wheel_ships_templates_hub_code_and_console_scripts(wheel):
     hub_files = [p.relative_to(REPO).as_posix() for p in (REPO / "med3dqwen").glob("[mp]*/*_med3d_qwen.py")]
     assert len(hub_files) >= 6 and set(hub_files) <= names
     assert {"med3dqwen/processing/ct_transforms.py", "med3dqwen/processing/ct_io.py"} <= names
+    metric_modules = {
+        f"med3dqwen/evaluation/modules/{m}/{m}.py" for m in ("bleu", "rouge", "meteor", "closed_accuracy")
+    }
+    assert metric_modules <= names  # local evaluate modules: evaluate.load(<folder>) works from an installed package
     assert dict(scripts["console_scripts"]) == CONSOLE_SCRIPTS
 
 
