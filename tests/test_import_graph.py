@@ -245,6 +245,7 @@ def test_the_walk_sees_the_package(edges):
     arrows = {(e.source, e.target, e.level) for e in edges}
     assert ("med3dqwen.modeling.modeling_med3d_qwen", "med3dqwen.modeling.configuration_med3d_qwen", 1) in arrows
     assert ("med3dqwen.segmentation.files", "med3dqwen.io", 0) in arrows
+    assert ("med3dqwen.training.collator", "med3dqwen.data.schema", 2) in arrows
     assert any(
         e.source == "med3dqwen.builders.radgenome" and e.target.startswith("med3dqwen.processing") for e in edges
     )

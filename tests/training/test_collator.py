@@ -1,0 +1,229 @@
+"""The training collator: labels on the answer only (token by token), answer-only truncation, closed targets, named
+errors, DataLoader workers under fork and spawn, and a batch the model takes as it is."""
+
+import multiprocessing
+import shutil
+
+import datasets
+import pytest
+import torch
+from train_helpers import build_phantom, load_records, tiny_config, tiny_model, tiny_processor
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from med3dqwen.data.schema import CLOSED_LABEL_NAMES, resolve_media, to_format
+from med3dqwen.processing.tokenization_med3d_qwen import CHAT_TEMPLATE
+from med3dqwen.training.collator import IGNORE_INDEX, Med3DQwenCollator, SampleError
+
+
+IMAGE_ID, SLICE_ID, IM_START, IM_END, PAD = 151655, 151654, 151644, 151645, 151643
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def processor(config):
+    return tiny_processor(config)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_phantom(tmp_path_factory.mktemp("training") / "phantom")
+
+
+@pytest.fixture(scope="module")
+def records(folder):
+    rows = load_records(folder)
+    closed = [r for r in rows if r["answer_type"] == "closed" and r["mask_path"] is not None]
+    opened = [r for r in rows if r["answer_type"] == "open" and r["mask_path"] is not None]
+    whole = [r for r in rows if r["mask_path"] is None]
+    assert closed and opened and whole
+    return {"closed": closed, "open": opened, "whole": whole}
+
+
+def test_labels_cover_only_the_answer_and_its_im_end_token_by_token(processor, records, folder):
+    closed, opened = records["closed"][0], records["open"][0]
+    batch = Med3DQwenCollator(processor, dataset_root=folder)([closed, opened])
+    assert set(batch) == {
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "labels",
+        "closed_labels",
+        "closed_label_mask",
+    }
+    tokenizer = processor.tokenizer
+    for row, record in enumerate([closed, opened]):
+        ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["attention_mask"][row, :length].all() and not batch["attention_mask"][row, length:].any()
+        assert all(i == PAD for i in ids[length:])  # right padding
+        # The conversation is [system turn][user turn with the image block][<|im_start|>assistant\n][answer]
+        # [<|im_end|>][\n]: find the assistant header by its tokens, then check every position.
+        header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        start = next(i for i in range(length) if ids[i : i + len(header)] == header) + len(header)
+        end = ids.index(IM_END, start) + 1  # the answer's <|im_end|> is trained (the stop token)
+        for i in range(len(ids)):
+            expected = ids[i] if start <= i < end else IGNORE_INDEX
+            assert labels[i] == expected, f"row {row} token {i} {tokenizer.decode([ids[i]])!r}: label {labels[i]}"
+        answer = record["messages"][-1]["content"][0]["text"]
+        assert tokenizer.decode(ids[start:end]) == answer + "<|im_end|>"
+        assert ids[end:length] == tokenizer("\n", add_special_tokens=False)["input_ids"]  # after the stop: not learnt
+        # every image and slice token is in the prompt, none is labelled
+        volume = [i for i in range(length) if ids[i] in (IMAGE_ID, SLICE_ID)]
+        assert len(volume) == processor.num_visual_tokens + processor.num_slice_tokens
+        assert max(volume) < start
+        system = record["messages"][0]["content"][0]["text"]
+        assert system in tokenizer.decode(ids[:start])
+
+
+def test_labels_equal_trls_assistant_only_loss(processor, records, folder):
+    # TRL's collator, given the same volumes (no masks: it cannot pass them), labels exactly the same tokens.
+    rows = records["whole"][:2]
+    ours = Med3DQwenCollator(processor, dataset_root=folder)(rows)
+    trl = DataCollatorForVisionLanguageModeling(processor, assistant_only_loss=True)(
+        [{"messages": r["messages"], "images": [str(folder / r["volume_path"])]} for r in rows]
+    )
+    assert torch.equal(ours["input_ids"], trl["input_ids"])
+    assert torch.equal(ours["labels"], trl["labels"])
+    torch.testing.assert_close(ours["pixel_values"], trl["pixel_values"])
+
+
+def test_truncation_cuts_only_the_answer(processor, records, folder, config):
+    record = records["open"][0]
+    full = Med3DQwenCollator(processor, dataset_root=folder)([record])
+    labels = full["labels"][0]
+    prompt_length = int((labels != IGNORE_INDEX).nonzero()[0])
+    answer_tokens = int((labels != IGNORE_INDEX).sum())
+    assert answer_tokens > 3
+    cut = Med3DQwenCollator(processor, dataset_root=folder, max_length=prompt_length + 2)([record])
+    assert cut["input_ids"].shape == (1, prompt_length + 2)
+    assert torch.equal(cut["input_ids"][0], full["input_ids"][0, : prompt_length + 2])
+    assert torch.equal(cut["labels"][0, prompt_length:], full["input_ids"][0, prompt_length : prompt_length + 2])
+    assert (cut["input_ids"] == IMAGE_ID).sum() == processor.num_visual_tokens
+    assert (cut["input_ids"] == SLICE_ID).sum() == processor.num_slice_tokens
+    out = tiny_model(config)(**cut)  # the splice finds every image token
+    assert torch.isfinite(out.loss)
+    # a max_length the prompt alone reaches cannot keep the image tokens and an answer: a named error
+    with pytest.raises(
+        SampleError, match=rf"sample 0 \(volume_id '{record['volume_id']}'\).*max_length={prompt_length}"
+    ):
+        Med3DQwenCollator(processor, dataset_root=folder, max_length=prompt_length)([record])
+
+
+def test_closed_targets_follow_the_records(processor, records, folder, config):
+    rows = [records["closed"][0], records["open"][0], records["closed"][1]]
+    batch = Med3DQwenCollator(processor, closed_label_names=config.closed_label_names, dataset_root=folder)(rows)
+    names = list(CLOSED_LABEL_NAMES)
+    expected = [names.index(rows[0]["closed_answer"]), IGNORE_INDEX, names.index(rows[2]["closed_answer"])]
+    assert batch["closed_labels"].tolist() == expected
+    yes_no = [name in ("no", "yes") for name in names]
+    assert batch["closed_label_mask"].tolist() == [yes_no, [False] * len(names), yes_no]
+    assert batch["closed_label_mask"].dtype == torch.bool
+    # a model without a closed head gets no closed inputs
+    plain = Med3DQwenCollator(processor, closed_label_names=(), dataset_root=folder)(rows)
+    assert "closed_labels" not in plain and "closed_label_mask" not in plain
+
+
+def test_the_model_takes_the_batch_as_it_is(processor, records, folder, config):
+    rows = [records["closed"][0], records["open"][0], records["whole"][0]]
+    batch = Med3DQwenCollator(processor, closed_label_names=config.closed_label_names, dataset_root=folder)(rows)
+    out = tiny_model(config)(**batch)
+    assert out.lm_loss is not None and out.closed_loss is not None and torch.isfinite(out.loss)
+    assert out.closed_logits.shape == (3, len(config.closed_label_names))
+
+
+def test_resolved_media_and_relative_paths_give_the_same_batch(processor, folder):
+    resolved = list(resolve_media(datasets.load_dataset(str(folder), split="train"), folder).select(range(3)))
+    relative = load_records(folder)[:3]
+    a = Med3DQwenCollator(processor)(resolved)  # nibabel images from the Nifti columns
+    b = Med3DQwenCollator(processor, dataset_root=folder)(relative)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_the_paper_layout_gives_the_same_batch(processor, records, folder):
+    rows = [records["closed"][0], records["open"][0]]
+    paper = [{**to_format(r, "paper"), "volume_path": r["volume_path"], "mask_path": r["mask_path"]} for r in rows]
+    a = Med3DQwenCollator(processor, dataset_root=folder)(rows)
+    b = Med3DQwenCollator(processor, dataset_root=folder)(paper)
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["closed_labels"], b["closed_labels"])
+
+
+def test_bad_records_are_named(processor, records, folder, tmp_path):
+    record = records["closed"][0]
+    name = f"volume_id '{record['volume_id']}'"
+    first = records["open"][0]
+    absolute = {
+        **first,
+        "volume_path": str(folder / first["volume_path"]),
+        "mask_path": str(folder / first["mask_path"]),
+    }
+    with pytest.raises(SampleError, match=rf"sample 1 \({name}\).*relative.*dataset_root"):
+        Med3DQwenCollator(processor)([absolute, record])
+    missing = {**record, "volume_path": "volumes/nowhere.nii.gz"}
+    with pytest.raises(SampleError, match=rf"sample 0 \({name}\): volume_path 'volumes/nowhere.nii.gz' does not"):
+        Med3DQwenCollator(processor, dataset_root=folder)([missing])
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"not a nifti file")
+    with pytest.raises(SampleError, match=rf"sample 0 \({name}\): cannot load its volume"):
+        Med3DQwenCollator(processor, dataset_root=folder)([{**record, "volume_path": str(corrupt)}])
+    unanswered = {**record, "messages": record["messages"][:-1]}
+    with pytest.raises(SampleError, match="ends with the assistant's answer"):
+        Med3DQwenCollator(processor, dataset_root=folder)([unanswered])
+    no_image = [dict(m) for m in record["messages"]]
+    no_image[1] = {"role": "user", "content": [c for c in no_image[1]["content"] if c["type"] == "text"]}
+    with pytest.raises(SampleError, match="one image placeholder, its prompt has 0"):
+        Med3DQwenCollator(processor, dataset_root=folder)([{**record, "messages": no_image}])
+    wrong_closed = {**record, "closed_answer": "maybe"}
+    with pytest.raises(SampleError, match=rf"sample 0 \({name}\).*maybe"):
+        Med3DQwenCollator(processor, dataset_root=folder)([wrong_closed])
+    with pytest.raises(ValueError, match="max_length"):
+        Med3DQwenCollator(processor, max_length=0)
+
+
+def test_a_prompt_that_is_not_a_prefix_of_the_conversation_is_named(processor, records, folder):
+    # A template whose generation prompt differs from how it renders the assistant turn: the labels would be
+    # misaligned, so the collator refuses the row.
+    odd = processor.__class__(
+        processor.image_processor,
+        processor.tokenizer,
+        chat_template=CHAT_TEMPLATE.replace('"<|im_start|>assistant\\n" }}\n{%- endif %}', '"<|im_start|>bot\\n" }}\n'
+                                            "{%- endif %}"),
+        num_visual_tokens=processor.num_visual_tokens,
+        num_slice_tokens=processor.num_slice_tokens,
+    )  # fmt: skip
+    assert odd.chat_template != processor.chat_template
+    record = records["closed"][0]
+    with pytest.raises(SampleError, match=rf"sample 0 \(volume_id '{record['volume_id']}'\).*not a token prefix"):
+        Med3DQwenCollator(odd, dataset_root=folder)([record])
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_dataloader_workers_under_fork_and_spawn(processor, records, folder, config, start_method):
+    rows = [records["closed"][0], records["open"][0], records["whole"][0], records["closed"][1]]
+    collator = Med3DQwenCollator(processor, closed_label_names=config.closed_label_names, dataset_root=str(folder))
+    loader = torch.utils.data.DataLoader(
+        rows,
+        batch_size=2,
+        collate_fn=collator,
+        num_workers=1,
+        multiprocessing_context=multiprocessing.get_context(start_method),
+    )
+    batches = list(loader)
+    assert len(batches) == 2
+    for batch, expected in zip(batches, (collator(rows[:2]), collator(rows[2:])), strict=True):
+        assert batch.keys() == expected.keys()
+        for key in batch:
+            assert torch.equal(batch[key], expected[key]), key
+
+
+def test_a_moved_dataset_folder_needs_only_a_new_root(processor, records, folder, tmp_path):
+    copy = tmp_path / "moved"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns(".work"))
+    record = records["closed"][0]
+    a = Med3DQwenCollator(processor, dataset_root=folder)([record])
+    b = Med3DQwenCollator(processor, dataset_root=copy)([record])
+    assert torch.equal(a["pixel_values"], b["pixel_values"])
