@@ -1,0 +1,288 @@
+"""What ``python evaluate.py`` runs: one evaluation (resumable) or a comparison of several runs.
+
+An evaluation writes into ``output_dir``:
+
+- ``predictions.jsonl``: one line per scored sample (``generation.SampleResult``), appended and fsynced after each
+  batch. A killed run leaves whole lines (a torn last line is dropped on restart); rerunning the same command skips
+  the ids already there, so it continues where it stopped.
+- ``run_config.json``: what the predictions depend on (model, adapter, dataset, split, max_new_tokens); a rerun
+  with other values into the same folder is refused rather than mixing two runs.
+- ``results.json`` (metrics overall / per question type / per ROI, per-sample predictions, config, versions,
+  peak memory, latency), ``table.md`` and ``chart.png``, written atomically once every sample is scored.
+
+See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_output
+from .report import compare_runs, load_results, markdown_table, save_chart, score_samples
+
+
+__all__ = ["EvaluationArguments", "PredictionStore", "evaluate_model", "library_versions", "run_comparison"]
+
+_GENERATION_KEYS = ("model_name_or_path", "adapter", "dataset_name", "split", "max_new_tokens", "max_samples")
+_VERSIONED = ("med3dqwen", "torch", "transformers", "datasets", "peft", "accelerate", "trl", "evaluate", "nltk")
+
+
+@dataclass
+class EvaluationArguments:
+    """The options of ``evaluate.py`` (one per field; ``HfArgumentParser`` turns them into ``--name``)."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Model folder or Hub id (Med3DQwen)."})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter folder or Hub id to load on top."})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Built dataset folder (load_dataset + resolve_media) or Hub dataset id."}
+    )
+    split: str = field(default="test", metadata={"help": "Dataset split to evaluate."})
+    output_dir: str | None = field(default=None, metadata={"help": "Folder for results.json, table.md, chart.png."})
+    max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N samples."})
+    protocol: str = field(
+        default="paper", metadata={"help": "Metric protocol: paper or m3d.", "choices": ["paper", "m3d"]}
+    )
+    batch_size: int = field(default=4, metadata={"help": "Samples per generate call."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest generated answer, in tokens."})
+    run_name: str | None = field(default=None, metadata={"help": "Row name in the table (default: the model)."})
+    compare: list[str] | None = field(
+        default=None, metadata={"help": "Results files or run folders to render in one table and chart.", "nargs": "+"}
+    )
+    num_resamples: int = field(default=1000, metadata={"help": "Paired bootstrap resamples for --compare."})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self) -> None:
+        if self.compare is not None:
+            if not self.output_dir:
+                raise ValueError("--compare needs --output_dir for the table and chart")
+            return
+        missing = [f"--{n}" for n in ("model_name_or_path", "dataset_name", "output_dir") if not getattr(self, n)]
+        if missing:
+            raise ValueError(f"an evaluation needs {', '.join(missing)} (or use --compare RUN1 RUN2 ...)")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"--max_samples must be >= 1, got {self.max_samples}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"--batch_size and --max_new_tokens must be >= 1, got {self.batch_size}, "
+                             f"{self.max_new_tokens}")  # fmt: skip
+
+
+class PredictionStore:
+    """``predictions.jsonl`` of a run: append-only, one fsynced line per sample, readable after a kill."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def load(self) -> list[dict[str, Any]]:
+        """The samples already scored; a torn last line (a kill mid-write) is cut off the file.
+
+        Raises:
+            ValueError: a line other than the last is not JSON (the file was edited or corrupted).
+        """
+        if not self.path.exists():
+            return []
+        lines = self.path.read_bytes().split(b"\n")
+        samples, good_bytes = [], 0
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                good_bytes += len(line) + 1
+                continue
+            try:
+                samples.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if number < len(lines) - 1 or any(rest.strip() for rest in lines[number:]):
+                    raise ValueError(
+                        f"{self.path} line {number} is not JSON ({err}); delete the file to start over"
+                    ) from err
+                with open(self.path, "r+b") as handle:  # torn last line: keep the whole ones
+                    handle.truncate(good_bytes)
+                break
+            good_bytes += len(line) + 1
+        return samples
+
+    def append(self, samples: list[dict[str, Any]]) -> None:
+        """Append ``samples`` as whole lines and fsync, so a kill after this call loses none of them."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def library_versions() -> dict[str, str | None]:
+    """Python and the versions of the libraries the numbers depend on (None: not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def _check_run_config(output_dir: Path, args: EvaluationArguments) -> None:
+    """Record what the predictions depend on, or refuse a rerun into the folder with other values."""
+    wanted = {key: getattr(args, key) for key in _GENERATION_KEYS}
+    path = output_dir / "run_config.json"
+    if path.exists():
+        found = json.loads(path.read_text())
+        changed = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"{output_dir} holds predictions of another run ({changed}, as (stored, given)); use a new "
+                "--output_dir or delete it"
+            )
+        return
+    _write_json(path, wanted)
+
+
+def load_split(dataset_name: str, split: str, max_samples: int | None):
+    """A split of a built dataset, media resolved: a local folder, or a Hub dataset id (its snapshot folder).
+
+    Raises:
+        ValueError: the split does not exist (the message lists the splits).
+    """
+    import datasets
+
+    from ..data import resolve_media
+
+    folder = Path(dataset_name).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(dataset_name, repo_type="dataset"))
+    loaded = datasets.load_dataset(str(folder))
+    if split not in loaded:
+        raise ValueError(f"dataset {dataset_name} has no split {split!r}; it has {sorted(loaded)}")
+    dataset = loaded[split]
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    return resolve_media(dataset, folder)
+
+
+def load_model(model_name_or_path: str, adapter: str | None, device: str):
+    """The model (with its adapter merged in place for inference, when given) and its processor, in eval mode."""
+    from ..modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
+    from ..processing.processing_med3d_qwen import Med3DQwenProcessor
+
+    model = Med3DQwenForConditionalGeneration.from_pretrained(model_name_or_path)
+    if adapter:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, adapter)
+    processor = Med3DQwenProcessor.from_pretrained(model_name_or_path)
+    return model.to(device).eval(), processor
+
+
+def _peak_memory_mib(device: str) -> dict[str, Any]:
+    import torch
+
+    if device.startswith("cuda"):
+        return {"device": device, "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"device": device, "peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+
+
+def evaluate_model(args: EvaluationArguments, model=None, processor=None) -> dict[str, Any]:
+    """Run (or continue) one evaluation and write its outputs; returns the results.
+
+    Args:
+        args: the options.
+        model, processor: already loaded ones (tests, notebooks); default: loaded from ``args``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .generation import generate_batches, sample_id
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_config(output_dir, args)
+    store = PredictionStore(output_dir / "predictions.jsonl")
+    done = {s["id"]: s for s in store.load()}
+    dataset = load_split(args.dataset_name, args.split, args.max_samples)
+    if len(dataset) == 0:
+        raise ValueError(f"split {args.split!r} of {args.dataset_name} is empty: there is nothing to evaluate")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model is None:
+        model, processor = load_model(args.model_name_or_path, args.adapter, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    ids = [sample_id(record, i) for i, record in enumerate(dataset)]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"dataset {args.dataset_name} split {args.split!r} has repeated ids; resume needs unique ids")
+    todo = [i for i, id_ in enumerate(ids) if id_ not in done]
+    begin = time.perf_counter()
+    with tqdm(total=len(ids), initial=len(ids) - len(todo), desc="evaluating", disable=not args.progress) as bar:
+        for results in generate_batches(
+            model,
+            processor,
+            [dataset[i] for i in todo],
+            [ids[i] for i in todo],
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+        ):
+            store.append([r.to_dict() for r in results])
+            done.update((r.id, r.to_dict()) for r in results)
+            bar.update(len(results))
+    elapsed = time.perf_counter() - begin
+    samples = [done[id_] for id_ in ids]
+    latencies = [s["latency_s"] for s in samples]
+    results = {
+        "config": {**asdict(args), "compare": None, "run_name": args.run_name or args.model_name_or_path},
+        "versions": library_versions(),
+        "metrics": score_samples(samples, args.protocol),
+        "resources": {
+            **_peak_memory_mib(device),
+            "latency_s_per_sample_median": statistics.median(latencies),
+            "latency_s_per_sample_mean": statistics.fmean(latencies),
+            "generated_this_process": len(todo),
+            "resumed_from_previous": len(ids) - len(todo),
+            "samples_per_s_this_process": (len(todo) / elapsed) if todo and elapsed > 0 else None,
+        },
+        "samples": samples,
+    }
+    _write_json(output_dir / "results.json", results)
+    name = results["config"]["run_name"]
+    with atomic_output(output_dir / "table.md") as tmp:
+        tmp.write_text(markdown_table([results], [name]))
+    save_chart([results], [name], output_dir / "chart.png")
+    return results
+
+
+def run_comparison(args: EvaluationArguments) -> str:
+    """Render one table (with paired bootstrap intervals against the first run) and one chart from several runs.
+
+    Returns:
+        The markdown table (also written to ``output_dir/comparison.md``; the chart to ``comparison.png``).
+    """
+    runs = [load_results(path) for path in args.compare]
+    names = [run["config"].get("run_name") or str(path) for run, path in zip(runs, args.compare, strict=True)]
+    if len(set(names)) != len(names):
+        names = [f"{name} ({path})" for name, path in zip(names, args.compare, strict=True)]
+    intervals = compare_runs(runs, names, num_resamples=args.num_resamples)
+    table = markdown_table(runs, names, intervals)
+    output_dir = Path(args.output_dir)
+    with atomic_output(output_dir / "comparison.md") as tmp:
+        tmp.write_text(table)
+    _write_json(
+        output_dir / "comparison.json",
+        {"runs": list(args.compare), "names": names, "intervals": intervals, "num_resamples": args.num_resamples},
+    )
+    save_chart(runs, names, output_dir / "comparison.png")
+    return table
