@@ -1,0 +1,310 @@
+"""evaluate.py end to end on a tiny random Med3DQwen (real Qwen2.5 tokenizer ids) and a small phantom split.
+
+Covers: the outputs (results.json, table.md, chart.png, predictions.jsonl), the command line and ``--compare`` with
+paired bootstrap intervals, ``import evaluate`` from the repository root, resume after a kill, left padding (batch
+size does not change the answers), and bad input.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from med3dqwen.builders.engine import BuildArguments
+from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, build_phantom_dataset
+from med3dqwen.evaluation import report
+from med3dqwen.evaluation.runner import EvaluationArguments, PredictionStore, evaluate_model, load_model, load_split
+from med3dqwen.modeling.configuration_med3d_qwen import Med3DQwenConfig
+from med3dqwen.modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
+from med3dqwen.processing.processing_med3d_qwen import Med3DQwenProcessor
+from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
+from med3dqwen.training.collator import Med3DQwenCollator
+
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_NLTK = ROOT.parent / "shared" / "nltk_data"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_config(**kwargs) -> Med3DQwenConfig:
+    """hidden 32, 2 decoder layers, the real vocabulary, 64³ volumes (as tests/training/train_helpers.py)."""
+    return Med3DQwenConfig.from_preset(
+        "tiny",
+        text_overrides={"vocab_size": 151665, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2},
+        vision_overrides={
+            "channels": [4, 8, 8, 16, 16],
+            "depths": [1, 1, 1, 1, 1],
+            "volume_size": [64, 64, 64],
+            "low_output_tokens": [6, 4],
+            "high_output_tokens": [4, 4],
+        },
+        ssa_layers=1,
+        **kwargs,
+    )
+
+
+def save_tiny_model(folder: Path, **kwargs) -> Path:
+    config = tiny_config(**kwargs)
+    torch.manual_seed(0)
+    Med3DQwenForConditionalGeneration(config).save_pretrained(folder)
+    Med3DQwenProcessor.from_config(config, tokenizer=load_qwen2_5_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(model folder, model without closed head, phantom dataset folder)."""
+    if not SHARED_NLTK.is_dir() and not os.environ.get("NLTK_DATA"):
+        pytest.skip(f"METEOR needs NLTK data: set NLTK_DATA or provide {SHARED_NLTK}")
+    os.environ.setdefault("NLTK_DATA", str(SHARED_NLTK))
+    base = tmp_path_factory.mktemp("evaluate")
+    data = base / "phantom"
+    build_phantom_dataset(
+        PhantomBuildConfig(output_dir=str(data), num_volumes=2, seed=2, shape=(32, 64, 64)),
+        BuildArguments(progress=False),
+    )
+    return save_tiny_model(base / "model"), save_tiny_model(base / "no_head", closed_label_names=[]), data
+
+
+def arguments(model: Path, data: Path, out: Path, **kwargs) -> EvaluationArguments:
+    values = {"split": "train", "max_samples": 10, "batch_size": 4, "max_new_tokens": 4, "progress": False, **kwargs}
+    return EvaluationArguments(model_name_or_path=str(model), dataset_name=str(data), output_dir=str(out), **values)
+
+
+def without_timing(samples: list[dict]) -> list[dict]:
+    return [{k: v for k, v in s.items() if k != "latency_s"} for s in samples]
+
+
+def test_outputs_table_and_chart(setup, tmp_path):
+    model, _, data = setup
+    results = evaluate_model(arguments(model, data, tmp_path))
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["metrics"] == results["metrics"]
+    assert [s["id"] for s in on_disk["samples"]] == [f"{i:06d}" for i in range(10)]
+    assert {s["task"] for s in on_disk["samples"]} == {"closed", "open", "report"}
+    overall = on_disk["metrics"]["overall"]
+    assert set(overall) == {"closed", "open", "report"}
+    assert set(overall["open"]) == {"bleu4", "rougeL", "meteor", "n"}
+    assert 0.0 <= overall["closed"]["head_accuracy"] <= 1.0  # the model has a closed head
+    assert sum(task["n"] for task in overall.values()) == 10
+    for group in ("by_question_type", "by_roi"):
+        assert sum(t["n"] for scores in on_disk["metrics"][group].values() for t in scores.values()) == 10
+    assert "presence" in on_disk["metrics"]["by_question_type"] and "liver" in on_disk["metrics"]["by_roi"]
+    assert on_disk["config"]["protocol"] == "paper" and on_disk["versions"]["torch"] == torch.__version__
+    assert on_disk["resources"]["peak_rss_mib"] > 0 and on_disk["resources"]["latency_s_per_sample_median"] > 0
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].startswith("| Model | Closed Acc | Open BLEU-4 | Open ROUGE-L | Open METEOR | Report BLEU-4")
+    closed = 100 * overall["closed"]["head_accuracy"]
+    assert (
+        table[2]
+        == f"| {model} | {closed:.1f} | "
+        + " | ".join(f"{100 * overall[t][m]:.1f}" for t in ("open", "report") for m in ("bleu4", "rougeL", "meteor"))
+        + " |"
+    )
+    chart = (tmp_path / "chart.png").read_bytes()
+    assert chart.startswith(PNG_SIGNATURE)
+    from PIL import Image
+
+    with Image.open(tmp_path / "chart.png") as image:
+        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+    assert len(PredictionStore(tmp_path / "predictions.jsonl").load()) == 10
+
+
+def test_command_line_and_compare(setup, tmp_path):
+    """Two identical runs (one from the command line); --compare gives one table, one chart and intervals holding 0."""
+    model, _, data = setup
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    common = ["--model_name_or_path", str(model), "--dataset_name", str(data), "--split", "train"]
+    common += ["--max_samples", "10", "--batch_size", "5", "--max_new_tokens", "3", "--progress", "false"]
+    done = subprocess.run(
+        [sys.executable, "evaluate.py", *common, "--output_dir", str(tmp_path / "a"), "--run_name", "a"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| a | " in done.stdout
+    again = arguments(model, data, tmp_path / "b", max_samples=10, batch_size=5, max_new_tokens=3, run_name="b")
+    evaluate_model(again)  # the same run in this process
+    done = subprocess.run(
+        [sys.executable, "evaluate.py", "--compare", str(tmp_path / "a"), str(tmp_path / "b" / "results.json"),
+         "--output_dir", str(tmp_path / "cmp"), "--num_resamples", "200"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| a | " in done.stdout and "| b | " in done.stdout and "Paired bootstrap 95 %" in done.stdout
+    intervals = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["intervals"]["b"]
+    assert set(intervals) >= {"Closed Acc", "Open BLEU-4", "Open METEOR", "Report ROUGE-L"}
+    for difference, low, high in intervals.values():
+        assert low <= 0.0 <= high and difference == 0.0
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (tmp_path / "cmp" / "comparison.md").read_text() in done.stdout
+
+
+def test_import_evaluate_from_the_root_gives_the_library():
+    """From the repository root (where evaluate.py sits first on sys.path) `import evaluate` is the library."""
+    check = (
+        "import evaluate; import evaluate as again; assert again is evaluate; print(evaluate.__file__);"
+        "assert callable(evaluate.load), evaluate.__file__"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = Path(done.stdout.strip().splitlines()[-1])
+    assert path.name == "__init__.py" and path.parent.name == "evaluate" and path.parent.parent != ROOT
+
+
+def test_script_imports_nothing_at_module_level():
+    """evaluate.py run under another name defines its functions and loads no library (no import side effects)."""
+    check = (
+        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('evaluate_script', 'evaluate.py');"
+        "m = importlib.util.module_from_spec(spec); before = set(sys.modules); spec.loader.exec_module(m);"
+        "new = set(sys.modules) - before; assert not {n for n in new if n.split('.')[0] in "
+        "('torch', 'transformers', 'med3dqwen', 'evaluate')}, new; assert callable(m.main) and callable(m.make_parser)"
+    )
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_resume_after_kill_equals_an_uninterrupted_run(setup, tmp_path, monkeypatch):
+    model, _, data = setup
+    settings = {"max_samples": 4, "batch_size": 2}
+    whole = evaluate_model(arguments(model, data, tmp_path / "whole", **settings))
+
+    calls = []
+    append = PredictionStore.append
+
+    def killed_after_first_batch(self, samples):
+        if calls:  # the second batch: a kill while writing leaves half a line
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(samples[0])[:25])
+            raise KeyboardInterrupt
+        calls.append(len(samples))
+        append(self, samples)
+
+    monkeypatch.setattr(PredictionStore, "append", killed_after_first_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_model(arguments(model, data, tmp_path / "killed", **settings))
+    assert not (tmp_path / "killed" / "results.json").exists()
+    monkeypatch.setattr(PredictionStore, "append", append)
+    resumed = evaluate_model(arguments(model, data, tmp_path / "killed", **settings))
+    assert resumed["resources"]["resumed_from_previous"] == 2
+    assert resumed["resources"]["generated_this_process"] == 2
+    assert without_timing(resumed["samples"]) == without_timing(whole["samples"])
+    assert resumed["metrics"] == whole["metrics"]
+    lines = (tmp_path / "killed" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line) for line in lines)  # the torn line is gone
+
+
+def test_rerun_with_other_settings_is_refused(setup, tmp_path):
+    model, _, data = setup
+    evaluate_model(arguments(model, data, tmp_path, max_samples=2))
+    with pytest.raises(ValueError, match="holds predictions of another run"):
+        evaluate_model(arguments(model, data, tmp_path, max_samples=2, max_new_tokens=5))
+    rescored = evaluate_model(arguments(model, data, tmp_path, max_samples=2, protocol="m3d"))  # scoring only
+    assert rescored["resources"]["generated_this_process"] == 0
+    assert set(rescored["metrics"]["overall"]["closed"]) >= {"accuracy", "head_accuracy"}
+
+
+def test_batch_size_does_not_change_answers(setup, tmp_path):
+    """Left padding: one sample per batch and five per batch give the same text and closed-head labels, and the
+    labels are those of a plain forward on the collator's right-padded conversations (head at the prompt's end)."""
+    model_dir, _, data = setup
+    one = evaluate_model(arguments(model_dir, data, tmp_path / "one", batch_size=1, max_samples=5))
+    five = evaluate_model(arguments(model_dir, data, tmp_path / "five", batch_size=5, max_samples=5))
+    assert without_timing(one["samples"]) == without_timing(five["samples"])
+
+    model, processor = load_model(str(model_dir), None, "cpu")
+    records = list(load_split(str(data), "train", 5))
+    names = model.config.closed_label_names
+    batch = Med3DQwenCollator(processor, closed_label_names=names)(records)
+    with torch.inference_mode():
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            closed_label_mask=batch["closed_label_mask"],
+        ).closed_logits  # (5, K)
+    expected = [
+        names[k] if r["answer_type"] == "closed" else None for k, r in zip(logits.argmax(-1), records, strict=True)
+    ]
+    assert [s["closed_prediction"] for s in five["samples"]] == expected
+    assert expected[:4] != [None] * 4 and expected[4] is None
+
+
+def test_model_without_closed_head_falls_back_to_text(setup, tmp_path):
+    _, no_head, data = setup
+    results = evaluate_model(arguments(no_head, data, tmp_path, max_samples=5, batch_size=5))
+    closed = results["metrics"]["overall"]["closed"]
+    assert "head_accuracy" not in closed
+    assert all(s["closed_prediction"] is None for s in results["samples"])
+    assert report.table_row(results)["Closed Acc"] == closed["accuracy"]
+
+
+def test_bad_input(setup, tmp_path):
+    model, _, data = setup
+    with pytest.raises(ValueError, match="no split 'test'"):
+        evaluate_model(arguments(model, data, tmp_path / "a", split="test"))
+    with pytest.raises(ValueError, match="needs --model_name_or_path"):
+        EvaluationArguments(dataset_name=str(data), output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="max_samples must be >= 1"):
+        arguments(model, data, tmp_path, max_samples=0)
+    with pytest.raises(ValueError, match="no scored samples"):
+        report.score_samples([])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"metrics": {}}')
+    with pytest.raises(ValueError, match=r"bad.json is not a results file of evaluate.py"):
+        report.load_results(bad)
+    torn = tmp_path / "torn" / "predictions.jsonl"
+    torn.parent.mkdir()
+    torn.write_text('{"id": "1"}\nnot json\n{"id": "2"}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        PredictionStore(torn).load()
+
+
+def _sample(id_, task, prediction, reference, closed=None, answer=None):
+    return {
+        "id": id_, "task": task, "question_type": "q", "roi": None, "question": f"q{id_}", "reference": reference,
+        "prediction": prediction, "closed_answer": answer, "closed_prediction": closed, "latency_s": 0.0,
+    }  # fmt: skip
+
+
+def _run(samples, protocol="paper"):
+    return {"config": {"protocol": protocol}, "metrics": report.score_samples(samples, protocol), "samples": samples}
+
+
+def test_split_without_closed_questions_has_no_closed_column():
+    samples = [_sample(str(i), "open", "a small nodule", "a small nodule in the liver") for i in range(3)]
+    results = _run(samples)
+    assert "closed" not in results["metrics"]["overall"]
+    row = report.markdown_table([results], ["open only"]).splitlines()[2]
+    assert row.startswith("| open only | — | ") and row.endswith("| — | — | — |")
+
+
+def test_bootstrap_separates_a_real_gap_from_noise():
+    references = ["the liver is enlarged", "no nodule", "a nodule in the right lung", "normal heart size"] * 5
+    right = [_sample(str(i), "open", r, r) for i, r in enumerate(references)]
+    wrong = [_sample(str(i), "open", "kidney stone", r) for i, r in enumerate(references)]
+    yes = [_sample(f"c{i}", "closed", "Yes.", "Yes.", closed="yes", answer="yes") for i in range(10)]
+    no = [_sample(f"c{i}", "closed", "No.", "Yes.", closed="no", answer="yes") for i in range(10)]
+    base, other = _run(wrong + no), _run(right + yes)
+    intervals = report.compare_runs([base, other], ["wrong", "right"], num_resamples=200)["right"]
+    for column in ("Closed Acc", "Open BLEU-4", "Open ROUGE-L", "Open METEOR"):
+        difference, low, high = intervals[column]
+        assert 0.0 < low <= difference <= high, (column, intervals[column])
+    assert intervals["Closed Acc"] == (1.0, 1.0, 1.0)
+    same = report.compare_runs([base, base], ["wrong", "again"], num_resamples=50)["again"]
+    assert all(value == (0.0, 0.0, 0.0) for value in same.values())
+    mixed = report.bootstrap_difference(
+        right[:4] + wrong[4:8], wrong[:4] + right[4:8], report._column_scorer("open", "rougeL", "paper"),
+        mean_of_samples=True, num_resamples=500,
+    )  # fmt: skip
+    assert mixed[1] < 0.0 < mixed[2]  # half better, half worse: the interval straddles 0
+    with pytest.raises(ValueError, match="share no question"):
+        report.compare_runs([base, _run([_sample("zz", "open", "a", "b")])], ["a", "b"])
+    with pytest.raises(ValueError, match="different protocols"):
+        report.compare_runs([base, _run(right, "m3d")], ["a", "b"])
