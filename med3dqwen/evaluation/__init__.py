@@ -1,6 +1,9 @@
-"""Evaluation: text metrics (no torch import), and later the generation loop, tables and charts.
+"""Evaluation: text metrics (no torch import), the generation loop, tables, charts and the evaluate.py run.
 
-See docs/metrics.md for what each metric computes and which reference implementation it matches.
+This package imports only the metrics, so that ``import med3dqwen`` stays free of torch here; import the rest from
+its modules: ``generation`` (batched greedy generation, closed head), ``report`` (scores per task / question type /
+ROI, Table-1 markdown, chart, paired bootstrap), ``runner`` (``EvaluationArguments``, ``evaluate_model``,
+``run_comparison``). See docs/metrics.md and docs/evaluation.md.
 """
 
 from .metrics import (

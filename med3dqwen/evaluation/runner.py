@@ -135,11 +135,16 @@ def _write_json(path: Path, value: Any) -> None:
         tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
-def _check_run_config(output_dir: Path, args: EvaluationArguments) -> None:
-    """Record what the predictions depend on, or refuse a rerun into the folder with other values."""
+def _check_run_config(output_dir: Path, args: EvaluationArguments, has_predictions: bool) -> None:
+    """Record what the predictions depend on, or refuse a rerun with other values into a folder holding predictions.
+
+    Without stored predictions (a run that failed before its first batch) the folder is simply taken over.
+    """
     wanted = {key: getattr(args, key) for key in _GENERATION_KEYS}
     path = output_dir / "run_config.json"
-    if path.exists():
+    if has_predictions:
+        if not path.exists():
+            raise ValueError(f"{output_dir} holds predictions.jsonl without run_config.json; use a new --output_dir")
         found = json.loads(path.read_text())
         changed = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
         if changed:
@@ -212,9 +217,9 @@ def evaluate_model(args: EvaluationArguments, model=None, processor=None) -> dic
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_config(output_dir, args)
     store = PredictionStore(output_dir / "predictions.jsonl")
     done = {s["id"]: s for s in store.load()}
+    _check_run_config(output_dir, args, has_predictions=bool(done))
     dataset = load_split(args.dataset_name, args.split, args.max_samples)
     if len(dataset) == 0:
         raise ValueError(f"split {args.split!r} of {args.dataset_name} is empty: there is nothing to evaluate")

@@ -249,6 +249,8 @@ def test_bad_input(setup, tmp_path):
     model, _, data = setup
     with pytest.raises(ValueError, match="no split 'test'"):
         evaluate_model(arguments(model, data, tmp_path / "a", split="test"))
+    fixed = evaluate_model(arguments(model, data, tmp_path / "a", max_samples=1))  # same folder, right split
+    assert len(fixed["samples"]) == 1
     with pytest.raises(ValueError, match="needs --model_name_or_path"):
         EvaluationArguments(dataset_name=str(data), output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="max_samples must be >= 1"):
