@@ -310,3 +310,23 @@ def test_bootstrap_separates_a_real_gap_from_noise():
         report.compare_runs([base, _run([_sample("zz", "open", "a", "b")])], ["a", "b"])
     with pytest.raises(ValueError, match="different protocols"):
         report.compare_runs([base, _run(right, "m3d")], ["a", "b"])
+
+
+def test_adapter_is_loaded_and_its_closed_head_used(setup, tmp_path):
+    """--adapter: a LoRA adapter whose trained closed head differs from the base's changes the closed labels."""
+    import peft
+
+    model_dir, _, data = setup
+    base = Med3DQwenForConditionalGeneration.from_pretrained(model_dir)
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["closed_head"])
+    adapted = peft.get_peft_model(base, lora)
+    with torch.no_grad():  # a head that always prefers "yes" over "no"
+        head = adapted.base_model.model.closed_head.modules_to_save["default"].classifier
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 5.0, 0.0, 0.0, 0.0, 0.0]))
+    adapted.save_pretrained(tmp_path / "adapter")
+    results = evaluate_model(
+        arguments(model_dir, data, tmp_path / "out", adapter=str(tmp_path / "adapter"), max_samples=4)
+    )
+    assert [s["closed_prediction"] for s in results["samples"]] == ["yes"] * 4
+    assert results["config"]["adapter"] == str(tmp_path / "adapter")
