@@ -28,9 +28,10 @@ from trl import ModelConfig, ScriptArguments, SFTConfig
 
 from ..data.schema import resolve_media
 from ..modeling.configuration_med3d_qwen import Med3DQwenConfig
-from ..modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
+from ..modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration, default_attn_implementation
 from ..processing.processing_med3d_qwen import Med3DQwenProcessor
 from ..processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
+from .cards import push_folder, render_model_card
 from .collator import Med3DQwenCollator
 from .losses import closed_class_weights
 from .trainer import Med3DQwenTrainer
@@ -164,8 +165,7 @@ def load_model(
             )
     elif script_args.model_preset:
         config = Med3DQwenConfig.from_preset(script_args.model_preset, **_preset_kwargs(script_args))
-        if "attn_implementation" in load:
-            config._attn_implementation = load["attn_implementation"]
+        config._attn_implementation = load.get("attn_implementation") or default_attn_implementation()
         model = Med3DQwenForConditionalGeneration(config)
         if load["dtype"] not in (None, "auto"):
             model = model.to(load["dtype"])
@@ -335,9 +335,41 @@ def build_trainer(
 
 
 def run(script_args: Med3DQwenScriptArguments, training_args: SFTConfig, model_args: ModelConfig):
-    """Train one stage, save the result (adapter + trained modules + processor, or the aligned full model) to
-    ``output_dir`` and return the trainer."""
+    """Train one stage, save the result to ``output_dir`` (adapter + trained modules + processor + card, or the aligned
+    full model), push it when asked, and return the trainer.
+
+    ``--push_to_hub`` runs after the local save (the Trainer's own push would reach the Hub before training).
+
+    Raises:
+        PushError: the push failed; the local save is complete.
+    """
+    push, training_args.push_to_hub = training_args.push_to_hub, False
     trainer = build_trainer(script_args, training_args, model_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    out = training_args.output_dir
+    trainer.save_model(out)
+    if trainer.is_world_process_zero():
+        peft_config = getattr(trainer.model, "peft_config", {}).get("default")
+        render_model_card(
+            out,
+            trainer.model,
+            stage=script_args.stage,
+            base_model=model_args.model_name_or_path or f"preset {script_args.model_preset}",
+            dataset=script_args.dataset_name,
+            training_args=training_args,
+            global_step=trainer.state.global_step,
+            epochs=trainer.state.epoch,
+            metrics={"train_loss": round(result.training_loss, 4)},
+            lora=None if peft_config is None else vars(peft_config),
+            base_model_path=getattr(trainer.model.get_base_model(), "name_or_path", None) if peft_config else None,
+            hub_model_id=training_args.hub_model_id if push else None,
+        )
+        if push:
+            push_folder(
+                out,
+                training_args.hub_model_id or Path(out).name,
+                token=training_args.hub_token,
+                private=training_args.hub_private_repo,
+            )
+    training_args.push_to_hub = push
     return trainer

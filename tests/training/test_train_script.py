@@ -321,3 +321,38 @@ def test_accelerate_configs_load_with_accelerates_own_loader(name):
     assert args.mixed_precision == "bf16"
     if args.use_deepspeed:
         assert int(args.zero_stage) == int(name[-1])
+
+
+def test_the_run_writes_a_model_card(sft_run):
+    from huggingface_hub import ModelCard
+
+    trainer, out = sft_run
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.base_model is None  # a local folder is no Hub id
+    assert "lora" in card.data.tags and "sft" in card.data.tags
+    text = card.text
+    assert "LoRA r=4 (alpha 8, dropout 0.05)" in text
+    assert "in full: `slice_self_attention`, `multi_head_slice_attention`, `slice_tokenizer`, `closed_head`" in text
+    assert "`burn_in` encoding of the ROI contour (volume 64x64x64)" in text
+    assert f"| train_loss | {round(trainer.state.log_history[-1]['train_loss'], 4)} |" in text
+    assert "2 optimiser steps" in text and "weight decay 0.02 on the LoRA weights only" in text
+    assert f'from_pretrained("{out.resolve() / BASE_FOLDER}")' in text
+
+
+def test_push_without_network_fails_after_a_complete_local_save(workspace, tmp_path, monkeypatch):
+    from med3dqwen.training.cards import PushError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root, data, tiny = workspace
+    recipe = write_recipe(
+        tmp_path / "push.yaml", dataset_name=str(data), model_name_or_path=str(tiny), save_strategy="no", max_steps=1
+    )
+    out = tmp_path / "pushed"
+    args = ["--config", str(recipe), "--stage", "align", "--output_dir", str(out), "--push_to_hub", "true"]
+    with pytest.raises(PushError, match=f"user/med3dqwen-align.*local save in {out} is complete"):
+        run_script(*args, "--hub_model_id", "user/med3dqwen-align")
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and 'from_pretrained("user/med3dqwen-align")' in card
+    model = Med3DQwenForConditionalGeneration.from_pretrained(out)  # the local save is whole
+    assert model.config.train_projector and (out / "processor_config.json").is_file()
