@@ -356,3 +356,21 @@ def test_push_without_network_fails_after_a_complete_local_save(workspace, tmp_p
     assert "library_name: transformers" in card and 'from_pretrained("user/med3dqwen-align")' in card
     model = Med3DQwenForConditionalGeneration.from_pretrained(out)  # the local save is whole
     assert model.config.train_projector and (out / "processor_config.json").is_file()
+
+
+def test_accelerate_launch_cpu_runs_the_script(workspace, tmp_path):
+    import os
+
+    root, data, tiny = workspace
+    recipe = write_recipe(
+        tmp_path / "launch.yaml", dataset_name=str(data), model_name_or_path=str(tiny), save_strategy="no", max_steps=1
+    )
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += [str(ROOT / "train_sft.py"), "--config", str(recipe), "--output_dir", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(out / BASE_FOLDER)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
