@@ -91,7 +91,8 @@ class Med3DQwenScriptArguments(ScriptArguments):
         default=None,
         metadata={
             "help": "JSON object of Med3DQwenConfig.from_preset keyword arguments for model_preset, e.g. "
-            '{"vision_overrides": {"volume_size": [64, 64, 64]}}.'
+            '{"vision_overrides": {"volume_size": [64, 64, 64]}}; around a Qwen2 model_name_or_path, the same '
+            "without text_overrides."
         },
     )
     vision_encoder_weights: str | None = field(
@@ -160,8 +161,11 @@ def load_model(
         if config.model_type == Med3DQwenConfig.model_type:
             model = Med3DQwenForConditionalGeneration.from_pretrained(model_args.model_name_or_path, **load)
         else:
+            kwargs = _preset_kwargs(script_args)
+            if kwargs.pop("text_overrides", None):
+                raise ValueError("preset_overrides cannot change the text config of a pretrained Qwen2 decoder")
             model = Med3DQwenForConditionalGeneration.from_qwen2_pretrained(
-                model_args.model_name_or_path, **load, **_preset_kwargs_without_overrides(script_args)
+                model_args.model_name_or_path, vision_config=kwargs.pop("vision_overrides", None), **load, **kwargs
             )
     elif script_args.model_preset:
         config = Med3DQwenConfig.from_preset(script_args.model_preset, **_preset_kwargs(script_args))
@@ -200,10 +204,6 @@ def load_vision_encoder(model: Med3DQwenForConditionalGeneration, path: str | os
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the vision encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
     encoder.load_state_dict(state, strict=False)
-
-
-def _preset_kwargs_without_overrides(script_args: Med3DQwenScriptArguments) -> dict:
-    return {} if script_args.prompt_encoding is None else {"prompt_encoding": script_args.prompt_encoding}
 
 
 def load_processor(model: Med3DQwenForConditionalGeneration, model_args: ModelConfig) -> Med3DQwenProcessor:

@@ -374,3 +374,40 @@ def test_accelerate_launch_cpu_runs_the_script(workspace, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(out / BASE_FOLDER)
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+_VISION_FIELDS = ("channels", "depths", "volume_size", "low_output_tokens", "high_output_tokens")
+
+
+def test_load_model_builds_around_a_qwen2_decoder_or_from_a_preset(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from med3dqwen.training.recipe import load_model
+
+    text = tiny_config().text_config.to_dict()
+    vision = {k: v for k, v in tiny_config().vision_config.to_dict().items() if k in _VISION_FIELDS}
+    decoder = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in text.items() if k != "model_type"}))
+    decoder.save_pretrained(tmp_path / "qwen")
+    encoder = tiny_model(tiny_config(), seed=3).model.vision_encoder.state_dict()
+    save_file(encoder, tmp_path / "vision_encoder.safetensors")
+    script_args = Med3DQwenScriptArguments(
+        dataset_name="unused",
+        stage="align",
+        vision_encoder_weights=str(tmp_path / "vision_encoder.safetensors"),
+        preset_overrides=json.dumps({"vision_overrides": vision, "ssa_layers": 1}),
+    )
+    model = load_model(script_args, ModelConfig(model_name_or_path=str(tmp_path / "qwen"), dtype="float32"))
+    q_proj = decoder.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(model.model.language_model.layers[0].self_attn.q_proj.weight, q_proj)
+    assert all(torch.equal(t, encoder[k]) for k, t in model.model.vision_encoder.state_dict().items())
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"multi_modal_projector", "slice_tokenizer"}  # the align stage
+    preset = Med3DQwenScriptArguments(
+        dataset_name="unused", model_preset="tiny", preset_overrides=script_args.preset_overrides
+    )
+    model = load_model(preset, ModelConfig(dtype="float32"))
+    assert model.config.vision_config.volume_size == [64, 64, 64] and model.config._attn_implementation == "sdpa"
+    assert not any(p.requires_grad for p in model.model.multi_modal_projector.parameters())  # sft: frozen
+    with pytest.raises(ValueError, match="--model_preset"):
+        load_model(Med3DQwenScriptArguments(dataset_name="unused"), ModelConfig())
