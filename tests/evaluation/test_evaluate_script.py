@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_config
 
 from med3dqwen.builders.engine import BuildArguments
 from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, build_phantom_dataset
 from med3dqwen.evaluation import report
 from med3dqwen.evaluation.runner import EvaluationArguments, PredictionStore, evaluate_model, load_model, load_split
-from med3dqwen.modeling.configuration_med3d_qwen import Med3DQwenConfig
 from med3dqwen.modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
 from med3dqwen.processing.processing_med3d_qwen import Med3DQwenProcessor
 from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
@@ -28,23 +28,6 @@ from med3dqwen.training.collator import Med3DQwenCollator
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_NLTK = ROOT.parent / "shared" / "nltk_data"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def tiny_config(**kwargs) -> Med3DQwenConfig:
-    """hidden 32, 2 decoder layers, the real vocabulary, 64³ volumes (as tests/training/train_helpers.py)."""
-    return Med3DQwenConfig.from_preset(
-        "tiny",
-        text_overrides={"vocab_size": 151665, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2},
-        vision_overrides={
-            "channels": [4, 8, 8, 16, 16],
-            "depths": [1, 1, 1, 1, 1],
-            "volume_size": [64, 64, 64],
-            "low_output_tokens": [6, 4],
-            "high_output_tokens": [4, 4],
-        },
-        ssa_layers=1,
-        **kwargs,
-    )
 
 
 def save_tiny_model(folder: Path, **kwargs) -> Path:

@@ -8,10 +8,11 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_config
 from transformers import AutoProcessor
 
 import med3dqwen  # noqa: F401  (registers the Auto classes)
-from med3dqwen import Med3DQwenConfig, Med3DQwenForConditionalGeneration
+from med3dqwen import Med3DQwenForConditionalGeneration
 from med3dqwen.io import save_nifti
 from med3dqwen.processing.ct_io import CTInputError, standard_affine
 from med3dqwen.processing.image_processing_med3d_qwen import Med3DQwenImageProcessor
@@ -183,21 +184,6 @@ def test_processor_save_and_reload(processor, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Processor + model, end to end
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def tiny_config() -> Med3DQwenConfig:
-    return Med3DQwenConfig.from_preset(
-        "tiny",
-        text_overrides={"vocab_size": 151665, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2},
-        vision_overrides={
-            "channels": [4, 8, 8, 16, 16],
-            "depths": [1, 1, 1, 1, 1],
-            "volume_size": [64, 64, 64],
-            "low_output_tokens": [6, 4],
-            "high_output_tokens": [4, 4],
-        },
-        ssa_layers=1,
-    )
 
 
 def test_processor_and_tiny_model_generate(tokenizer, case):

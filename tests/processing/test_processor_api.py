@@ -12,12 +12,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_config
 from transformers import pipeline
 from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 import med3dqwen  # noqa: F401  (registers the Auto classes)
-from med3dqwen import Med3DQwenConfig, Med3DQwenForConditionalGeneration
+from med3dqwen import Med3DQwenForConditionalGeneration
 from med3dqwen.io import save_nifti
 from med3dqwen.processing.ct_io import CTInputError, standard_affine
 from med3dqwen.processing.image_processing_med3d_qwen import Med3DQwenImageProcessor
@@ -57,18 +58,7 @@ def case(tmp_path):
 
 
 def tiny_model_and_processor(tokenizer):
-    config = Med3DQwenConfig.from_preset(
-        "tiny",
-        text_overrides={"vocab_size": 151665, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2},
-        vision_overrides={
-            "channels": [4, 8, 8, 16, 16],
-            "depths": [1, 1, 1, 1, 1],
-            "volume_size": [64, 64, 64],
-            "low_output_tokens": [6, 4],
-            "high_output_tokens": [4, 4],
-        },
-        ssa_layers=1,
-    )
+    config = tiny_config()
     torch.manual_seed(0)
     model = Med3DQwenForConditionalGeneration(config).eval()
     return model, Med3DQwenProcessor.from_config(config, tokenizer=tokenizer)

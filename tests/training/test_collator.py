@@ -7,7 +7,8 @@ import shutil
 import datasets
 import pytest
 import torch
-from train_helpers import build_phantom, load_records, tiny_config, tiny_model, tiny_processor
+from tiny_models import tiny_config
+from train_helpers import build_phantom, load_records, tiny_model, tiny_processor
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from med3dqwen.data.schema import CLOSED_LABEL_NAMES, resolve_media, to_format

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from train_helpers import build_phantom, load_records, lora_model, tiny_config, tiny_model, tiny_processor
+from tiny_models import tiny_config
+from train_helpers import build_phantom, load_records, lora_model, tiny_model, tiny_processor
 from transformers import Trainer, TrainingArguments
 
 from med3dqwen.data.schema import CLOSED_LABEL_NAMES

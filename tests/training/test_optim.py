@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from train_helpers import lora_model, tiny_config, tiny_model
+from tiny_models import tiny_config
+from train_helpers import lora_model, tiny_model
 
 from med3dqwen.training.losses import lora_parameters
 from med3dqwen.training.optim import make_optimizer, make_scheduler, parameter_groups

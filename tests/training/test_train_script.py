@@ -13,7 +13,8 @@ import peft
 import pytest
 import torch
 import yaml
-from train_helpers import tiny_config, tiny_model, tiny_processor
+from tiny_models import tiny_config
+from train_helpers import tiny_model, tiny_processor
 from trl import ModelConfig
 
 from med3dqwen.builders.engine import BuildArguments

@@ -3,7 +3,8 @@
 import datasets
 import pytest
 import torch
-from train_helpers import build_phantom, lora_model, tiny_config, tiny_processor
+from tiny_models import tiny_config
+from train_helpers import build_phantom, lora_model, tiny_processor
 from transformers import TrainingArguments
 
 from med3dqwen.training.collator import Med3DQwenCollator

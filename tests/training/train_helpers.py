@@ -19,22 +19,6 @@ DECODER_LORA = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 MODULES_TO_SAVE = ["slice_self_attention", "multi_head_slice_attention", "slice_tokenizer", "closed_head"]
 
 
-def tiny_config() -> Med3DQwenConfig:
-    """hidden 32, 2 decoder layers, the real vocabulary, 64³ volumes: 10 visual + 4 slice tokens per volume."""
-    return Med3DQwenConfig.from_preset(
-        "tiny",
-        text_overrides={"vocab_size": 151665, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2},
-        vision_overrides={
-            "channels": [4, 8, 8, 16, 16],
-            "depths": [1, 1, 1, 1, 1],
-            "volume_size": [64, 64, 64],
-            "low_output_tokens": [6, 4],
-            "high_output_tokens": [4, 4],
-        },
-        ssa_layers=1,
-    )
-
-
 def tiny_model(config: Med3DQwenConfig, seed: int = 0) -> Med3DQwenForConditionalGeneration:
     torch.manual_seed(seed)
     return Med3DQwenForConditionalGeneration(config)
