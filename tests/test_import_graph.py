@@ -13,6 +13,7 @@ The layers, bottom to top::
                                 (it builds model inputs with the training collator)
     builders/                   anything but training/, evaluation/, scripts/
     scripts/                    command-line programs (console scripts): anything but training/, evaluation/
+    app/                        the browser viewer: like scripts/ (it reaches the model through the predict API)
     med3dqwen/__init__.py       the API surface: exempt from the layers, not from the cycle check
 
 A failure names the importing file and line and the rule it breaks.
@@ -43,6 +44,9 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "evaluation": frozenset({"data", "processing", "modeling", "io", "anatomy", "training"}),
     "builders": frozenset({"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm"}),
     "scripts": frozenset(
+        {"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm", "builders"}
+    ),
+    "app": frozenset(
         {"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm", "builders"}
     ),
     "api": None,

@@ -1,0 +1,331 @@
+"""The Gradio page: load a CT, pick the ROI, scroll the axial slices with the contour, ask, download the montage.
+
+``build_app(model, adapter=None)`` returns the ``gradio.Blocks``; :mod:`med3dqwen.app.cli` launches it. The model
+call is :func:`med3dqwen.predict` (loaded once per process and cached there); what the page shows before asking
+(cases, masks, slices) comes from :mod:`med3dqwen.app.cases`.
+
+Every handler catches its errors and writes them into the page as one line (``#error-line``): a bad file, a mask
+from another scan or an unknown ROI name is a message naming the input, never a stack trace. Unexpected errors are
+logged with their traceback on the server and shown as one line too.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+
+from med3dqwen.anatomy.vocabulary import default_vocabulary
+from med3dqwen.processing.ct_io import CTInputError
+
+from .cases import (
+    EXAMPLE_CASES,
+    VOLUME_SUFFIXES,
+    Case,
+    RoiView,
+    example_case,
+    load_case_file,
+    mask_from_file,
+    render_slice,
+    roi_view,
+    structure_choices,
+)
+
+
+__all__ = ["APP_CSS", "SEGMENTERS", "build_app", "one_line_error"]
+
+logger = logging.getLogger(__name__)
+
+SEGMENTERS = ("threshold", "totalsegmentator", "vista3d")
+PROMPTS = ("red", "blue", "none")
+APP_CSS = """
+#error-line p.error { color: #b91c1c; font-weight: 600; margin: 0; }
+#slice-image img { image-rendering: pixelated; }
+"""
+
+
+def one_line_error(err: BaseException) -> str:
+    """The message the page shows for ``err``: one line, naming the input (a CTInputError's file and problem)."""
+    text = str(err).strip() or type(err).__name__
+    first = text.splitlines()[0].rstrip(":")
+    if isinstance(err, (ValueError, KeyError, FileNotFoundError)) or type(err).__name__.endswith("Error"):
+        return first
+    return f"{type(err).__name__}: {first}"
+
+
+def _error_html(message: str) -> str:
+    return f'<p class="error">{html.escape(message)}</p>' if message else ""
+
+
+def _roi_for_name(case: Case, name: str, segmenter: str) -> RoiView | None:
+    """The ROI ``name`` as the viewer shows it before asking: the case's own mask (a phantom's), else the HU
+    threshold segmenter's; ``None`` when another segmenter will draw it at question time."""
+    vocabulary = default_vocabulary()
+    key = name if name in case.masks else vocabulary.canonical(name)
+    if case.masks:
+        if key not in case.masks:
+            raise CTInputError(None, f"ROI {name!r} is not among this phantom's structures {sorted(case.masks)}")
+        return roi_view(case.masks[key], "phantom")
+    if segmenter != "threshold":
+        return None
+    from med3dqwen.segmentation import HUThresholdSource
+
+    result = HUThresholdSource().get_mask(case.volume, name)
+    return roi_view(result.mask, f"threshold ({result.resolved_name})")
+
+
+def _slice_info(case: Case, index: int, roi: RoiView | None) -> str:
+    depth = case.volume.shape[0]
+    text = f"**{case.name}** · slice {index} of 0–{depth - 1} (inferior → superior)"
+    if roi is not None:
+        if roi.empty:
+            text += " · the ROI is empty on this scan: no contour"
+        else:
+            text += f" · ROI contour on slices {roi.slices[0]}–{roi.slices[-1]} ({roi.source})"
+    return text
+
+
+def build_app(
+    model: str,
+    adapter: str | None = None,
+    *,
+    predict_fn: Callable | None = None,
+    output_root: str | Path | None = None,
+) -> gr.Blocks:
+    """The viewer page for ``model``.
+
+    Args:
+        model: a saved model folder or Hub id, passed to :func:`med3dqwen.predict` (loaded on the first question).
+        adapter: a PEFT adapter folder for ``model``.
+        predict_fn: the prediction function (default :func:`med3dqwen.predict`; a keyword for tests of wiring
+            that must not load a model).
+        output_root: where each question's ``answer.json`` and montage are written (default: a temporary folder).
+
+    Returns:
+        The ``gradio.Blocks``; launch it with :func:`med3dqwen.app.cli.launch` (which adds :data:`APP_CSS`).
+    """
+    output_root = Path(output_root or tempfile.mkdtemp(prefix="med3dqwen-app-"))
+
+    with gr.Blocks(title="Med3DQwen viewer") as demo:
+        case_state = gr.State(None)
+        roi_state = gr.State(None)
+        gr.Markdown(
+            "## Med3DQwen viewer\n"
+            f"Model `{model}`" + (f" with adapter `{adapter}`" if adapter else "") + ". Load a CT, choose the ROI, "
+            "scroll the axial slices with the contour the model sees, ask a question."
+        )
+        error_line = gr.HTML("", elem_id="error-line")
+        with gr.Row():
+            with gr.Column(scale=1):
+                example = gr.Dropdown(
+                    choices=list(EXAMPLE_CASES),
+                    value=None,
+                    label="Example case (synthetic phantom)",
+                    elem_id="example",
+                )
+                upload = gr.File(
+                    label="…or upload a CT: NIfTI (.nii, .nii.gz), .npy, or a .zip of one DICOM series",
+                    file_types=list(VOLUME_SUFFIXES),
+                    height=120,
+                    elem_id="upload",
+                )
+                roi_name = gr.Dropdown(
+                    choices=structure_choices(None),
+                    value=None,
+                    allow_custom_value=True,
+                    label="ROI name (TotalSegmentator / RadLex names)",
+                    elem_id="roi-name",
+                )
+                segmenter = gr.Dropdown(
+                    choices=list(SEGMENTERS), value="threshold", label="Segmenter for a named ROI", elem_id="segmenter"
+                )
+                mask_file = gr.File(
+                    label="…or upload an ROI mask (.nii, .nii.gz, .npy)", height=120, elem_id="mask-upload"
+                )
+                mask_label = gr.Textbox(label="Mask label (id or name, for a multilabel mask)", elem_id="mask-label")
+                prompt = gr.Radio(choices=list(PROMPTS), value="red", label="Boundary prompt", elem_id="prompt")
+            with gr.Column(scale=2):
+                slice_image = gr.Image(
+                    label="Axial slice",
+                    type="numpy",
+                    format="png",
+                    interactive=False,
+                    height=440,
+                    elem_id="slice-image",
+                )
+                slider = gr.Slider(0, 1, value=0, step=1, label="Axial slice", elem_id="slice-slider")
+                info = gr.Markdown("Load a case to start.", elem_id="slice-info")
+        with gr.Row():
+            with gr.Column(scale=2):
+                question = gr.Textbox(
+                    label="Question", placeholder="Is there a nodule in this region?", elem_id="question"
+                )
+                ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                answer = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+                probabilities = gr.Label(label="Closed-answer probabilities", elem_id="probabilities")
+                details = gr.Markdown("", elem_id="answer-details")
+            with gr.Column(scale=1):
+                montage = gr.Image(
+                    label="Overlay montage (the ROI slices the model saw)",
+                    type="filepath",
+                    interactive=False,
+                    elem_id="montage",
+                )
+                download = gr.DownloadButton("Download montage", visible=False, elem_id="download")
+
+        def guarded(fn):
+            """Run a handler; on any error, show it as one line and leave every other output as it was."""
+
+            @functools.wraps(fn)
+            def wrapper(*args):
+                try:
+                    result = fn(*args)
+                except Exception as err:  # noqa: BLE001 - the page must show every failure as one line
+                    if not isinstance(err, (CTInputError, ValueError, KeyError, FileNotFoundError)):
+                        logger.exception("viewer handler %s failed", fn.__name__)
+                    return {error_line: _error_html(one_line_error(err))}
+                result.setdefault(error_line, "")
+                return result
+
+            return wrapper
+
+        def show_case(case: Case) -> dict:
+            middle = case.volume.shape[0] // 2
+            return {
+                case_state: case,
+                roi_state: None,
+                roi_name: gr.Dropdown(choices=structure_choices(case), value=None),
+                slider: gr.Slider(minimum=0, maximum=case.volume.shape[0] - 1, value=middle, step=1),
+                slice_image: render_slice(case.volume, middle),
+                info: _slice_info(case, middle, None),
+                answer: "",
+                probabilities: None,
+                details: "",
+                montage: None,
+                download: gr.DownloadButton(visible=False),
+            }
+
+        @guarded
+        def on_example(name):
+            if not name:
+                return {}
+            return show_case(example_case(name))
+
+        @guarded
+        def on_upload(file):
+            if file is None:
+                return {}
+            return show_case(load_case_file(file, name=Path(file).name))
+
+        def require_case(case: Case | None) -> Case:
+            if case is None:
+                raise CTInputError(None, "no CT loaded: pick an example case or upload a volume first")
+            return case
+
+        def current_roi(case: Case, name: str | None, mask_path: str | None, label: str, seg: str) -> RoiView | None:
+            if mask_path:
+                return roi_view(mask_from_file(case, mask_path, label), f"mask file {Path(mask_path).name}")
+            if name:
+                return _roi_for_name(case, name, seg)
+            return None
+
+        @guarded
+        def on_roi(case, name, mask_path, label, seg, index, color):
+            if case is None:
+                return {}
+            roi = current_roi(case, name, mask_path, label, seg)
+            index = int(index)
+            if roi is not None and not roi.empty:
+                index = roi.slices[len(roi.slices) // 2]
+            band = None if roi is None else roi.band
+            return {
+                roi_state: roi,
+                slider: gr.Slider(value=index),
+                slice_image: render_slice(case.volume, index, band, color),
+                info: _slice_info(case, index, roi),
+            }
+
+        @guarded
+        def on_slice(case, roi, index, color):
+            if case is None:
+                return {}
+            index = int(index)
+            band = None if roi is None else roi.band
+            return {slice_image: render_slice(case.volume, index, band, color), info: _slice_info(case, index, roi)}
+
+        @guarded
+        def on_ask(case, roi, name, mask_path, label, seg, text, color):
+            case = require_case(case)
+            if not (text or "").strip():
+                raise CTInputError(None, "type a question first")
+            predict = predict_fn
+            if predict is None:
+                from med3dqwen import predict
+            out_dir = Path(tempfile.mkdtemp(prefix="ask-", dir=output_root))
+            kwargs = {"adapter": adapter, "prompt": color, "output_dir": str(out_dir)}
+            if mask_path:
+                kwargs.update(mask=mask_path, label=(label or "").strip() or None)
+            elif roi is not None and roi.source == "phantom":
+                kwargs.update(mask=roi.mask, roi=name)
+            elif name:
+                kwargs.update(roi=name, segmenter=seg)
+            result = predict(model, case.volume, text.strip(), **kwargs)
+            montage_path = getattr(result, "overlay_montage", None)
+            lines = [f"Question as the model read it: *{result.rewritten_question}*"]
+            if result.roi:
+                covered = result.covered_fraction
+                lines.append(
+                    f"ROI `{result.roi}` from {result.mask_source}"
+                    + (f", {covered:.0%} of its voxels under the contour" if covered is not None else "")
+                )
+            lines += [f"⚠ {w}" for w in (result.warnings or [])]
+            return {
+                answer: result.answer,
+                probabilities: dict(result.probabilities or {}) or None,
+                details: "\n\n".join(lines),
+                montage: str(montage_path) if montage_path else None,
+                download: gr.DownloadButton(value=str(montage_path), visible=True)
+                if montage_path
+                else gr.DownloadButton(visible=False),
+            }
+
+        case_outputs = [
+            case_state,
+            roi_state,
+            roi_name,
+            slider,
+            slice_image,
+            info,
+            answer,
+            probabilities,
+            details,
+            montage,
+            download,
+            error_line,
+        ]
+        roi_inputs = [case_state, roi_name, mask_file, mask_label, segmenter, slider, prompt]
+        roi_outputs = [roi_state, slider, slice_image, info, error_line]
+        example.change(on_example, [example], case_outputs)
+        upload.upload(on_upload, [upload], case_outputs)
+        for trigger in (roi_name.change, mask_file.change, mask_label.submit, segmenter.change):
+            trigger(on_roi, roi_inputs, roi_outputs)
+        # ``input``, not ``change``: a programmatic move (loading a case, picking an ROI) renders once, in its own
+        # handler; ``change`` would render the same slice again and rewrite the cached PNG the page is reading.
+        slider.input(
+            on_slice,
+            [case_state, roi_state, slider, prompt],
+            [slice_image, info, error_line],
+            show_progress="hidden",
+            trigger_mode="always_last",
+        )
+        prompt.change(on_slice, [case_state, roi_state, slider, prompt], [slice_image, info, error_line])
+        ask_inputs = [case_state, roi_state, roi_name, mask_file, mask_label, segmenter, question, prompt]
+        ask_outputs = [answer, probabilities, details, montage, download, error_line]
+        ask.click(on_ask, ask_inputs, ask_outputs, concurrency_limit=1)
+        question.submit(on_ask, ask_inputs, ask_outputs, concurrency_limit=1)
+    return demo
