@@ -25,7 +25,6 @@ from med3dqwen.processing.ct_io import CTInputError
 
 from .cases import (
     EXAMPLE_CASES,
-    VOLUME_SUFFIXES,
     Case,
     RoiView,
     example_case,
@@ -67,6 +66,12 @@ def _roi_for_name(case: Case, name: str, segmenter: str) -> RoiView | None:
     threshold segmenter's; ``None`` when another segmenter will draw it at question time."""
     vocabulary = default_vocabulary()
     key = name if name in case.masks else vocabulary.canonical(name)
+    if key is None:
+        from med3dqwen.segmentation import UnknownStructureError
+        from med3dqwen.segmentation.base import close_matches
+
+        known = {n for source in ("totalsegmentator", "radlex") for n in vocabulary.names(source)}
+        raise UnknownStructureError(name, "anatomy vocabulary", close_matches(name, known | set(case.masks)))
     if case.masks:
         if key not in case.masks:
             raise CTInputError(None, f"ROI {name!r} is not among this phantom's structures {sorted(case.masks)}")
@@ -130,7 +135,6 @@ def build_app(
                 )
                 upload = gr.File(
                     label="…or upload a CT: NIfTI (.nii, .nii.gz), .npy, or a .zip of one DICOM series",
-                    file_types=list(VOLUME_SUFFIXES),
                     height=120,
                     elem_id="upload",
                 )
@@ -178,21 +182,25 @@ def build_app(
                 )
                 download = gr.DownloadButton("Download montage", visible=False, elem_id="download")
 
-        def guarded(fn):
-            """Run a handler; on any error, show it as one line and leave every other output as it was."""
+        def guarded(fn=None, *, always: dict | None = None):
+            """Run a handler; on any error, show it as one line and leave every other output as it was (except the
+            ``always`` updates, applied either way)."""
 
-            @functools.wraps(fn)
-            def wrapper(*args):
-                try:
-                    result = fn(*args)
-                except Exception as err:  # noqa: BLE001 - the page must show every failure as one line
-                    if not isinstance(err, (CTInputError, ValueError, KeyError, FileNotFoundError)):
-                        logger.exception("viewer handler %s failed", fn.__name__)
-                    return {error_line: _error_html(one_line_error(err))}
-                result.setdefault(error_line, "")
-                return result
+            def decorate(fn):
+                @functools.wraps(fn)
+                def wrapper(*args):
+                    try:
+                        result = fn(*args)
+                    except Exception as err:  # noqa: BLE001 - the page must show every failure as one line
+                        if not isinstance(err, (CTInputError, ValueError, KeyError, FileNotFoundError)):
+                            logger.exception("viewer handler %s failed", fn.__name__)
+                        result = {error_line: _error_html(one_line_error(err))}
+                    result.setdefault(error_line, "")
+                    return {**result, **(always or {})}
 
-            return wrapper
+                return wrapper
+
+            return decorate(fn) if fn is not None else decorate
 
         def show_case(case: Case) -> dict:
             middle = case.volume.shape[0] // 2
@@ -216,7 +224,9 @@ def build_app(
                 return {}
             return show_case(example_case(name))
 
-        @guarded
+        # The upload box is emptied after each try, so that the next file can be dropped on it at once; the page
+        # names the loaded case in the slice line.
+        @guarded(always={upload: None})
         def on_upload(file):
             if file is None:
                 return {}
@@ -311,7 +321,7 @@ def build_app(
         roi_inputs = [case_state, roi_name, mask_file, mask_label, segmenter, slider, prompt]
         roi_outputs = [roi_state, slider, slice_image, info, error_line]
         example.change(on_example, [example], case_outputs)
-        upload.upload(on_upload, [upload], case_outputs)
+        upload.upload(on_upload, [upload], [*case_outputs, upload])
         for trigger in (roi_name.change, mask_file.change, mask_label.submit, segmenter.change):
             trigger(on_roi, roi_inputs, roi_outputs)
         # ``input``, not ``change``: a programmatic move (loading a case, picking an ROI) renders once, in its own

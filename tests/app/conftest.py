@@ -1,0 +1,124 @@
+"""Fixtures of the browser tests: Debian's Chromium driven by Playwright, the viewer served on 127.0.0.1 with a tiny
+saved model, and a small phantom CT written in a temporary folder.
+
+The browser is the system's (``chromium`` from Debian, or ``MED3DQWEN_CHROMIUM=/path``); Playwright's own browser
+download is never used. The tests skip, saying why, only when no such browser is found.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+# Offline and quiet: no first-run tasks, no component updates, no background requests.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_chromium() -> str | None:
+    """The Chromium executable: ``$MED3DQWEN_CHROMIUM``, else the first of :data:`BROWSER_NAMES` on ``PATH``."""
+    configured = os.environ.get("MED3DQWEN_CHROMIUM")
+    if configured:
+        return configured if Path(configured).is_file() else None
+    for name in BROWSER_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    path = find_chromium()
+    if path is None:
+        pytest.skip(
+            "no Chromium found (looked for $MED3DQWEN_CHROMIUM and "
+            f"{', '.join(BROWSER_NAMES)} on PATH); install it with `apt-get install chromium` (.ci/run does)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser(chromium_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The shared tiny end-to-end model (tests/tiny_models.py) with its processor, saved as a user would."""
+    import torch
+    from tiny_models import tiny_config
+
+    from med3dqwen.modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
+    from med3dqwen.processing.processing_med3d_qwen import Med3DQwenProcessor
+    from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    config = tiny_config()
+    torch.manual_seed(0)
+    Med3DQwenForConditionalGeneration(config).save_pretrained(folder)
+    Med3DQwenProcessor.from_config(config, tokenizer=load_qwen2_5_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def app_url(tiny_model_dir, tmp_path_factory):
+    """The viewer for the tiny model, served on 127.0.0.1 from a background thread of this process."""
+    from med3dqwen.app.cli import launch
+    from med3dqwen.app.ui import build_app
+
+    demo = build_app(str(tiny_model_dir), output_root=tmp_path_factory.mktemp("app-out"))
+    _, url, share_url = launch(demo, host="127.0.0.1", block=False)
+    assert url.startswith("http://127.0.0.1:") and share_url is None
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="session")
+def phantom_files(tmp_path_factory) -> dict[str, Path]:
+    """A small phantom CT as NIfTI (what a user uploads), a mask on its grid and one from another scan."""
+    from med3dqwen.builders.phantom import PhantomConfig, generate_phantom
+    from med3dqwen.io import save_nifti
+
+    folder = tmp_path_factory.mktemp("phantom")
+    phantom = generate_phantom(3, PhantomConfig(shape=(32, 64, 64)))
+    hu = np.clip(np.rint(phantom.volume), -1024, 3071).astype(np.int16)
+    return {
+        "volume": save_nifti(folder / "chest_ct.nii.gz", hu, phantom.affine, dtype=np.int16),
+        "mask": save_nifti(folder / "lobe.nii.gz", phantom.masks["lung_upper_lobe_right"], phantom.affine),
+        "other_mask": save_nifti(folder / "other_scan_mask.nii.gz", phantom.masks["liver"][:, :, :48], phantom.affine),
+        "text": _write(folder / "notes.txt", "not a CT"),
+    }
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
