@@ -15,15 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+from med3dqwen.anatomy.vocabulary import default_vocabulary
 from med3dqwen.io import UnsafePathError, safe_relpath
 from med3dqwen.processing.ct_io import CorruptFileError, CTInputError, CTVolume, load_mask, load_volume
 from med3dqwen.processing.ct_transforms import boundary_mask, parse_color, window_hu
+from med3dqwen.segmentation.base import MaskResult, MaskSource, UnknownStructureError, close_matches
 
 
 __all__ = [
     "EXAMPLE_CASES",
     "PHANTOM_SHAPE",
     "Case",
+    "CaseMaskSource",
     "RoiView",
     "example_case",
     "load_case_file",
@@ -56,6 +59,31 @@ class Case:
     volume: CTVolume
     name: str
     masks: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+
+class CaseMaskSource(MaskSource):
+    """The masks shipped with a case (a phantom's ground truth) as a mask source, so that ``predict`` and the viewer
+    outline the same voxels. Names go through the anatomy vocabulary (``"right upper lobe"`` → the phantom's
+    ``lung_upper_lobe_right``)."""
+
+    source_name = "phantom"
+
+    def __init__(self, case: Case) -> None:
+        self.case = case
+
+    def get_mask(self, volume: CTVolume, structure: str, *, volume_id: str | None = None) -> MaskResult:
+        masks = self.case.masks
+        key = structure if structure in masks else default_vocabulary().canonical(structure)
+        if key not in masks:
+            raise UnknownStructureError(
+                structure,
+                self.source_name,
+                close_matches(structure, masks),
+                detail=f"{self.case.name} has no mask of it",
+            )
+        if masks[key].shape != volume.shape:
+            raise CTInputError(self.case.name, f"mask grid {masks[key].shape} differs from volume grid {volume.shape}")
+        return MaskResult(mask=masks[key], structure=structure, resolved_name=key, source=self.source_name)
 
 
 @dataclass

@@ -22,10 +22,13 @@ import gradio as gr
 
 from med3dqwen.anatomy.vocabulary import default_vocabulary
 from med3dqwen.processing.ct_io import CTInputError
+from med3dqwen.segmentation.base import UnknownStructureError, close_matches
+from med3dqwen.segmentation.threshold import HUThresholdSource
 
 from .cases import (
     EXAMPLE_CASES,
     Case,
+    CaseMaskSource,
     RoiView,
     example_case,
     load_case_file,
@@ -64,24 +67,17 @@ def _error_html(message: str) -> str:
 def _roi_for_name(case: Case, name: str, segmenter: str) -> RoiView | None:
     """The ROI ``name`` as the viewer shows it before asking: the case's own mask (a phantom's), else the HU
     threshold segmenter's; ``None`` when another segmenter will draw it at question time."""
-    vocabulary = default_vocabulary()
-    key = name if name in case.masks else vocabulary.canonical(name)
-    if key is None:
-        from med3dqwen.segmentation import UnknownStructureError
-        from med3dqwen.segmentation.base import close_matches
-
-        known = {n for source in ("totalsegmentator", "radlex") for n in vocabulary.names(source)}
-        raise UnknownStructureError(name, "anatomy vocabulary", close_matches(name, known | set(case.masks)))
     if case.masks:
-        if key not in case.masks:
-            raise CTInputError(None, f"ROI {name!r} is not among this phantom's structures {sorted(case.masks)}")
-        return roi_view(case.masks[key], "phantom")
+        result = CaseMaskSource(case).get_mask(case.volume, name)
+        return roi_view(result.mask, f"phantom mask {result.resolved_name}")
+    vocabulary = default_vocabulary()
+    if vocabulary.canonical(name) is None:
+        known = {n for source in ("totalsegmentator", "radlex") for n in vocabulary.names(source)}
+        raise UnknownStructureError(name, "anatomy vocabulary", close_matches(name, known))
     if segmenter != "threshold":
         return None
-    from med3dqwen.segmentation import HUThresholdSource
-
     result = HUThresholdSource().get_mask(case.volume, name)
-    return roi_view(result.mask, f"threshold ({result.resolved_name})")
+    return roi_view(result.mask, f"threshold segmenter: {result.resolved_name}")
 
 
 def _slice_info(case: Case, index: int, roi: RoiView | None) -> str:
@@ -269,7 +265,7 @@ def build_app(
             return {slice_image: render_slice(case.volume, index, band, color), info: _slice_info(case, index, roi)}
 
         @guarded
-        def on_ask(case, roi, name, mask_path, label, seg, text, color):
+        def on_ask(case, name, mask_path, label, seg, text, color):
             case = require_case(case)
             if not (text or "").strip():
                 raise CTInputError(None, "type a question first")
@@ -280,8 +276,8 @@ def build_app(
             kwargs = {"adapter": adapter, "prompt": color, "output_dir": str(out_dir)}
             if mask_path:
                 kwargs.update(mask=mask_path, label=(label or "").strip() or None)
-            elif roi is not None and roi.source == "phantom":
-                kwargs.update(mask=roi.mask, roi=name)
+            elif name and case.masks:
+                kwargs.update(roi=name, segmenter=CaseMaskSource(case))  # the phantom's own mask, as shown
             elif name:
                 kwargs.update(roi=name, segmenter=seg)
             result = predict(model, case.volume, text.strip(), **kwargs)
@@ -334,7 +330,7 @@ def build_app(
             trigger_mode="always_last",
         )
         prompt.change(on_slice, [case_state, roi_state, slider, prompt], [slice_image, info, error_line])
-        ask_inputs = [case_state, roi_state, roi_name, mask_file, mask_label, segmenter, question, prompt]
+        ask_inputs = [case_state, roi_name, mask_file, mask_label, segmenter, question, prompt]
         ask_outputs = [answer, probabilities, details, montage, download, error_line]
         ask.click(on_ask, ask_inputs, ask_outputs, concurrency_limit=1)
         question.submit(on_ask, ask_inputs, ask_outputs, concurrency_limit=1)

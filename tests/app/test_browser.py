@@ -38,7 +38,7 @@ def test_upload_scroll_and_ask(page, app_url, phantom_files):
 
     _choose_roi(page, "right lung")  # a RadLex-style name; the threshold segmenter serves lung_right
     expect(info).to_contain_text("ROI contour on slices")
-    expect(info).to_contain_text("threshold (lung_right)")
+    expect(info).to_contain_text("(threshold segmenter: lung_right)")
     image = page.locator("#slice-image img")
     before_src, before = image.get_attribute("src"), _slice_png(page)
     shown = int(page.locator("#slice-slider input[type=number]").input_value())
