@@ -97,6 +97,7 @@ def build_app(
     *,
     predict_fn: Callable | None = None,
     output_root: str | Path | None = None,
+    model_label: str | None = None,
 ) -> gr.Blocks:
     """The viewer page for ``model``.
 
@@ -106,6 +107,7 @@ def build_app(
         predict_fn: the prediction function (default :func:`med3dqwen.predict`; a keyword for tests of wiring
             that must not load a model).
         output_root: where each question's ``answer.json`` and montage are written (default: a temporary folder).
+        model_label: how the page names the model (default: ``model``).
 
     Returns:
         The ``gradio.Blocks``; launch it with :func:`med3dqwen.app.cli.launch` (which adds :data:`APP_CSS`).
@@ -117,7 +119,9 @@ def build_app(
         roi_state = gr.State(None)
         gr.Markdown(
             "## Med3DQwen viewer\n"
-            f"Model `{model}`" + (f" with adapter `{adapter}`" if adapter else "") + ". Load a CT, choose the ROI, "
+            f"Model `{model_label or model}`"
+            + (f" with adapter `{adapter}`" if adapter else "")
+            + ". Load a CT, choose the ROI, "
             "scroll the axial slices with the contour the model sees, ask a question."
         )
         error_line = gr.HTML("", elem_id="error-line")
@@ -149,7 +153,7 @@ def build_app(
                 )
                 mask_label = gr.Textbox(label="Mask label (id or name, for a multilabel mask)", elem_id="mask-label")
                 prompt = gr.Radio(choices=list(PROMPTS), value="red", label="Boundary prompt", elem_id="prompt")
-            with gr.Column(scale=2):
+            with gr.Column(scale=2, elem_id="viewer"):
                 slice_image = gr.Image(
                     label="Axial slice",
                     type="numpy",

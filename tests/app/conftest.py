@@ -6,39 +6,15 @@ download is never used. The tests skip, saying why, only when no such browser is
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from med3dqwen.app.browser import BROWSER_NAMES, find_chromium, launch_chromium
+
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-# Offline and quiet: no first-run tasks, no component updates, no background requests.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-
-
-def find_chromium() -> str | None:
-    """The Chromium executable: ``$MED3DQWEN_CHROMIUM``, else the first of :data:`BROWSER_NAMES` on ``PATH``."""
-    configured = os.environ.get("MED3DQWEN_CHROMIUM")
-    if configured:
-        return configured if Path(configured).is_file() else None
-    for name in BROWSER_NAMES:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +33,7 @@ def browser(chromium_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        browser = launch_chromium(playwright, chromium_path)
         yield browser
         browser.close()
 

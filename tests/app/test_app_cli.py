@@ -38,3 +38,23 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--port must be in 1..65535, got 70000" in err or "the following arguments are required: --model" in err
+
+
+def test_find_chromium_honours_the_override_and_path(monkeypatch, tmp_path):
+    from med3dqwen.app.browser import find_chromium, launch_chromium
+
+    fake = tmp_path / "my-chromium"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("MED3DQWEN_CHROMIUM", str(fake))
+    assert find_chromium() == str(fake)
+    monkeypatch.setenv("MED3DQWEN_CHROMIUM", str(tmp_path / "missing"))
+    assert find_chromium() is None  # a wrong override is not silently replaced by another browser
+    monkeypatch.delenv("MED3DQWEN_CHROMIUM")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert find_chromium() is None
+    (tmp_path / "chromium").symlink_to(fake)
+    assert find_chromium() == str(tmp_path / "chromium")
+    (tmp_path / "chromium").unlink()
+    with pytest.raises(FileNotFoundError, match="apt-get install chromium"):
+        launch_chromium(playwright=None)
