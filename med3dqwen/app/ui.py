@@ -245,9 +245,9 @@ def build_app(
             return None
 
         @guarded
-        def on_roi(case, name, mask_path, label, seg, index, color):
-            if case is None:
-                return {}
+        def on_roi(case, previous, name, mask_path, label, seg, index, color):
+            if case is None or (previous is None and not name and not mask_path):
+                return {}  # nothing chosen, nothing drawn (loading a case empties the ROI box, which lands here)
             roi = current_roi(case, name, mask_path, label, seg)
             index = int(index)
             if roi is not None and not roi.empty:
@@ -318,7 +318,7 @@ def build_app(
             download,
             error_line,
         ]
-        roi_inputs = [case_state, roi_name, mask_file, mask_label, segmenter, slider, prompt]
+        roi_inputs = [case_state, roi_state, roi_name, mask_file, mask_label, segmenter, slider, prompt]
         roi_outputs = [roi_state, slider, slice_image, info, error_line]
         example.change(on_example, [example], case_outputs)
         upload.upload(on_upload, [upload], [*case_outputs, upload])

@@ -53,13 +53,17 @@ def test_upload_scroll_and_ask(page, app_url, phantom_files):
 
     page.locator("#question textarea").fill("Is there a nodule in the right lung?")
     page.locator("#ask").click()
-    answer = page.locator("#answer textarea")
-    expect(answer).not_to_have_value("", timeout=60_000)
+    page.wait_for_function(  # the answer, or an error line: fail at once with its text rather than time out
+        "() => document.querySelector('#answer textarea').value !== ''"
+        " || document.querySelector('#error-line').innerText.trim() !== ''",
+        timeout=90_000,
+    )
+    assert _error_line(page).inner_text().strip() == ""
+    assert page.locator("#answer textarea").input_value().strip()
     expect(page.locator("#answer-details")).to_contain_text("Inside the red boundary")
     expect(page.locator("#probabilities")).to_contain_text("%")
     expect(page.locator("#montage img")).to_be_visible()
     expect(page.locator("#download")).to_be_visible()
-    assert _error_line(page).inner_text() == ""
 
 
 def test_bad_inputs_show_one_line(page, app_url, phantom_files):
