@@ -15,8 +15,9 @@ The registration is lazy, so that the data half (``med3dqwen.processing.ct_io``,
   through its own import (a module that is still running cannot be imported from: another library importing
   ``transformers.processing_utils``, say, must finish before our processor imports it).
 
-The metric functions (``bleu``, ``rouge``, ``meteor``, ``closed_accuracy``, ``compute_metrics``) are imported on first
-access too, without torch, transformers or registration.
+The metric functions (``bleu``, ``rouge``, ``meteor``, ``closed_accuracy``, ``compute_metrics``) and one-call inference
+(``predict``, ``Prediction``, ``PredictError``; loading a model then registers as usual) are imported on first access
+too, without torch, transformers or registration.
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ __all__ = [
     "Med3DQwenModel",
     "Med3DQwenProcessor",
     "Med3DQwenVisionConfig",
+    "PredictError",
+    "Prediction",
     "bleu",
     "closed_accuracy",
     "compute_metrics",
     "load_qwen2_5_tokenizer",
     "meteor",
+    "predict",
     "rouge",
 ]
 
@@ -57,7 +61,8 @@ _LAZY_NAMES = {
 
 # Public names whose modules import neither torch nor transformers: imported on first access, no registration.
 _LIGHT_NAMES = {
-    name: ".evaluation.metrics" for name in ("bleu", "closed_accuracy", "compute_metrics", "meteor", "rouge")
+    **{name: ".evaluation.metrics" for name in ("bleu", "closed_accuracy", "compute_metrics", "meteor", "rouge")},
+    **{name: ".inference" for name in ("PredictError", "Prediction", "predict")},
 }
 
 # The package of the Auto classes: once it is imported, someone may look our model type up.
@@ -144,6 +149,10 @@ class _NotifyingLoader(importlib.abc.Loader):
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
+
+    def __getattr__(self, name: str):
+        # The rest of the loader's API (``get_code`` for ``python -m med3dqwen.scripts....``, ``get_source``, ...).
+        return getattr(self.loader, name)
 
     def exec_module(self, module) -> None:
         module.__spec__.loader = module.__loader__ = self.loader

@@ -11,9 +11,12 @@ The layers, bottom to top::
     convert_med3dvlm.py         modeling, io
     training/, evaluation/      data, processing, modeling, io, anatomy (never builders); evaluation/ also training/
                                 (it builds model inputs with the training collator)
+    inference.py                what evaluation/ may, plus segmentation/ and evaluation/ (one-call prediction reuses
+                                the collator and the generation loop; never builders)
     builders/                   anything but training/, evaluation/, scripts/
     scripts/                    command-line programs (console scripts): anything but training/, evaluation/
-    app/                        the browser viewer: like scripts/ (it reaches the model through the predict API)
+                                (inference.py is allowed: med3dqwen-predict is its command line)
+    app/                        the browser viewer: like scripts/ (it reaches the model through inference.py)
     med3dqwen/__init__.py       the API surface: exempt from the layers, not from the cycle check
 
 A failure names the importing file and line and the rule it breaks.
@@ -42,12 +45,35 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "convert_med3dvlm": frozenset({"modeling", "io"}),
     "training": frozenset({"data", "processing", "modeling", "io", "anatomy"}),
     "evaluation": frozenset({"data", "processing", "modeling", "io", "anatomy", "training"}),
+    "inference": frozenset(
+        {"data", "processing", "modeling", "io", "anatomy", "segmentation", "training", "evaluation"}
+    ),
     "builders": frozenset({"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm"}),
     "scripts": frozenset(
-        {"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm", "builders"}
+        {
+            "modeling",
+            "processing",
+            "anatomy",
+            "io",
+            "segmentation",
+            "data",
+            "convert_med3dvlm",
+            "builders",
+            "inference",
+        }
     ),
     "app": frozenset(
-        {"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm", "builders"}
+        {
+            "modeling",
+            "processing",
+            "anatomy",
+            "io",
+            "segmentation",
+            "data",
+            "convert_med3dvlm",
+            "builders",
+            "inference",
+        }
     ),
     "api": None,
 }

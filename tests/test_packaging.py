@@ -29,6 +29,8 @@ def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:
         "med3dqwen.anatomy",
         "med3dqwen.data.rewrite",
         "med3dqwen.scripts.build_phantom",  # a build command starts without the model stack
+        "med3dqwen.inference",  # the model stack is imported when a model is loaded, not before
+        "med3dqwen.scripts.predict",
     ],
 )
 def test_data_half_imports_neither_torch_nor_transformers(module):
@@ -121,6 +123,7 @@ CONSOLE_SCRIPTS = {
     "med3dqwen-build-m3d-vqa": "med3dqwen.scripts.build_m3d_vqa:cli",
     "med3dqwen-build-pmc-vqa": "med3dqwen.scripts.build_pmc_vqa:cli",
     "med3dqwen-convert-med3dvlm": "med3dqwen.convert_med3dvlm:main",
+    "med3dqwen-predict": "med3dqwen.scripts.predict:cli",
 }
 
 

@@ -275,7 +275,7 @@ def build_app(
                 raise CTInputError(None, "type a question first")
             predict = predict_fn
             if predict is None:
-                from med3dqwen import predict
+                from med3dqwen.inference import predict
             out_dir = Path(tempfile.mkdtemp(prefix="ask-", dir=output_root))
             kwargs = {"adapter": adapter, "prompt": color, "output_dir": str(out_dir)}
             if mask_path:

@@ -29,7 +29,16 @@ from ..data.schema import message_texts
 from ..training.collator import IGNORE_INDEX, Med3DQwenCollator
 
 
-__all__ = ["REPORT_QUESTION_TYPES", "SampleResult", "generate_batches", "sample_id", "sample_task"]
+__all__ = [
+    "REPORT_QUESTION_TYPES",
+    "GeneratedBatch",
+    "SampleResult",
+    "closed_head_labels",
+    "generate_batch",
+    "generate_batches",
+    "sample_id",
+    "sample_task",
+]
 
 REPORT_QUESTION_TYPES = ("region_report", "report", "report_generation")
 """``question_type`` values scored as report generation (the other open rows are open VQA)."""
@@ -111,46 +120,92 @@ def generate_batches(
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     if len(ids) != len(records):
         raise ValueError(f"{len(ids)} ids for {len(records)} records: give one id per record")
-    config = getattr(model, "config", None)
-    label_names = tuple(getattr(config, "closed_label_names", None) or ())
-    has_head = getattr(_base_model(model), "closed_head", None) is not None and bool(label_names)
-    names = label_names if has_head else ()
+    names = closed_head_labels(model)
     collator = Med3DQwenCollator(processor, closed_label_names=names, dataset_root=dataset_root)
-    tokenizer = processor.tokenizer
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    device = next(model.parameters()).device
     for start in range(0, len(records), batch_size):
         batch_records = records[start : start + batch_size]
         begin = time.perf_counter()
-        inputs = _left_padded_prompts(collator(list(batch_records)), tokenizer.pad_token_id)
-        inputs = {name: value.to(device) for name, value in inputs.items()}
-        closed_logits: list[torch.Tensor] = []  # the head runs in generate's prefill: keep its first output
-        hook = _base_model(model).closed_head.register_forward_hook(_keep_first(closed_logits)) if has_head else None
-        try:
-            with torch.inference_mode():
-                output = model.generate(
-                    input_ids=inputs["input_ids"],
-                    attention_mask=inputs["attention_mask"],
-                    pixel_values=inputs["pixel_values"],
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=eos,
-                )  # (B, P + new)
-        finally:
-            if hook is not None:
-                hook.remove()
+        batch = generate_batch(model, collator, batch_records, max_new_tokens=max_new_tokens)
         closed = [None] * len(batch_records)
-        if has_head:
-            closed = _closed_labels(closed_logits, inputs["closed_label_mask"], label_names, batch_records)
-        texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        if batch.closed_logits is not None:
+            best = batch.closed_logits.argmax(dim=-1).tolist()
+            closed = [
+                names[k] if r.get("answer_type") == "closed" else None
+                for k, r in zip(best, batch_records, strict=True)
+            ]
         latency = (time.perf_counter() - begin) / len(batch_records)
         yield [
             _result(record, ids[start + i], text, closed[i], latency) for i, (record, text) in enumerate(
-                zip(batch_records, texts, strict=True)
+                zip(batch_records, batch.texts, strict=True)
             )
         ]  # fmt: skip
+
+
+def closed_head_labels(model) -> tuple[str, ...]:
+    """The closed head's label names (the model config's ``closed_label_names``); ``()`` for a model without one."""
+    label_names = tuple(getattr(getattr(model, "config", None), "closed_label_names", None) or ())
+    return label_names if getattr(_base_model(model), "closed_head", None) is not None else ()
+
+
+@dataclass
+class GeneratedBatch:
+    """What :func:`generate_batch` gives for one batch of records.
+
+    Attributes:
+        texts: the generated answers, special tokens removed (not stripped), in record order.
+        closed_logits: (B, K) float32 closed-head logits over :func:`closed_head_labels`, ``-inf`` outside each
+            row's allowed labels (all ``-inf`` for open rows); None for a model without a closed head.
+        pixel_values: (B, C, D, H, W) the volumes as the model saw them (boundary prompt drawn in), on its device.
+    """
+
+    texts: list[str]
+    closed_logits: torch.Tensor | None
+    pixel_values: torch.Tensor
+
+
+def generate_batch(
+    model, collator: Med3DQwenCollator, records: Sequence[Mapping[str, Any]], *, max_new_tokens: int = 64
+) -> GeneratedBatch:
+    """Greedy answers for one batch of records, and the closed head's logits read from the same prefill.
+
+    Args:
+        model: a ``Med3DQwenForConditionalGeneration`` (or a PEFT model around one), in eval mode.
+        collator: a :class:`~med3dqwen.training.Med3DQwenCollator` of the model's processor whose
+            ``closed_label_names`` are :func:`closed_head_labels` of the model.
+        records: the records (their assistant turn is needed only to find where the prompt ends; its text is
+            ignored).
+        max_new_tokens: the longest answer, in tokens.
+
+    Raises:
+        med3dqwen.training.SampleError: a record the collator cannot read (the message names it).
+        RuntimeError: the model has a closed head that did not run during the prefill.
+    """
+    tokenizer = collator.processor.tokenizer
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    device = next(model.parameters()).device
+    has_head = bool(collator.closed_label_names) and bool(closed_head_labels(model))
+    inputs = _left_padded_prompts(collator(list(records)), tokenizer.pad_token_id)
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    captured: list[torch.Tensor] = []  # the head runs in generate's prefill: keep its first output
+    hook = _base_model(model).closed_head.register_forward_hook(_keep_first(captured)) if has_head else None
+    try:
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                pixel_values=inputs["pixel_values"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+            )  # (B, P + new)
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = _allowed_logits(captured, inputs["closed_label_mask"]) if has_head else None
+    texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return GeneratedBatch(texts=texts, closed_logits=logits, pixel_values=inputs["pixel_values"])
 
 
 def _base_model(model):
@@ -189,8 +244,8 @@ def _left_padded_prompts(batch: Mapping[str, torch.Tensor], pad_id: int) -> dict
     return out
 
 
-def _closed_labels(captured: list[torch.Tensor], allowed: torch.Tensor, label_names, records) -> list[str | None]:
-    """The closed head's label of each closed row (argmax over its allowed labels), None for open rows.
+def _allowed_logits(captured: list[torch.Tensor], allowed: torch.Tensor) -> torch.Tensor:
+    """The closed head's first output, (B, K) float32 on the CPU, ``-inf`` outside each row's allowed labels.
 
     Raises:
         RuntimeError: the head did not run during the prefill (a model whose forward skips it).
@@ -198,8 +253,7 @@ def _closed_labels(captured: list[torch.Tensor], allowed: torch.Tensor, label_na
     if not captured:
         raise RuntimeError("the closed head did not run while generating; cannot read closed answers from it")
     logits = captured[0].float().masked_fill(~allowed.to(captured[0].device), float("-inf"))  # (B, K)
-    best = logits.argmax(dim=-1).tolist()
-    return [label_names[k] if r.get("answer_type") == "closed" else None for k, r in zip(best, records, strict=True)]
+    return logits.cpu()
 
 
 def _result(record: Mapping[str, Any], id_: str, text: str, closed: str | None, latency: float) -> SampleResult:

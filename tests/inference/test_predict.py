@@ -1,0 +1,322 @@
+"""One-call inference (``med3dqwen.predict`` and ``med3dqwen-predict``) on a tiny saved model and phantom volumes.
+
+Covers: the answer and both files (answer.json, overlay_montage.png), the model cache, a region segmented by name, an
+empty ROI (warning + no-prompt variant), adapters, the command line, the real CT fixtures, and the bad-input matrix
+(one line naming the input, exit status 2).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import tiny_config
+
+import med3dqwen.inference as inference
+from med3dqwen.builders.phantom import PhantomConfig, generate_phantom
+from med3dqwen.inference import PredictError, Prediction, predict
+from med3dqwen.modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
+from med3dqwen.processing.processing_med3d_qwen import Med3DQwenProcessor
+from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
+from med3dqwen.scripts.predict import cli
+
+
+ROOT = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def save_model(folder: Path, **kwargs) -> Path:
+    config = tiny_config(**kwargs)
+    torch.manual_seed(0)
+    Med3DQwenForConditionalGeneration(config).save_pretrained(folder)
+    Med3DQwenProcessor.from_config(config, tokenizer=load_qwen2_5_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+def save_image(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """A tiny saved model and a phantom CT with a liver mask, an empty mask and a multi-label map."""
+    base = tmp_path_factory.mktemp("predict")
+    phantom = generate_phantom(0, PhantomConfig(shape=(32, 64, 64)))
+    affine = phantom.affine
+    labels = np.zeros(phantom.volume.shape, dtype=np.uint8)
+    labels[phantom.masks["liver"]] = 5  # TotalSegmentator's id of the liver
+    labels[phantom.masks["spleen"]] = 1
+    files = {
+        "model": save_model(base / "model"),
+        "ct": save_image(base / "ct.nii.gz", phantom.volume, affine),
+        "liver": save_image(base / "liver.nii.gz", phantom.masks["liver"].astype(np.uint8), affine),
+        "empty": save_image(base / "empty.nii.gz", np.zeros(phantom.volume.shape, np.uint8), affine),
+        "labels": save_image(base / "labels.nii.gz", labels, affine),
+    }
+    yield files
+    inference.clear_model_cache()
+
+
+def colour_pixels(path: Path, colour: tuple[int, int, int]) -> int:
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    return int(np.all(rgb == colour, axis=-1).sum())
+
+
+def test_answer_and_both_files(case, tmp_path):
+    out = tmp_path / "out"
+    result = predict(case["model"], case["ct"], "Is there a lesion in the liver?", mask=case["liver"], output_dir=out,
+                     max_new_tokens=4)  # fmt: skip
+    assert isinstance(result, Prediction)
+    assert result.rewritten_question == "Inside the red boundary, is there a lesion in the liver?"
+    assert result.answer_type == "closed" and result.mask_source == "file" and result.prompt == "red"
+    assert set(result.probabilities) == {"no", "yes"} and sum(result.probabilities.values()) == pytest.approx(1.0)
+    assert result.closed_answer == max(result.probabilities, key=result.probabilities.get)
+    assert 0.0 < result.covered_fraction <= 1.0 and result.num_slices == 64
+    assert result.contour_slices and all(0 <= d < 64 for d in result.contour_slices)
+    assert {"load_model", "load_volume", "mask", "generate", "overlay", "total"} <= set(result.timings)
+    assert result.model == str(case["model"]) and result.adapter is None and result.warnings == []
+    on_disk = json.loads((out / "answer.json").read_text())
+    assert on_disk == json.loads(json.dumps(result.to_dict()))
+    montage = out / "overlay_montage.png"
+    assert result.overlay_montage == str(montage) and montage.read_bytes().startswith(PNG_SIGNATURE)
+    assert colour_pixels(montage, RED) > 50  # the contour the model saw, in its colour
+    assert sorted(p.name for p in out.iterdir()) == ["answer.json", "overlay_montage.png"]  # no temporary files left
+
+
+def test_the_model_loads_once_per_process(case, monkeypatch):
+    inference.clear_model_cache()
+    calls = []
+    load = Med3DQwenForConditionalGeneration.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        calls.append(args[0])
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Med3DQwenForConditionalGeneration, "from_pretrained", classmethod(counting))
+    first = predict(case["model"], case["ct"], "What is this?", max_new_tokens=2)
+    second = predict(str(case["model"]) + "/", case["ct"], "What is this?", max_new_tokens=2)  # the same folder
+    assert len(calls) == 1 and len(inference._MODEL_CACHE) == 1
+    assert second.timings["load_model"] < first.timings["load_model"]
+    assert first.answer == second.answer and first.answer_type == "open" and first.probabilities is None
+    assert first.prompt == "none" and first.mask_source == "none" and first.covered_fraction is None
+
+
+def test_region_by_name_is_segmented(case, tmp_path):
+    result = predict(case["model"], case["ct"], "What is seen in the left lung?", roi="left lung", prompt="blue",
+                     output_dir=tmp_path, max_new_tokens=2)  # fmt: skip
+    assert result.mask_source == "threshold" and result.roi == "left lung" and result.prompt == "blue"
+    assert (
+        result.rewritten_question == "Within the blue-outlined area of the CT volume, what is seen in the left lung?"
+    )
+    assert result.contour_slices and colour_pixels(tmp_path / "overlay_montage.png", BLUE) > 50
+    assert colour_pixels(tmp_path / "overlay_montage.png", RED) == 0
+
+
+def test_label_of_a_multilabel_mask(case):
+    by_name = predict(case["model"], case["ct"], "Is the liver normal?", mask=case["labels"], label="liver",
+                      max_new_tokens=2)  # fmt: skip
+    by_id = predict(
+        case["model"], case["ct"], "Is the liver normal?", mask=case["labels"], label="5", max_new_tokens=2
+    )
+    alone = predict(case["model"], case["ct"], "Is the liver normal?", mask=case["liver"], max_new_tokens=2)
+    assert by_name.roi == "liver" and by_name.contour_slices == by_id.contour_slices == alone.contour_slices
+    assert by_name.probabilities == pytest.approx(alone.probabilities)
+
+
+def test_empty_roi_warns_and_asks_without_a_prompt(case, tmp_path):
+    with pytest.warns(UserWarning, match="is empty: asked without a boundary prompt"):
+        result = predict(case["model"], case["ct"], "Is there a nodule?", mask=case["empty"], output_dir=tmp_path,
+                         max_new_tokens=2)  # fmt: skip
+    assert result.prompt == "none" and result.rewritten_question == "Is there a nodule?"
+    assert result.covered_fraction is None and result.contour_slices == [] and len(result.warnings) == 1
+    assert (tmp_path / "answer.json").is_file() and colour_pixels(tmp_path / "overlay_montage.png", RED) == 0
+
+
+def test_prompt_none_ignores_the_contour(case):
+    result = predict(case["model"], case["ct"], "Where is the lesion?", mask=case["liver"], prompt="none",
+                     max_new_tokens=2)  # fmt: skip
+    assert result.prompt == "none" and result.rewritten_question == "Where is the lesion?" and result.warnings == []
+
+
+def test_multiple_choice_probabilities(case):
+    question = "Which lobe holds the nodule? A. upper B. lower"
+    result = predict(case["model"], case["ct"], question, mask=case["liver"], choices=["A. upper", "B. lower"],
+                     max_new_tokens=2)  # fmt: skip
+    assert set(result.probabilities) == {"A", "B"} and sum(result.probabilities.values()) == pytest.approx(1.0)
+
+
+def test_adapter_on_its_base(case, tmp_path):
+    import peft
+
+    base = Med3DQwenForConditionalGeneration.from_pretrained(case["model"])
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(case["model"])
+    plain = predict(case["model"], case["ct"], "Is the liver normal?", mask=case["liver"], max_new_tokens=2)
+    adapted = predict(case["model"], case["ct"], "Is the liver normal?", mask=case["liver"], max_new_tokens=2,
+                      adapter=str(tmp_path / "adapter"))  # fmt: skip
+    assert adapted.adapter == str(tmp_path / "adapter")
+    assert adapted.probabilities != pytest.approx(plain.probabilities)  # the random LoRA weights change the answer
+
+
+@pytest.mark.slow  # a fresh Python process importing torch and transformers: ~10-20 s
+def test_command_line_prints_the_answer_and_writes_both_files(case, tmp_path):
+    """The "done when" of the feature: a fresh process, a phantom volume, a tiny saved model."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "med3dqwen.scripts.predict", "--model", str(case["model"]), "--volume", str(case["ct"]),
+         "--question", "Is there a lesion in the left lung?", "--roi", "left lung", "--segmenter", "threshold",
+         "--output_dir", str(tmp_path / "out"), "--max_new_tokens", "3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads((tmp_path / "out" / "answer.json").read_text())
+    assert f"answer: {answer['answer']}" in done.stdout
+    shown = ", ".join(f"{name} {p:.3f}" for name, p in answer["probabilities"].items())
+    assert f"closed head: {answer['closed_answer']} ({shown})" in done.stdout
+    assert "ROI: left lung from threshold" in done.stdout
+    assert (tmp_path / "out" / "overlay_montage.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the input, exit status 2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_cli(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def bad_files(case, tmp_path_factory):
+    base = tmp_path_factory.mktemp("bad")
+    other = generate_phantom(1, PhantomConfig(shape=(32, 48, 48)))
+    shifted = case["ct"].parent / "ct.nii.gz"
+    image = nib.load(shifted)
+    moved = image.affine.copy()
+    moved[:3, 3] += 25.0
+    text = base / "notes.txt"
+    text.write_text("not a CT")
+    png = base / "figure.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    adapter = base / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "someone/other-model"}))
+    return {
+        "text": text,
+        "png": png,
+        "other_scan": save_image(base / "other.nii.gz", other.masks["liver"].astype(np.uint8), other.affine),
+        "moved": save_image(base / "moved.nii.gz", np.asarray(nib.load(case["liver"]).dataobj), moved),
+        "adapter": adapter,
+        "not_model": base,
+    }
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (lambda c, b: ["--volume", str(b["text"])], "volume '{text}': unknown format"),
+        (lambda c, b: ["--volume", str(b["png"])], "volume '{png}': is a 2D image"),
+        (lambda c, b: ["--volume", "missing.nii.gz"], "volume 'missing.nii.gz': no such file"),
+        (lambda c, b: ["--mask", str(b["other_scan"])], "(is the mask from another scan?)"),
+        (lambda c, b: ["--mask", str(b["moved"])], "(is the mask from another scan?)"),
+        (lambda c, b: ["--mask", str(b["text"])], "mask '{text}': is not a mask file"),
+        (lambda c, b: ["--mask", str(c["labels"]), "--label", "pancraes"], "label 'pancraes': not found in mask"),
+        (lambda c, b: ["--mask", str(c["labels"])], "mask '{labels}': multilabel mask"),
+        (lambda c, b: ["--roi", "left lugn"], "did you mean ['left lung'"),
+        (lambda c, b: ["--roi", "liver"], "roi 'liver': unknown structure 'liver' (HU thresholds give only"),
+        (lambda c, b: ["--roi", "liver", "--mask", str(c["liver"])], "give either --mask"),
+        (lambda c, b: ["--model", "someone/not-downloaded"], "model 'someone/not-downloaded': not a local folder"),
+        (lambda c, b: ["--model", str(b["not_model"])], "holds no config.json"),
+        (lambda c, b: ["--adapter", str(b["adapter"])], "was trained on base model 'someone/other-model'"),
+    ],
+    ids=["txt-volume", "png-volume", "missing-volume", "mask-other-shape", "mask-other-affine", "txt-mask",
+         "unknown-label", "multilabel-without-label", "roi-typo", "roi-not-segmentable", "mask-and-roi",
+         "hub-id-offline", "folder-not-a-model", "adapter-of-another-base"],
+)  # fmt: skip
+def test_bad_input_is_one_line_naming_it(case, bad_files, capsys, monkeypatch, args, expected):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    given = {"--model": str(case["model"]), "--volume": str(case["ct"]), "--question": "Is it normal?"}
+    extra = args(case, bad_files)
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        given[flag] = value
+    err = run_cli([part for pair in given.items() for part in pair], capsys)
+    names = {k: str(v) for k, v in {**case, **bad_files}.items()}
+    assert err.startswith("med3dqwen-predict: error: ") and expected.format(**names) in err
+    if "another scan" in expected:
+        assert f"mask {extra[1]!r}: " in err
+
+
+def test_an_adapter_that_does_not_fit_is_refused(case, tmp_path):
+    """An adapter trained on a model of another size (its base folder named like ours) fails on its weights."""
+    import peft
+
+    config = tiny_config()
+    config.text_config.hidden_size = 48  # another width: the LoRA matrices cannot fit our q_proj / v_proj
+    config.text_config.num_attention_heads = 4
+    torch.manual_seed(0)
+    wide = Med3DQwenForConditionalGeneration(config)
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(wide, lora)
+    model.peft_config["default"].base_model_name_or_path = str(case["model"])
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(PredictError, match=r"^adapter '.*adapter': does not fit --model"):
+        predict(case["model"], case["ct"], "Is it normal?", adapter=str(tmp_path / "adapter"), max_new_tokens=2)
+
+
+def test_missing_segmenter_package_is_a_clear_error(case):
+    import importlib.util
+
+    if importlib.util.find_spec("totalsegmentator") is not None:
+        pytest.skip("TotalSegmentator is installed here; this checks the message shown without it")
+    with pytest.raises(PredictError, match="TotalSegmentator package is not installed"):
+        predict(case["model"], case["ct"], "Is it normal?", roi="liver", segmenter="totalsegmentator")
+    with pytest.raises(PredictError, match="segmenter 'magic': unknown"):
+        predict(case["model"], case["ct"], "Is it normal?", roi="liver", segmenter="magic")
+
+
+def test_predict_is_a_lazy_package_name():
+    check = "import sys, med3dqwen; f = med3dqwen.predict; assert f.__module__ == 'med3dqwen.inference'; "
+    check += "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    done = subprocess.run([sys.executable, "-c", check], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real CT fixtures (skipped without them)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_real_ct_with_a_totalsegmentator_label(case, real_ct, tmp_path):
+    folder = real_ct / "totalseg_example_ct_sm"
+    ct, seg = folder / "example_ct_sm.nii.gz", folder / "example_seg.nii.gz"
+    result = predict(case["model"], ct, "Is the liver enlarged?", mask=seg, label="liver", output_dir=tmp_path,
+                     max_new_tokens=2)  # fmt: skip
+    assert result.prompt == "red" and result.contour_slices and 0.0 < result.covered_fraction <= 1.0
+    assert colour_pixels(tmp_path / "overlay_montage.png", RED) > 50
+    # the DICOM scan's segmentation is from another scan
+    with pytest.raises(PredictError, match="another scan"):
+        predict(case["model"], folder / "example_ct_sm.nii.gz", "Is the liver enlarged?", max_new_tokens=2,
+                mask=real_ct / "totalseg_example_ct_dicom" / "example_seg_dicom.nii.gz", label="liver")  # fmt: skip
+
+
+def test_real_dicom_folder_with_a_segmented_region(case, real_ct):
+    folder = real_ct / "totalseg_example_ct_dicom" / "example_ct_dicom"
+    result = predict(case["model"], folder, "Is there an abnormality in the body?", roi="body", max_new_tokens=2)
+    assert result.mask_source == "threshold" and result.prompt == "red" and result.contour_slices
