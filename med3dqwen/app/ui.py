@@ -21,6 +21,7 @@ from pathlib import Path
 import gradio as gr
 
 from med3dqwen.anatomy.vocabulary import default_vocabulary
+from med3dqwen.inference import PROMPTS, SEGMENTERS
 from med3dqwen.processing.ct_io import CTInputError
 from med3dqwen.segmentation.base import UnknownStructureError, close_matches
 from med3dqwen.segmentation.threshold import HUThresholdSource
@@ -39,12 +40,10 @@ from .cases import (
 )
 
 
-__all__ = ["APP_CSS", "SEGMENTERS", "build_app", "one_line_error"]
+__all__ = ["APP_CSS", "build_app", "one_line_error"]
 
 logger = logging.getLogger(__name__)
 
-SEGMENTERS = ("threshold", "totalsegmentator", "vista3d")
-PROMPTS = ("red", "blue", "none")
 APP_CSS = """
 #error-line p.error { color: #b91c1c; font-weight: 600; margin: 0; }
 #slice-image img { image-rendering: pixelated; }
@@ -78,6 +77,16 @@ def _roi_for_name(case: Case, name: str, segmenter: str) -> RoiView | None:
         return None
     result = HUThresholdSource().get_mask(case.volume, name)
     return roi_view(result.mask, f"threshold segmenter: {result.resolved_name}")
+
+
+def _answer_text(result) -> str:
+    """What the answer box shows: the generated text; when that is empty (an untrained model may stop at once), the
+    closed head's label, saying where it came from, so the box never looks as if nothing happened."""
+    if result.answer:
+        return result.answer
+    if result.closed_answer is not None:
+        return f"{result.closed_answer} (the closed-answer head; the generated text was empty)"
+    return "(the model generated an empty answer)"
 
 
 def _slice_info(case: Case, index: int, roi: RoiView | None) -> str:
@@ -295,7 +304,7 @@ def build_app(
                 )
             lines += [f"⚠ {w}" for w in (result.warnings or [])]
             return {
-                answer: result.answer,
+                answer: _answer_text(result),
                 probabilities: dict(result.probabilities or {}) or None,
                 details: "\n\n".join(lines),
                 montage: str(montage_path) if montage_path else None,
@@ -320,10 +329,11 @@ def build_app(
         ]
         roi_inputs = [case_state, roi_state, roi_name, mask_file, mask_label, segmenter, slider, prompt]
         roi_outputs = [roi_state, slider, slice_image, info, error_line]
-        example.change(on_example, [example], case_outputs)
-        upload.upload(on_upload, [upload], [*case_outputs, upload])
+        example.change(on_example, [example], case_outputs, show_progress_on=slice_image)
+        upload.upload(on_upload, [upload], [*case_outputs, upload], show_progress_on=slice_image)
+        # Progress shows on the slice or the answer, never on the error line (it would read as an error).
         for trigger in (roi_name.change, mask_file.change, mask_label.submit, segmenter.change):
-            trigger(on_roi, roi_inputs, roi_outputs)
+            trigger(on_roi, roi_inputs, roi_outputs, show_progress_on=slice_image)
         # ``input``, not ``change``: a programmatic move (loading a case, picking an ROI) renders once, in its own
         # handler; ``change`` would render the same slice again and rewrite the cached PNG the page is reading.
         slider.input(
@@ -333,9 +343,11 @@ def build_app(
             show_progress="hidden",
             trigger_mode="always_last",
         )
-        prompt.change(on_slice, [case_state, roi_state, slider, prompt], [slice_image, info, error_line])
+        prompt.change(
+            on_slice, [case_state, roi_state, slider, prompt], [slice_image, info, error_line], show_progress="hidden"
+        )
         ask_inputs = [case_state, roi_name, mask_file, mask_label, segmenter, question, prompt]
         ask_outputs = [answer, probabilities, details, montage, download, error_line]
-        ask.click(on_ask, ask_inputs, ask_outputs, concurrency_limit=1)
-        question.submit(on_ask, ask_inputs, ask_outputs, concurrency_limit=1)
+        ask.click(on_ask, ask_inputs, ask_outputs, concurrency_limit=1, show_progress_on=answer)
+        question.submit(on_ask, ask_inputs, ask_outputs, concurrency_limit=1, show_progress_on=answer)
     return demo
