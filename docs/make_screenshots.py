@@ -68,7 +68,14 @@ def take(url: str, output_dir: Path) -> list[Path]:
             slider.press("ArrowRight")
         page.locator("#question textarea").fill(QUESTION)
         page.locator("#ask").click()
-        expect(page.locator("#answer textarea")).not_to_have_value("", timeout=120_000)
+        page.wait_for_function(
+            "() => document.querySelector('#answer textarea').value !== ''"
+            " || document.querySelector('#error-line p.error') !== null",
+            timeout=180_000,
+        )
+        error = page.locator("#error-line p.error")
+        if error.count():
+            raise RuntimeError(f"the page shows an error: {error.inner_text()}")
         expect(page.locator("#montage img")).to_be_visible()
         page.wait_for_timeout(500)  # let the montage finish painting
         page.screenshot(path=str(page_png), full_page=True)

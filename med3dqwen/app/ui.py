@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 
 from med3dqwen.anatomy.vocabulary import default_vocabulary
 from med3dqwen.inference import PROMPTS, SEGMENTERS
@@ -79,6 +80,13 @@ def _roi_for_name(case: Case, name: str, segmenter: str) -> RoiView | None:
     return roi_view(result.mask, f"threshold segmenter: {result.resolved_name}")
 
 
+def _on_screen(rgb: np.ndarray, target: int = 512) -> np.ndarray:
+    """Enlarge a small slice by a whole factor (nearest), so a 128-pixel phantom slice is not a stamp in the page and
+    the 3-pixel contour stays crisp; slices of ``target`` pixels or more are left as they are."""
+    factor = max(1, target // max(rgb.shape[:2]))
+    return rgb if factor == 1 else rgb.repeat(factor, axis=0).repeat(factor, axis=1)  # (H*f, W*f, 3)
+
+
 def _answer_text(result) -> str:
     """What the answer box shows: the generated text; when that is empty (an untrained model may stop at once), the
     closed head's label, saying where it came from, so the box never looks as if nothing happened."""
@@ -122,6 +130,7 @@ def build_app(
         The ``gradio.Blocks``; launch it with :func:`med3dqwen.app.cli.launch` (which adds :data:`APP_CSS`).
     """
     output_root = Path(output_root or tempfile.mkdtemp(prefix="med3dqwen-app-"))
+    output_root.mkdir(parents=True, exist_ok=True)
 
     with gr.Blocks(title="Med3DQwen viewer") as demo:
         case_state = gr.State(None)
@@ -218,7 +227,7 @@ def build_app(
                 roi_state: None,
                 roi_name: gr.Dropdown(choices=structure_choices(case), value=None),
                 slider: gr.Slider(minimum=0, maximum=case.volume.shape[0] - 1, value=middle, step=1),
-                slice_image: render_slice(case.volume, middle),
+                slice_image: _on_screen(render_slice(case.volume, middle)),
                 info: _slice_info(case, middle, None),
                 answer: "",
                 probabilities: None,
@@ -265,7 +274,7 @@ def build_app(
             return {
                 roi_state: roi,
                 slider: gr.Slider(value=index),
-                slice_image: render_slice(case.volume, index, band, color),
+                slice_image: _on_screen(render_slice(case.volume, index, band, color)),
                 info: _slice_info(case, index, roi),
             }
 
@@ -275,7 +284,10 @@ def build_app(
                 return {}
             index = int(index)
             band = None if roi is None else roi.band
-            return {slice_image: render_slice(case.volume, index, band, color), info: _slice_info(case, index, roi)}
+            return {
+                slice_image: _on_screen(render_slice(case.volume, index, band, color)),
+                info: _slice_info(case, index, roi),
+            }
 
         @guarded
         def on_ask(case, name, mask_path, label, seg, text, color):

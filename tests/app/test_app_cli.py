@@ -1,5 +1,8 @@
 """``med3dqwen-app``'s command line: local only and no share link unless asked, ports checked."""
 
+import sys
+import types
+
 import pytest
 
 from med3dqwen.app import cli as app_cli
@@ -18,9 +21,9 @@ def test_defaults_are_local_without_share():
 
 def test_cli_passes_the_options_to_build_and_launch(monkeypatch):
     calls = {}
-    monkeypatch.setattr(
-        "med3dqwen.app.ui.build_app", lambda model, adapter: calls.setdefault("built", (model, adapter))
-    )
+    fake_ui = types.ModuleType("med3dqwen.app.ui")  # the page itself is tested in test_browser.py
+    fake_ui.build_app = lambda model, adapter: calls.setdefault("built", (model, adapter))
+    monkeypatch.setitem(sys.modules, "med3dqwen.app.ui", fake_ui)
     monkeypatch.setattr(
         app_cli, "launch", lambda demo, host, port, share: calls.setdefault("launch", (host, port, share))
     )
