@@ -14,6 +14,7 @@ loaded on the first question and kept for the next ones. Gradio's usage analytic
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,8 +70,11 @@ def launch(demo, host: str = "127.0.0.1", port: int | None = None, share: bool =
 
 def cli(argv: Sequence[str] | None = None) -> None:
     """The console script ``med3dqwen-app``."""
-    (args,) = make_parser().parse_args_into_dataclasses(argv)
+    parser = make_parser()
+    (args,) = parser.parse_args_into_dataclasses(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if importlib.util.find_spec("gradio") is None:
+        parser.exit(1, "med3dqwen-app: Gradio is not installed; pip install 'med3dqwen[app]'\n")
     from .ui import build_app
 
     launch(build_app(args.model, args.adapter), args.host, args.port, args.share)

@@ -61,3 +61,14 @@ def test_find_chromium_honours_the_override_and_path(monkeypatch, tmp_path):
     (tmp_path / "chromium").unlink()
     with pytest.raises(FileNotFoundError, match="apt-get install chromium"):
         launch_chromium(playwright=None)
+
+
+def test_without_gradio_it_says_what_to_install(monkeypatch, capsys):
+    real_find_spec = app_cli.importlib.util.find_spec
+    monkeypatch.setattr(
+        app_cli.importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real_find_spec(name, *a)
+    )
+    with pytest.raises(SystemExit) as info:
+        app_cli.cli(["--model", "m"])
+    assert info.value.code == 1
+    assert capsys.readouterr().err == "med3dqwen-app: Gradio is not installed; pip install 'med3dqwen[app]'\n"
