@@ -213,7 +213,8 @@ def build_app(
                         if not isinstance(err, (CTInputError, ValueError, KeyError, FileNotFoundError)):
                             logger.exception("viewer handler %s failed", fn.__name__)
                         result = {error_line: _error_html(one_line_error(err))}
-                    result.setdefault(error_line, "")
+                    if result:  # a handler with nothing to do leaves the page, its error line included, as it is
+                        result.setdefault(error_line, "")
                     return {**result, **(always or {})}
 
                 return wrapper
@@ -266,7 +267,19 @@ def build_app(
         def on_roi(case, previous, name, mask_path, label, seg, index, color):
             if case is None or (previous is None and not name and not mask_path):
                 return {}  # nothing chosen, nothing drawn (loading a case empties the ROI box, which lands here)
-            roi = current_roi(case, name, mask_path, label, seg)
+            try:
+                roi = current_roi(case, name, mask_path, label, seg)
+            except CTInputError as err:
+                if not mask_path:
+                    raise
+                # A refused mask leaves the box, so that the next question cannot use it; the slice stays bare.
+                return {
+                    error_line: _error_html(one_line_error(err)),
+                    mask_file: None,
+                    roi_state: None,
+                    slice_image: _on_screen(render_slice(case.volume, int(index))),
+                    info: _slice_info(case, int(index), None),
+                }
             index = int(index)
             if roi is not None and not roi.empty:
                 index = roi.slices[len(roi.slices) // 2]
@@ -308,10 +321,12 @@ def build_app(
             result = predict(model, case.volume, text.strip(), **kwargs)
             montage_path = getattr(result, "overlay_montage", None)
             lines = [f"Question as the model read it: *{result.rewritten_question}*"]
-            if result.roi:
+            if result.mask_source != "none":
                 covered = result.covered_fraction
                 lines.append(
-                    f"ROI `{result.roi}` from {result.mask_source}"
+                    "ROI "
+                    + (f"`{result.roi}` " if result.roi else "")
+                    + f"from {'the mask file' if result.mask_source == 'file' else result.mask_source}"
                     + (f", {covered:.0%} of its voxels under the contour" if covered is not None else "")
                 )
             lines += [f"⚠ {w}" for w in (result.warnings or [])]
@@ -340,11 +355,12 @@ def build_app(
             error_line,
         ]
         roi_inputs = [case_state, roi_state, roi_name, mask_file, mask_label, segmenter, slider, prompt]
-        roi_outputs = [roi_state, slider, slice_image, info, error_line]
+        roi_outputs = [roi_state, slider, slice_image, info, mask_file, error_line]
         example.change(on_example, [example], case_outputs, show_progress_on=slice_image)
         upload.upload(on_upload, [upload], [*case_outputs, upload], show_progress_on=slice_image)
         # Progress shows on the slice or the answer, never on the error line (it would read as an error).
-        for trigger in (roi_name.change, mask_file.change, mask_label.submit, segmenter.change):
+        # The mask box reacts to the user's upload and clear only: emptying it from a handler triggers nothing.
+        for trigger in (roi_name.change, mask_file.upload, mask_file.clear, mask_label.submit, segmenter.change):
             trigger(on_roi, roi_inputs, roi_outputs, show_progress_on=slice_image)
         # ``input``, not ``change``: a programmatic move (loading a case, picking an ROI) renders once, in its own
         # handler; ``change`` would render the same slice again and rewrite the cached PNG the page is reading.

@@ -69,8 +69,19 @@ def test_upload_scroll_and_ask(page, app_url, phantom_files):
     assert shown.strip() and shown != "(the model generated an empty answer)", shown
     if "closed-answer head" in shown:
         assert shown.split()[0] in ("yes", "no"), shown
-    expect(page.locator("#montage img")).to_be_visible()
+    montage = page.locator("#montage img")
+    expect(montage).to_be_visible()
     expect(page.locator("#download")).to_be_visible()
+    expect(page.locator("#answer-details")).to_contain_text("ROI right lung from threshold")
+
+    # The same question about an uploaded mask: predict reads the file (the model is already loaded).
+    first_montage = montage.get_attribute("src")
+    _upload(page, "#mask-upload", phantom_files["mask"])
+    expect(info).to_contain_text("(mask file lobe.nii.gz)")
+    page.locator("#ask").click()
+    expect(page.locator("#answer-details")).to_contain_text("ROI from the mask file", timeout=90_000)
+    expect(montage).not_to_have_attribute("src", first_montage)
+    assert _error_line(page).count() == 0
 
 
 def test_bad_inputs_show_one_line(page, app_url, phantom_files):
@@ -94,6 +105,12 @@ def test_bad_inputs_show_one_line(page, app_url, phantom_files):
     expect(error).to_contain_text(
         "other_scan_mask.nii.gz: mask grid (32, 64, 48) differs from volume grid (32, 64, 64)"
     )
+
+    # The refused mask left the box: the right one can be dropped at once, and is outlined.
+    _upload(page, "#mask-upload", phantom_files["mask"])
+    expect(error).to_have_count(0)
+    expect(page.locator("#slice-info")).to_contain_text("ROI contour on slices")
+    expect(page.locator("#slice-info")).to_contain_text("(mask file lobe.nii.gz)")
 
     page.locator("#question textarea").fill("")
     page.locator("#ask").click()
