@@ -15,14 +15,13 @@ import functools
 import html
 import logging
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 
 from med3dqwen.anatomy.vocabulary import default_vocabulary
-from med3dqwen.inference import PROMPTS, SEGMENTERS
+from med3dqwen.inference import PROMPTS, SEGMENTERS, predict
 from med3dqwen.processing.ct_io import CTInputError
 from med3dqwen.segmentation.base import UnknownStructureError, close_matches
 from med3dqwen.segmentation.threshold import HUThresholdSource
@@ -51,12 +50,16 @@ APP_CSS = """
 """
 
 
+# Errors about the user's input (CTInputError and PredictError are ValueErrors); anything else is a bug, logged.
+_INPUT_ERRORS = (ValueError, KeyError, FileNotFoundError)
+
+
 def one_line_error(err: BaseException) -> str:
     """The message the page shows for ``err``: one line, naming the input (a CTInputError's file and problem)."""
     text = str(err).strip() or type(err).__name__
     first = text.splitlines()[0].rstrip(":")
-    if isinstance(err, (ValueError, KeyError, FileNotFoundError)) or type(err).__name__.endswith("Error"):
-        return first
+    if isinstance(err, _INPUT_ERRORS):
+        return first  # CTInputError and PredictError messages start with the input they are about
     return f"{type(err).__name__}: {first}"
 
 
@@ -112,7 +115,6 @@ def build_app(
     model: str,
     adapter: str | None = None,
     *,
-    predict_fn: Callable | None = None,
     output_root: str | Path | None = None,
     model_label: str | None = None,
 ) -> gr.Blocks:
@@ -121,8 +123,6 @@ def build_app(
     Args:
         model: a saved model folder or Hub id, passed to :func:`med3dqwen.predict` (loaded on the first question).
         adapter: a PEFT adapter folder for ``model``.
-        predict_fn: the prediction function (default :func:`med3dqwen.predict`; a keyword for tests of wiring
-            that must not load a model).
         output_root: where each question's ``answer.json`` and montage are written (default: a temporary folder).
         model_label: how the page names the model (default: ``model``).
 
@@ -210,7 +210,7 @@ def build_app(
                     try:
                         result = fn(*args)
                     except Exception as err:  # noqa: BLE001 - the page must show every failure as one line
-                        if not isinstance(err, (CTInputError, ValueError, KeyError, FileNotFoundError)):
+                        if not isinstance(err, _INPUT_ERRORS):
                             logger.exception("viewer handler %s failed", fn.__name__)
                         result = {error_line: _error_html(one_line_error(err))}
                     if result:  # a handler with nothing to do leaves the page, its error line included, as it is
@@ -307,9 +307,6 @@ def build_app(
             case = require_case(case)
             if not (text or "").strip():
                 raise CTInputError(None, "type a question first")
-            predict = predict_fn
-            if predict is None:
-                from med3dqwen.inference import predict
             out_dir = Path(tempfile.mkdtemp(prefix="ask-", dir=output_root))
             kwargs = {"adapter": adapter, "prompt": color, "output_dir": str(out_dir)}
             if mask_path:
