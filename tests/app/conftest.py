@@ -40,6 +40,10 @@ def browser(chromium_path):
 
 @pytest.fixture()
 def page(browser):
+    from playwright.sync_api import expect
+
+    # The machine running the suite is shared (2 cores, other test workers): give each page update 20 s, not 5 s.
+    expect.set_options(timeout=20_000)
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(30_000)
