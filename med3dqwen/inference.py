@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -146,6 +147,7 @@ class Prediction:
 # ---------------------------------------------------------------------------------------------------------------
 
 _MODEL_CACHE: dict[tuple[str, str | None, str], tuple[Any, Any]] = {}
+_MODEL_LOCK = threading.Lock()  # one load at a time: two first requests of a web app must not load a model twice
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
 
 
@@ -257,8 +259,13 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
     """
     device = _default_device(device)
     key = (_cache_key(model), None if adapter is None else _cache_key(adapter), device)
-    if key in _MODEL_CACHE:
+    with _MODEL_LOCK:
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE[key] = _load_model(model, adapter, device)
         return _MODEL_CACHE[key]
+
+
+def _load_model(model: str, adapter: str | None, device: str) -> tuple[Any, Any]:
     _check_model_folder(model)
     if adapter is not None:
         _check_adapter(adapter, model)
@@ -282,8 +289,7 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
             raise PredictError("adapter", adapter, f"does not fit --model {model!r}: {err}") from err
         except OSError as err:
             raise PredictError("adapter", adapter, f"cannot be loaded: {err}") from err
-    _MODEL_CACHE[key] = (loaded.to(device).eval(), processor)
-    return _MODEL_CACHE[key]
+    return loaded.to(device).eval(), processor
 
 
 def _resolve_model(model, processor, adapter: str | None, device: str | None) -> tuple[Any, Any, str]:
@@ -329,6 +335,16 @@ def _load_ct(volume) -> CTVolume:
 def _mask_from_file(mask, label, ct: CTVolume) -> np.ndarray:
     """The (D, H, W) bool ROI of a mask file on ``ct``'s grid; ``label`` picks one label (id, or a name the file's
     table, TotalSegmentator's table or the anatomy vocabulary knows)."""
+    if isinstance(mask, np.ndarray):  # already on the volume's grid, in ct_io's canonical (D, H, W) layout
+        if mask.shape != ct.shape:
+            raise PredictError(
+                "mask",
+                f"<array {mask.shape}>",
+                f"differs from the volume's shape {ct.shape} (is it from another scan?)",
+            )
+        if label is not None:
+            return np.asarray(mask) == int(label)
+        return np.asarray(mask) > (0.5 if mask.dtype.kind == "f" else 0)
     path = Path(mask).expanduser()
     if not path.is_file():
         raise PredictError("mask", mask, "no such file" if not path.exists() else "is not a file")
@@ -348,6 +364,10 @@ def _mask_from_file(mask, label, ct: CTVolume) -> np.ndarray:
         if type(err).__name__ == "MaskMismatchError":
             problem += " (is the mask from another scan?)"
         raise PredictError("mask", mask, problem) from err
+
+
+def _name(mask) -> str:
+    return f"<array {mask.shape}>" if isinstance(mask, np.ndarray) else os.fspath(mask)
 
 
 def _vocabulary_names() -> list[str]:
@@ -423,9 +443,12 @@ class _TotalSegmentatorSource(MaskSource):
             raise PredictError("volume", "<array>", "TotalSegmentator reads files; give the volume as a file")
         with tempfile.TemporaryDirectory(prefix="med3dqwen-ts-") as tmp:
             out = Path(tmp) / "segmentation.nii.gz"
-            totalsegmentator(
-                volume.path, out, ml=True, roi_subset=classes, device=self.device, fast=self.fast, quiet=True
-            )
+            try:
+                totalsegmentator(
+                    volume.path, out, ml=True, roi_subset=classes, device=self.device, fast=self.fast, quiet=True
+                )
+            except (Exception, SystemExit) as err:  # no weights offline, a class outside its "total" task, ...
+                raise PredictError("segmenter", "totalsegmentator", f"TotalSegmentator failed: {err!r}") from err
             result = MultilabelFileSource(out).get_mask(volume, structure)
         result.path = None  # the temporary file is gone
         return result
@@ -466,7 +489,7 @@ def predict(
     question: str,
     *,
     adapter: str | None = None,
-    mask: str | os.PathLike | None = None,
+    mask: str | os.PathLike | np.ndarray | None = None,
     label: str | int | None = None,
     roi: str | None = None,
     segmenter: str | MaskSource = "threshold",
@@ -486,7 +509,8 @@ def predict(
         volume: a NIfTI file, a DICOM folder or file, a ``.npy`` (D, H, W) array file, or a ``CTVolume``.
         question: the question, as a user would ask it.
         adapter: a PEFT adapter folder or Hub id trained on ``model``.
-        mask: a mask file on the volume's grid (binary, or multi-label with ``label``).
+        mask: a mask file on the volume's grid (binary, or multi-label with ``label``), or a (D, H, W) array on the
+            grid of the loaded volume (``ct_io.load_volume``'s canonical layout; ``label`` an id).
         label: which label of a multi-label ``mask``: an id, or a name (the file's label table, TotalSegmentator's,
             or any name of the anatomy vocabulary for it).
         roi: a region name (RadLex / TotalSegmentator / VISTA-3D / RadGenome); without ``mask`` it is segmented
@@ -562,7 +586,7 @@ def predict(
         small = None
     elif small is not None and not small.any():
         what = "is empty" if not roi_mask.any() else "vanishes at the model's resolution"
-        notes.append(f"the ROI {roi or os.fspath(mask)!r} {what}: asked without a boundary prompt (no-prompt variant)")
+        notes.append(f"the ROI {roi or _name(mask)!r} {what}: asked without a boundary prompt (no-prompt variant)")
         small = None
     used_prompt = prompt if small is not None else "none"
 

@@ -290,6 +290,60 @@ def test_missing_segmenter_package_is_a_clear_error(case):
         predict(case["model"], case["ct"], "Is it normal?", roi="liver", segmenter="magic")
 
 
+def test_totalsegmentator_segmenter_reads_its_output(case, monkeypatch):
+    """The TotalSegmentator wrapper asks for the region's classes and reads the label map it writes (a stand-in for
+    the package, which needs weights from the internet, writes the phantom's liver as TotalSegmentator's id 5)."""
+    import importlib.machinery
+    import types
+
+    calls = []
+
+    def fake_totalsegmentator(input, output, ml=False, roi_subset=None, device="gpu", fast=False, quiet=False):
+        calls.append({"input": str(input), "ml": ml, "roi_subset": roi_subset, "device": device})
+        image = nib.load(case["labels"])
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine), output)
+
+    package = types.ModuleType("totalsegmentator")
+    package.__spec__ = importlib.machinery.ModuleSpec("totalsegmentator", None)
+    api = types.ModuleType("totalsegmentator.python_api")
+    api.totalsegmentator = fake_totalsegmentator
+    monkeypatch.setitem(sys.modules, "totalsegmentator", package)
+    monkeypatch.setitem(sys.modules, "totalsegmentator.python_api", api)
+    result = predict(case["model"], case["ct"], "Is the liver normal?", roi="liver", segmenter="totalsegmentator",
+                     device="cpu", max_new_tokens=2)  # fmt: skip
+    reference = predict(case["model"], case["ct"], "Is the liver normal?", mask=case["liver"], max_new_tokens=2)
+    assert calls == [{"input": str(case["ct"]), "ml": True, "roi_subset": ["liver"], "device": "cpu"}]
+    assert result.mask_source == "totalsegmentator" and result.contour_slices == reference.contour_slices
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("weights for task 291 cannot be downloaded")
+
+    api.totalsegmentator = failing
+    with pytest.raises(PredictError, match="^segmenter 'totalsegmentator': TotalSegmentator failed: .*task 291"):
+        predict(case["model"], case["ct"], "Is the liver normal?", roi="liver", segmenter="totalsegmentator")
+
+
+def test_vista3d_without_its_bundle_says_how_to_get_it(case, monkeypatch):
+    pytest.importorskip("monai")
+    monkeypatch.delenv("MED3DQWEN_VISTA3D_BUNDLE", raising=False)
+    with pytest.raises(PredictError, match="^segmenter 'vista3d': .*bundle_dir"):
+        predict(case["model"], case["ct"], "Is the liver normal?", roi="liver", segmenter="vista3d")
+
+
+def test_loaded_volume_and_mask_array(case):
+    """What a web app holds: a loaded CTVolume and a mask array on its grid (no files read again)."""
+    from med3dqwen.processing.ct_io import load_mask, load_volume
+
+    ct = load_volume(case["ct"])
+    liver = load_mask(case["liver"], like=ct)
+    from_arrays = predict(case["model"], ct, "Is the liver normal?", mask=liver, max_new_tokens=2)
+    from_files = predict(case["model"], case["ct"], "Is the liver normal?", mask=case["liver"], max_new_tokens=2)
+    assert from_arrays.contour_slices == from_files.contour_slices
+    assert from_arrays.probabilities == pytest.approx(from_files.probabilities)
+    with pytest.raises(PredictError, match=r"^mask '<array \(32, 64, 63\)>': differs from the volume's shape"):
+        predict(case["model"], ct, "Is the liver normal?", mask=liver[:, :, :63])
+
+
 def test_predict_is_a_lazy_package_name():
     check = "import sys, med3dqwen; f = med3dqwen.predict; assert f.__module__ == 'med3dqwen.inference'; "
     check += "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
