@@ -152,6 +152,8 @@ class _NotifyingLoader(importlib.abc.Loader):
 
     def __getattr__(self, name: str):
         # The rest of the loader's API (``get_code`` for ``python -m med3dqwen.scripts....``, ``get_source``, ...).
+        if name == "loader":  # not set yet (a copy being built): no recursion through this method
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
     def exec_module(self, module) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "SEGMENTERS",
     "PredictError",
     "Prediction",
+    "adapter_base",
     "clear_model_cache",
     "load_model",
     "predict",
@@ -208,9 +209,12 @@ def _hub_error(what: str, name: str, err: Exception) -> PredictError:
     )  # fmt: skip
 
 
-def _check_adapter(adapter: str, model: str) -> None:
-    """The adapter's ``base_model_name_or_path`` must be ``model`` (the same name or folder, or a folder holding the
-    same config)."""
+def adapter_base(adapter: str) -> str | None:
+    """The ``base_model_name_or_path`` of a PEFT adapter folder or Hub id (None when its config names none).
+
+    Raises:
+        PredictError: no such folder, not an adapter, or a Hub id that cannot be fetched.
+    """
     folder = Path(adapter).expanduser()
     if folder.is_dir():
         config_path = folder / "adapter_config.json"
@@ -228,9 +232,15 @@ def _check_adapter(adapter: str, model: str) -> None:
     if not config_path.is_file():
         raise PredictError("adapter", adapter, "holds no adapter_config.json; it is not a PEFT adapter")
     try:
-        base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        return json.loads(config_path.read_text()).get("base_model_name_or_path")
     except ValueError as err:
         raise PredictError("adapter", adapter, f"its adapter_config.json is not valid JSON ({err})") from err
+
+
+def _check_adapter(adapter: str, model: str) -> None:
+    """The adapter's ``base_model_name_or_path`` must be ``model`` (the same name or folder, or a folder holding the
+    same config)."""
+    base = adapter_base(adapter)
     if not base or _cache_key(base) == _cache_key(model):
         return
     base_folder, model_folder = Path(base).expanduser(), Path(model).expanduser()
@@ -293,7 +303,14 @@ def _load_model(model: str, adapter: str | None, device: str) -> tuple[Any, Any]
 
 
 def _resolve_model(model, processor, adapter: str | None, device: str | None) -> tuple[Any, Any, str]:
-    """``(model, processor, model name)`` of a name (cached load) or of an already loaded model."""
+    """``(model, processor, model name)`` of a name (cached load) or of an already loaded model; None: the adapter's
+    base model."""
+    if model is None:
+        if adapter is None:
+            raise PredictError("model", "(none)", "give a model (or an adapter, whose base model is then used)")
+        model = adapter_base(adapter)
+        if not model:
+            raise PredictError("adapter", adapter, "its adapter_config.json names no base model; give the model too")
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
         loaded, loaded_processor = load_model(name, adapter, device)
@@ -505,7 +522,8 @@ def predict(
     """Answer ``question`` about the CT ``volume``, with the boundary prompt around the ROI (see the module docstring).
 
     Args:
-        model: a Med3DQwen folder or Hub id (loaded once per process, see :func:`load_model`), or a loaded model.
+        model: a Med3DQwen folder or Hub id (loaded once per process, see :func:`load_model`), a loaded model, or
+            None with ``adapter``: the adapter's base model (its ``base_model_name_or_path``).
         volume: a NIfTI file, a DICOM folder or file, a ``.npy`` (D, H, W) array file, or a ``CTVolume``.
         question: the question, as a user would ask it.
         adapter: a PEFT adapter folder or Hub id trained on ``model``.

@@ -167,6 +167,11 @@ def test_adapter_on_its_base(case, tmp_path):
                       adapter=str(tmp_path / "adapter"))  # fmt: skip
     assert adapted.adapter == str(tmp_path / "adapter")
     assert adapted.probabilities != pytest.approx(plain.probabilities)  # the random LoRA weights change the answer
+    on_its_base = predict(None, case["ct"], "Is the liver normal?", mask=case["liver"], max_new_tokens=2,
+                          adapter=str(tmp_path / "adapter"))  # fmt: skip
+    assert on_its_base.model == str(case["model"]) and on_its_base.probabilities == adapted.probabilities
+    with pytest.raises(PredictError, match=r"^model '\(none\)': give a model"):
+        predict(None, case["ct"], "Is the liver normal?")
 
 
 @pytest.mark.slow  # a fresh Python process importing torch and transformers: ~10-20 s
@@ -214,6 +219,9 @@ def bad_files(case, tmp_path_factory):
     text.write_text("not a CT")
     png = base / "figure.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    qwen = base / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     adapter = base / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "someone/other-model"}))
@@ -224,6 +232,7 @@ def bad_files(case, tmp_path_factory):
         "moved": save_image(base / "moved.nii.gz", np.asarray(nib.load(case["liver"]).dataobj), moved),
         "adapter": adapter,
         "not_model": base,
+        "qwen": qwen,
     }
 
 
@@ -243,11 +252,12 @@ def bad_files(case, tmp_path_factory):
         (lambda c, b: ["--roi", "liver", "--mask", str(c["liver"])], "give either --mask"),
         (lambda c, b: ["--model", "someone/not-downloaded"], "model 'someone/not-downloaded': not a local folder"),
         (lambda c, b: ["--model", str(b["not_model"])], "holds no config.json"),
+        (lambda c, b: ["--model", str(b["qwen"])], "is a 'qwen2' model, not a Med3DQwen"),
         (lambda c, b: ["--adapter", str(b["adapter"])], "was trained on base model 'someone/other-model'"),
     ],
     ids=["txt-volume", "png-volume", "missing-volume", "mask-other-shape", "mask-other-affine", "txt-mask",
          "unknown-label", "multilabel-without-label", "roi-typo", "roi-not-segmentable", "mask-and-roi",
-         "hub-id-offline", "folder-not-a-model", "adapter-of-another-base"],
+         "hub-id-offline", "folder-not-a-model", "qwen2-folder", "adapter-of-another-base"],
 )  # fmt: skip
 def test_bad_input_is_one_line_naming_it(case, bad_files, capsys, monkeypatch, args, expected):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
