@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 __all__ = ["PredictArguments", "cli", "main", "make_parser"]
@@ -125,10 +126,8 @@ def main(args: PredictArguments):
     for note in prediction.warnings:
         print(f"warning: {note}")
     if args.output_dir:
-        print(
-            f"wrote {args.output_dir}/answer.json"
-            + (f" and {prediction.overlay_montage}" * bool(prediction.overlay_montage))
-        )
+        written = [str(Path(args.output_dir) / "answer.json"), prediction.overlay_montage]
+        print("wrote " + " and ".join(path for path in written if path))
     return prediction
 
 
