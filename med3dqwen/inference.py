@@ -149,6 +149,9 @@ class Prediction:
 
 _MODEL_CACHE: dict[tuple[str, str | None, str], tuple[Any, Any]] = {}
 _MODEL_LOCK = threading.Lock()  # one load at a time: two first requests of a web app must not load a model twice
+# One generation at a time: the closed head is read through a forward hook on the (shared, cached) model, which a
+# concurrent call's prefill would also trigger.
+_GENERATE_LOCK = threading.Lock()
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
 
 
@@ -677,7 +680,8 @@ def _answer(model, processor, ct, small, roi_mask, rewritten, config, kind, name
             raise PredictError("choices", list(names), f"{outside} are not labels of the model's closed head {head}")
     try:
         collator = Med3DQwenCollator(processor, closed_label_names=head)
-        batch = generate_batch(model, collator, [record], max_new_tokens=max_new_tokens)
+        with _GENERATE_LOCK:
+            batch = generate_batch(model, collator, [record], max_new_tokens=max_new_tokens)
     except SampleError as err:
         raise PredictError("volume", ct.path or "<array>", str(err)) from err
     probabilities = closed_answer = None
