@@ -42,7 +42,7 @@ from .anatomy.vocabulary import SOURCES, default_vocabulary
 from .data.rewrite import RewriteConfig, closed_label_names, rewrite_question, system_prompt
 from .data.schema import IMAGE_SUFFIXES, YES_NO_NAMES, chat_messages
 from .io import atomic_output, prompt_png_stack
-from .processing.ct_io import CTInputError, CTVolume, load_mask, load_volume
+from .processing.ct_io import CTInputError, CTVolume, MaskMismatchError, load_mask, load_volume
 from .processing.ct_transforms import resize_mask
 from .segmentation.base import MaskSource, UnknownStructureError, close_matches
 
@@ -381,7 +381,7 @@ def _mask_from_file(mask, label, ct: CTVolume) -> np.ndarray:
         raise PredictError("label", label, f"not found in mask {os.fspath(mask)!r} ({err.problem})") from err
     except CTInputError as err:
         problem = err.problem
-        if type(err).__name__ == "MaskMismatchError":
+        if isinstance(err, MaskMismatchError):
             problem += " (is the mask from another scan?)"
         raise PredictError("mask", mask, problem) from err
 
@@ -568,8 +568,8 @@ def predict(
         raise PredictError("question", question, "ask a non-empty question")
     if max_new_tokens < 1:
         raise PredictError("max_new_tokens", max_new_tokens, "must be >= 1")
-    if roi is not None and mask is None:
-        _check_roi_name(roi)  # before any loading: a typo costs nothing
+    if roi is not None and mask is None and not isinstance(segmenter, MaskSource):
+        _check_roi_name(roi)  # before any loading: a typo costs nothing (a MaskSource object knows its own names)
     kind, names = _closed_fields(question, answer_type, choices)
 
     step = time.perf_counter()

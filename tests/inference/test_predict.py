@@ -155,6 +155,25 @@ def test_region_by_name_is_segmented(case, tmp_path):
     assert colour_pixels(tmp_path / "overlay_montage.png", RED) == 0
 
 
+def test_a_mask_source_object_with_its_own_names(case):
+    """A MaskSource passed as the segmenter serves names outside the vocabulary (a site's own structure names)."""
+    from med3dqwen.processing.ct_io import load_mask
+    from med3dqwen.segmentation import MaskResult, MaskSource
+
+    class SiteMasks(MaskSource):
+        source_name = "site_atlas"
+
+        def get_mask(self, volume, structure, *, volume_id=None):
+            mask = load_mask(case["liver"], like=volume)
+            return MaskResult(mask=mask, structure=structure, resolved_name="liver", source=self.source_name)
+
+    result = predict(case["model"], case["ct"], "Is it normal?", roi="hepatic zone 7", segmenter=SiteMasks(),
+                     max_new_tokens=2)  # fmt: skip
+    reference = predict(case["model"], case["ct"], "Is it normal?", mask=case["liver"], max_new_tokens=2)
+    assert result.mask_source == "site_atlas" and result.roi == "hepatic zone 7"
+    assert result.contour_slices == reference.contour_slices
+
+
 def test_label_of_a_multilabel_mask(case):
     by_name = predict(case["model"], case["ct"], "Is the liver normal?", mask=case["labels"], label="liver",
                       max_new_tokens=2)  # fmt: skip
