@@ -68,6 +68,7 @@ __all__ = [
     "GroundingArguments",
     "LayerShares",
     "attention_shares",
+    "cli",
     "no_prompt_record",
     "roi_on_model_grid",
     "run_grounding",
@@ -494,9 +495,15 @@ def run_grounding(args: GroundingArguments, model=None, processor=None) -> dict[
     from ..training.collator import Med3DQwenCollator, SampleError
     from .footprints import token_footprints
 
+    # The rows first: a missing dataset or split fails before the (slower) model load.
+    rows, root = load_rows(args.dataset, args.split, args.max_samples)
+    compare = load_rows(args.compare_dataset, args.split, args.max_samples) if args.compare_dataset else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
-        model, processor = load_model(args.model, args.adapter, device)
+        try:
+            model, processor = load_model(args.model, args.adapter, device)
+        except OSError as err:
+            raise ValueError(f"cannot load model {args.model!r} (adapter {args.adapter!r}): {err}") from err
     _eager(model)
     model.eval()
     config = model.config
@@ -505,14 +512,10 @@ def run_grounding(args: GroundingArguments, model=None, processor=None) -> dict[
     num_layers = config.text_config.num_hidden_layers
 
     sources = {}
-    rows, root = load_rows(args.dataset, args.split, args.max_samples)
     if "prompt" in args.variants:
         sources["prompt"] = (args.dataset, rows, root)
     if "none" in args.variants:
-        if args.compare_dataset:
-            sources["none"] = (args.compare_dataset, *load_rows(args.compare_dataset, args.split, args.max_samples))
-        else:
-            sources["none"] = (args.dataset, rows, root)
+        sources["none"] = (args.compare_dataset, *compare) if compare else (args.dataset, rows, root)
 
     measured: dict[str, list[dict[str, Any]]] = {}
     skipped: dict[str, Counter] = {}
@@ -681,5 +684,14 @@ def _fmt(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line: :func:`main`, with bad input (a missing dataset or split, rows without ROI, unreadable files,
+    a model without attention weights) reported as one ``error: ...`` line and exit status 1, not a traceback."""
+    try:
+        main(argv)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise SystemExit("error: " + " ".join(str(err).split())) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()
