@@ -14,6 +14,7 @@ import transformers.models.qwen2.modeling_qwen2 as qwen2
 from tiny_models import tiny_config
 from training.train_helpers import SMALL, build_phantom, tiny_model, tiny_processor
 
+import med3dqwen.diagnostics
 from med3dqwen.builders.engine import BuildArguments
 from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, build_phantom_dataset
 from med3dqwen.data.rewrite import system_prompt
@@ -295,6 +296,15 @@ def test_a_model_without_attention_weights_is_refused(tmp_path, monkeypatch, mod
     args = GroundingArguments(model="tiny", dataset=str(data), output_dir=str(tmp_path / "out"), progress=False)
     with pytest.raises(RuntimeError, match=r"row 0 .*returned no attention weights \(none\).*'sdpa'"):
         run_grounding(args, model=model, processor=processor)
+
+
+def test_package_modules_run_with_python_m():
+    # runpy (python -m med3dqwen.diagnostics.grounding) asks the spec's loader for the code; the package's import
+    # watcher wraps that loader, which must hand get_code on
+    watcher = next(f for f in sys.meta_path if type(f).__name__ == "_ImportWatcher")
+    spec = watcher.find_spec("med3dqwen.diagnostics.grounding", med3dqwen.diagnostics.__path__)
+    assert type(spec.loader).__name__ == "_NotifyingLoader"
+    assert spec.loader.get_code("med3dqwen.diagnostics.grounding").co_filename.endswith("grounding.py")
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
