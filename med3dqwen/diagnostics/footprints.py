@@ -152,9 +152,11 @@ def token_footprints(model) -> TokenFootprints:
     """The footprints of a Med3DQwen model's image tokens.
 
     Args:
-        model: a ``Med3DQwenForConditionalGeneration`` or ``Med3DQwenModel`` (PEFT adapters merged: the projector is
-            read directly).
+        model: a ``Med3DQwenForConditionalGeneration`` or ``Med3DQwenModel``, or a PEFT model around one whose
+            projector is not an adapter target (the projector's weights are read directly; merge adapters first).
     """
+    get_base = getattr(model, "get_base_model", None)
+    model = get_base() if callable(get_base) else model
     backbone = getattr(model, "model", model)
     config = backbone.config
     vision = config.vision_config

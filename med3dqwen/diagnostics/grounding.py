@@ -495,6 +495,8 @@ def run_grounding(args: GroundingArguments, model=None, processor=None) -> dict[
     from ..training.collator import Med3DQwenCollator, SampleError
     from .footprints import token_footprints
 
+    if (model is None) != (processor is None):
+        raise ValueError("give both model and processor, or neither (then they load from args.model)")
     # The rows first: a missing dataset or split fails before the (slower) model load.
     rows, root = load_rows(args.dataset, args.split, args.max_samples)
     compare = load_rows(args.compare_dataset, args.split, args.max_samples) if args.compare_dataset else None

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers.models.qwen2.modeling_qwen2 as qwen2
 from tiny_models import tiny_config
-from training.train_helpers import SMALL, build_phantom, tiny_model, tiny_processor
+from training.train_helpers import SMALL, build_phantom, lora_model, tiny_model, tiny_processor
 
 import med3dqwen.diagnostics
 from med3dqwen.builders.engine import BuildArguments
@@ -137,6 +137,11 @@ def test_token_footprints_of_a_selection_projector():
     assert footprints.slice_in_roi(octant_roi()).tolist() == SLABS_IN_ROI.tolist()
     with pytest.raises(ValueError, match="differs from the model grid"):
         footprints.inside_fractions(np.ones((32, 64, 64), dtype=bool))
+
+
+def test_footprints_through_a_peft_wrapper():
+    wrapped = lora_model(tiny_config())
+    assert torch.equal(token_footprints(wrapped).low_flow, token_footprints(wrapped.get_base_model()).low_flow)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,6 +320,19 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
         cli(["--model", str(tmp_path / "nowhere"), "--dataset", str(data), "--output_dir", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="^error: the grounding diagnostic needs --model"):
         cli(["--dataset", "d", "--output_dir", str(tmp_path / "out")])
+
+
+def test_parser_reads_the_options():
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(GroundingArguments).parse_args_into_dataclasses(
+        ["--model", "m", "--dataset", "d", "--output_dir", "o", "--variants", "none", "--answer", "generated"]
+    )
+    assert args.variants == ["none"] and args.answer == "generated" and args.split == "test"
+    with pytest.raises(SystemExit):  # argparse refuses a variant outside the choices
+        HfArgumentParser(GroundingArguments).parse_args_into_dataclasses(
+            ["--model", "m", "--dataset", "d", "--output_dir", "o", "--variants", "blue"]
+        )
 
 
 @pytest.mark.parametrize(
