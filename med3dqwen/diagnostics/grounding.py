@@ -520,6 +520,7 @@ def run_grounding(args: GroundingArguments, model=None, processor=None) -> dict[
         sources["none"] = (args.compare_dataset, *compare) if compare else (args.dataset, rows, root)
 
     measured: dict[str, list[dict[str, Any]]] = {}
+    roi_cache: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray] | None] = {}
     skipped: dict[str, Counter] = {}
     total = sum(len(r) for _, r, _ in sources.values())
     with tqdm(total=total, desc="grounding", disable=not args.progress) as bar:
@@ -530,16 +531,23 @@ def run_grounding(args: GroundingArguments, model=None, processor=None) -> dict[
             for index, (record, key) in enumerate(zip(records, keys, strict=True)):
                 bar.update(1)
                 where = f"{dataset} split {args.split!r} row {index} ({sample_id(record, index)})"
-                try:
-                    roi = roi_on_model_grid(record, volume_size, folder)
-                except ValueError as err:
-                    raise ValueError(f"{where}: {err}") from err
-                if roi is None:
+                if record.get("mask_path") is None:
                     skipped[variant]["no mask_path (whole-volume question)"] += 1
                     continue
-                if not roi.any():
+                # Many questions share a (volume, mask): keep its token fractions, not the full-size ROI.
+                roi_key = (str(folder), str(record["volume_path"]), str(record["mask_path"]))
+                if roi_key not in roi_cache:
+                    try:
+                        roi = roi_on_model_grid(record, volume_size, folder)
+                    except ValueError as err:
+                        raise ValueError(f"{where}: {err}") from err
+                    roi_cache[roi_key] = (
+                        (footprints.inside_fractions(roi), footprints.slice_in_roi(roi)) if roi.any() else None
+                    )
+                if roi_cache[roi_key] is None:
                     skipped[variant]["ROI empty on the model grid"] += 1
                     continue
+                inside, in_roi = roi_cache[roi_key]
                 # 'none': no contour; re-rendered rows also get the no-prompt wording, compare rows keep theirs.
                 shown = record
                 if variant == "none":
@@ -550,8 +558,6 @@ def run_grounding(args: GroundingArguments, model=None, processor=None) -> dict[
                     raise ValueError(f"{where}: {err}") from err
                 attentions = _attentions(model, row, where)
                 ids = row.input_ids
-                inside = footprints.inside_fractions(roi)
-                in_roi = footprints.slice_in_roi(roi)
                 shares = attention_shares(
                     attentions,
                     row.queries,
