@@ -654,7 +654,7 @@ def save_grounding_plot(results: Mapping[str, Any], path: str | os.PathLike) -> 
             )
             for g, base in ((0, entry["roi_token_fraction"]), (1, entry["roi_slice_fraction"])):
                 if base is not None:
-                    ax.hlines(base, g - 0.4, g + 0.4, colors=colours.get(variant), linestyles="dashed", linewidth=1)
+                    ax.hlines(base, g - 0.4, g + 0.4, colors="black", linestyles="dashed", linewidth=1, zorder=3)
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xticks([0, 1], ["visual\nin ROI", "slice\non ROI"], fontsize=8)
         ax.set_ylim(0, 1)
