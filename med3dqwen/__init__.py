@@ -145,6 +145,11 @@ class _NotifyingLoader(importlib.abc.Loader):
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (get_code, get_source, is_package, get_filename ...) is the real loader's: runpy
+        # (``python -m med3dqwen.x``) asks the spec's loader for the module's code.
+        return getattr(self.loader, name)
+
     def exec_module(self, module) -> None:
         module.__spec__.loader = module.__loader__ = self.loader
         _importing.add(module.__name__)

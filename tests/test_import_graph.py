@@ -11,7 +11,9 @@ The layers, bottom to top::
     convert_med3dvlm.py         modeling, io
     training/, evaluation/      data, processing, modeling, io, anatomy (never builders); evaluation/ also training/
                                 (it builds model inputs with the training collator)
-    builders/                   anything but training/, evaluation/, scripts/
+    diagnostics/                data, processing, modeling, io, anatomy, training, evaluation (it measures trained
+                                models on built datasets with the evaluation's pieces; never builders)
+    builders/                   anything but training/, evaluation/, diagnostics/, scripts/
     scripts/                    command-line programs (console scripts): anything but training/, evaluation/
     med3dqwen/__init__.py       the API surface: exempt from the layers, not from the cycle check
 
@@ -41,6 +43,7 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "convert_med3dvlm": frozenset({"modeling", "io"}),
     "training": frozenset({"data", "processing", "modeling", "io", "anatomy"}),
     "evaluation": frozenset({"data", "processing", "modeling", "io", "anatomy", "training"}),
+    "diagnostics": frozenset({"data", "processing", "modeling", "io", "anatomy", "training", "evaluation"}),
     "builders": frozenset({"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm"}),
     "scripts": frozenset(
         {"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm", "builders"}
