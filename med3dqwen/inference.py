@@ -668,6 +668,7 @@ def _answer(model, processor, ct, small, roi_mask, rewritten, config, kind, name
         "messages": chat_messages(system_prompt(config.color, config.prompt), rewritten, _PLACEHOLDER_ANSWER),
         "volume_path": ct,
         "mask_path": mask_image,
+        "boundary_prompt": config.color if config.prompt else "none",  # the record field (schema.prompt_mask_path)
         "roi": roi,
         "answer_type": kind,
         "closed_answer": names[0] if names else None,  # the target is not used: the head's logits are read
