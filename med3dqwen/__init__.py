@@ -150,8 +150,11 @@ class _NotifyingLoader(importlib.abc.Loader):
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
-    def __getattr__(self, name: str):
-        # The rest of the loader's API (``get_code`` for ``python -m med3dqwen.scripts....``, ``get_source``, ...).
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (get_code, get_source, is_package, get_filename ...) is the real loader's: runpy
+        # (``python -m med3dqwen.x``) asks the spec's loader for the module's code.
+        if name == "loader":  # not set yet (a copy being built): no recursion through this method
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
     def exec_module(self, module) -> None:

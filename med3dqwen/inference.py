@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -41,7 +42,7 @@ from .anatomy.vocabulary import SOURCES, default_vocabulary
 from .data.rewrite import RewriteConfig, closed_label_names, rewrite_question, system_prompt
 from .data.schema import IMAGE_SUFFIXES, YES_NO_NAMES, chat_messages
 from .io import atomic_output, prompt_png_stack
-from .processing.ct_io import CTInputError, CTVolume, load_mask, load_volume
+from .processing.ct_io import CTInputError, CTVolume, MaskMismatchError, load_mask, load_volume
 from .processing.ct_transforms import resize_mask
 from .segmentation.base import MaskSource, UnknownStructureError, close_matches
 
@@ -52,6 +53,7 @@ __all__ = [
     "SEGMENTERS",
     "PredictError",
     "Prediction",
+    "adapter_base",
     "clear_model_cache",
     "load_model",
     "predict",
@@ -146,6 +148,10 @@ class Prediction:
 # ---------------------------------------------------------------------------------------------------------------
 
 _MODEL_CACHE: dict[tuple[str, str | None, str], tuple[Any, Any]] = {}
+_MODEL_LOCK = threading.Lock()  # one load at a time: two first requests of a web app must not load a model twice
+# One generation at a time: the closed head is read through a forward hook on the (shared, cached) model, which a
+# concurrent call's prefill would also trigger.
+_GENERATE_LOCK = threading.Lock()
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
 
 
@@ -206,9 +212,12 @@ def _hub_error(what: str, name: str, err: Exception) -> PredictError:
     )  # fmt: skip
 
 
-def _check_adapter(adapter: str, model: str) -> None:
-    """The adapter's ``base_model_name_or_path`` must be ``model`` (the same name or folder, or a folder holding the
-    same config)."""
+def adapter_base(adapter: str) -> str | None:
+    """The ``base_model_name_or_path`` of a PEFT adapter folder or Hub id (None when its config names none).
+
+    Raises:
+        PredictError: no such folder, not an adapter, or a Hub id that cannot be fetched.
+    """
     folder = Path(adapter).expanduser()
     if folder.is_dir():
         config_path = folder / "adapter_config.json"
@@ -226,9 +235,15 @@ def _check_adapter(adapter: str, model: str) -> None:
     if not config_path.is_file():
         raise PredictError("adapter", adapter, "holds no adapter_config.json; it is not a PEFT adapter")
     try:
-        base = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        return json.loads(config_path.read_text()).get("base_model_name_or_path")
     except ValueError as err:
         raise PredictError("adapter", adapter, f"its adapter_config.json is not valid JSON ({err})") from err
+
+
+def _check_adapter(adapter: str, model: str) -> None:
+    """The adapter's ``base_model_name_or_path`` must be ``model`` (the same name or folder, or a folder holding the
+    same config)."""
+    base = adapter_base(adapter)
     if not base or _cache_key(base) == _cache_key(model):
         return
     base_folder, model_folder = Path(base).expanduser(), Path(model).expanduser()
@@ -257,8 +272,13 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
     """
     device = _default_device(device)
     key = (_cache_key(model), None if adapter is None else _cache_key(adapter), device)
-    if key in _MODEL_CACHE:
+    with _MODEL_LOCK:
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE[key] = _load_model(model, adapter, device)
         return _MODEL_CACHE[key]
+
+
+def _load_model(model: str, adapter: str | None, device: str) -> tuple[Any, Any]:
     _check_model_folder(model)
     if adapter is not None:
         _check_adapter(adapter, model)
@@ -282,12 +302,18 @@ def load_model(model: str, adapter: str | None = None, device: str | None = None
             raise PredictError("adapter", adapter, f"does not fit --model {model!r}: {err}") from err
         except OSError as err:
             raise PredictError("adapter", adapter, f"cannot be loaded: {err}") from err
-    _MODEL_CACHE[key] = (loaded.to(device).eval(), processor)
-    return _MODEL_CACHE[key]
+    return loaded.to(device).eval(), processor
 
 
 def _resolve_model(model, processor, adapter: str | None, device: str | None) -> tuple[Any, Any, str]:
-    """``(model, processor, model name)`` of a name (cached load) or of an already loaded model."""
+    """``(model, processor, model name)`` of a name (cached load) or of an already loaded model; None: the adapter's
+    base model."""
+    if model is None:
+        if adapter is None:
+            raise PredictError("model", "(none)", "give a model (or an adapter, whose base model is then used)")
+        model = adapter_base(adapter)
+        if not model:
+            raise PredictError("adapter", adapter, "its adapter_config.json names no base model; give the model too")
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
         loaded, loaded_processor = load_model(name, adapter, device)
@@ -329,6 +355,16 @@ def _load_ct(volume) -> CTVolume:
 def _mask_from_file(mask, label, ct: CTVolume) -> np.ndarray:
     """The (D, H, W) bool ROI of a mask file on ``ct``'s grid; ``label`` picks one label (id, or a name the file's
     table, TotalSegmentator's table or the anatomy vocabulary knows)."""
+    if isinstance(mask, np.ndarray):  # already on the volume's grid, in ct_io's canonical (D, H, W) layout
+        if mask.shape != ct.shape:
+            raise PredictError(
+                "mask",
+                f"<array {mask.shape}>",
+                f"differs from the volume's shape {ct.shape} (is it from another scan?)",
+            )
+        if label is not None:
+            return np.asarray(mask) == int(label)
+        return np.asarray(mask) > (0.5 if mask.dtype.kind == "f" else 0)
     path = Path(mask).expanduser()
     if not path.is_file():
         raise PredictError("mask", mask, "no such file" if not path.exists() else "is not a file")
@@ -345,9 +381,13 @@ def _mask_from_file(mask, label, ct: CTVolume) -> np.ndarray:
         raise PredictError("label", label, f"not found in mask {os.fspath(mask)!r} ({err.problem})") from err
     except CTInputError as err:
         problem = err.problem
-        if type(err).__name__ == "MaskMismatchError":
+        if isinstance(err, MaskMismatchError):
             problem += " (is the mask from another scan?)"
         raise PredictError("mask", mask, problem) from err
+
+
+def _name(mask) -> str:
+    return f"<array {mask.shape}>" if isinstance(mask, np.ndarray) else os.fspath(mask)
 
 
 def _vocabulary_names() -> list[str]:
@@ -423,9 +463,12 @@ class _TotalSegmentatorSource(MaskSource):
             raise PredictError("volume", "<array>", "TotalSegmentator reads files; give the volume as a file")
         with tempfile.TemporaryDirectory(prefix="med3dqwen-ts-") as tmp:
             out = Path(tmp) / "segmentation.nii.gz"
-            totalsegmentator(
-                volume.path, out, ml=True, roi_subset=classes, device=self.device, fast=self.fast, quiet=True
-            )
+            try:
+                totalsegmentator(
+                    volume.path, out, ml=True, roi_subset=classes, device=self.device, fast=self.fast, quiet=True
+                )
+            except (Exception, SystemExit) as err:  # no weights offline, a class outside its "total" task, ...
+                raise PredictError("segmenter", "totalsegmentator", f"TotalSegmentator failed: {err!r}") from err
             result = MultilabelFileSource(out).get_mask(volume, structure)
         result.path = None  # the temporary file is gone
         return result
@@ -466,7 +509,7 @@ def predict(
     question: str,
     *,
     adapter: str | None = None,
-    mask: str | os.PathLike | None = None,
+    mask: str | os.PathLike | np.ndarray | None = None,
     label: str | int | None = None,
     roi: str | None = None,
     segmenter: str | MaskSource = "threshold",
@@ -482,11 +525,13 @@ def predict(
     """Answer ``question`` about the CT ``volume``, with the boundary prompt around the ROI (see the module docstring).
 
     Args:
-        model: a Med3DQwen folder or Hub id (loaded once per process, see :func:`load_model`), or a loaded model.
+        model: a Med3DQwen folder or Hub id (loaded once per process, see :func:`load_model`), a loaded model, or
+            None with ``adapter``: the adapter's base model (its ``base_model_name_or_path``).
         volume: a NIfTI file, a DICOM folder or file, a ``.npy`` (D, H, W) array file, or a ``CTVolume``.
         question: the question, as a user would ask it.
         adapter: a PEFT adapter folder or Hub id trained on ``model``.
-        mask: a mask file on the volume's grid (binary, or multi-label with ``label``).
+        mask: a mask file on the volume's grid (binary, or multi-label with ``label``), or a (D, H, W) array on the
+            grid of the loaded volume (``ct_io.load_volume``'s canonical layout; ``label`` an id).
         label: which label of a multi-label ``mask``: an id, or a name (the file's label table, TotalSegmentator's,
             or any name of the anatomy vocabulary for it).
         roi: a region name (RadLex / TotalSegmentator / VISTA-3D / RadGenome); without ``mask`` it is segmented
@@ -523,8 +568,8 @@ def predict(
         raise PredictError("question", question, "ask a non-empty question")
     if max_new_tokens < 1:
         raise PredictError("max_new_tokens", max_new_tokens, "must be >= 1")
-    if roi is not None and mask is None:
-        _check_roi_name(roi)  # before any loading: a typo costs nothing
+    if roi is not None and mask is None and not isinstance(segmenter, MaskSource):
+        _check_roi_name(roi)  # before any loading: a typo costs nothing (a MaskSource object knows its own names)
     kind, names = _closed_fields(question, answer_type, choices)
 
     step = time.perf_counter()
@@ -562,7 +607,7 @@ def predict(
         small = None
     elif small is not None and not small.any():
         what = "is empty" if not roi_mask.any() else "vanishes at the model's resolution"
-        notes.append(f"the ROI {roi or os.fspath(mask)!r} {what}: asked without a boundary prompt (no-prompt variant)")
+        notes.append(f"the ROI {roi or _name(mask)!r} {what}: asked without a boundary prompt (no-prompt variant)")
         small = None
     used_prompt = prompt if small is not None else "none"
 
@@ -623,6 +668,7 @@ def _answer(model, processor, ct, small, roi_mask, rewritten, config, kind, name
         "messages": chat_messages(system_prompt(config.color, config.prompt), rewritten, _PLACEHOLDER_ANSWER),
         "volume_path": ct,
         "mask_path": mask_image,
+        "boundary_prompt": config.color if config.prompt else "none",  # the record field (schema.prompt_mask_path)
         "roi": roi,
         "answer_type": kind,
         "closed_answer": names[0] if names else None,  # the target is not used: the head's logits are read
@@ -635,7 +681,8 @@ def _answer(model, processor, ct, small, roi_mask, rewritten, config, kind, name
             raise PredictError("choices", list(names), f"{outside} are not labels of the model's closed head {head}")
     try:
         collator = Med3DQwenCollator(processor, closed_label_names=head)
-        batch = generate_batch(model, collator, [record], max_new_tokens=max_new_tokens)
+        with _GENERATE_LOCK:
+            batch = generate_batch(model, collator, [record], max_new_tokens=max_new_tokens)
     except SampleError as err:
         raise PredictError("volume", ct.path or "<array>", str(err)) from err
     probabilities = closed_answer = None

@@ -13,7 +13,9 @@ The layers, bottom to top::
                                 (it builds model inputs with the training collator)
     inference.py                what evaluation/ may, plus segmentation/ and evaluation/ (one-call prediction reuses
                                 the collator and the generation loop; never builders)
-    builders/                   anything but training/, evaluation/, scripts/
+    diagnostics/                data, processing, modeling, io, anatomy, training, evaluation (it measures trained
+                                models on built datasets with the evaluation's pieces; never builders)
+    builders/                   anything but training/, evaluation/, diagnostics/, scripts/
     scripts/                    command-line programs (console scripts): anything but training/, evaluation/
                                 (inference.py is allowed: med3dqwen-predict is its command line)
     app/                        the browser viewer: like scripts/ (it reaches the model through inference.py)
@@ -48,6 +50,7 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     "inference": frozenset(
         {"data", "processing", "modeling", "io", "anatomy", "segmentation", "training", "evaluation"}
     ),
+    "diagnostics": frozenset({"data", "processing", "modeling", "io", "anatomy", "training", "evaluation"}),
     "builders": frozenset({"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm"}),
     "scripts": frozenset(
         {

@@ -685,8 +685,8 @@ def merge_build(
     card's ``configs``). The card's quick start loads ``hub_repo_id`` when given, else the folder by its name.
 
     Raises:
-        BuildError: units of the plan are not built yet (names how many and the first few), or a record does not
-            match the features.
+        BuildError: units of the plan are not built yet (names how many and the first few), a record does not
+            match the features, or a file a record names (volume, mask, prompt PNG) does not exist.
     """
     out = Path(out_dir)
     plan = plan if plan is not None else builder.plan()
@@ -727,6 +727,7 @@ def merge_build(
                 write_entries(file, filtered, plan.filtered)
             if filtered:
                 _merge_counters(counters, {"filtered": filtered})
+        checked: set[str] = set()
         for unit in plan.units:
             done = json.loads(_unit_path(out, unit.unit_id).read_text(encoding="utf-8"))
             for record in done["records"]:
@@ -735,6 +736,7 @@ def merge_build(
                         f"{unit.unit_id}: the unit file holds records of an older layout (no prompt_pngs); "
                         "rebuild with --overwrite"
                     )
+                _check_media_exist(out, unit.unit_id, record, checked)
                 record = to_format(record, format)
                 if set(record) != names:
                     raise BuildError(
@@ -771,6 +773,25 @@ def merge_build(
         **builder.card(summary),
     )
     return summary
+
+
+def _check_media_exist(out: Path, unit_id: str, record: Mapping[str, Any], checked: set[str]) -> None:
+    """Every file a record names (volume, mask, prompt PNGs) exists under ``out``: a dataset never lists media that a
+    killed or concurrent build did not write (``checked`` holds the paths seen already, so each is stat'ed once)."""
+    paths = [record.get("volume_path"), record.get("mask_path"), *(record.get("prompt_pngs") or [])]
+    missing = []
+    for path in paths:
+        if path is None or path in checked:
+            continue
+        if not (out / path).exists():
+            missing.append(path)
+        else:
+            checked.add(path)
+    if missing:
+        raise BuildError(
+            f"{unit_id}: {len(missing)} media file(s) its records name do not exist under {out} "
+            f"(e.g. {', '.join(missing[:3])}); rebuild the unit with --overwrite"
+        )
 
 
 def read_unit(out_dir: str | os.PathLike, unit_id: str) -> dict[str, Any]:

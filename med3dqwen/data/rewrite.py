@@ -23,6 +23,7 @@ from med3dqwen.anatomy.radlex import RadLexNormalizer
 from med3dqwen.data.schema import (
     CHOICE_LETTER_NAMES,
     CLOSED_LABEL_NAMES,
+    NO_PROMPT,
     RECORD_FIELDS,
     YES_NO_NAMES,
     chat_messages,
@@ -129,6 +130,8 @@ class RewriteConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "color", _check_color(self.color))
+        if self.color.lower() == NO_PROMPT:
+            raise ValueError(f"color {self.color!r} is no colour: for the no-prompt variant set prompt=False")
 
 
 @dataclass
@@ -146,6 +149,8 @@ class RewrittenQA:
         closed_choices: names of the choices the question offers (the label set, less choices left out of the
             question), e.g. ``("no", "yes")``; ``()`` for open answers.
         system: system prompt for this sample.
+        boundary_prompt: the contour the sample is meant to be seen with: its colour word (``"red"``, ``"blue"``) or
+            ``"none"`` for the no-prompt variant (the record's ``boundary_prompt`` field).
 
     Raises:
         ValueError: the closed fields disagree (an answer outside its choices, a name that is not in
@@ -159,9 +164,11 @@ class RewrittenQA:
     closed_answer: str | None
     closed_choices: tuple[str, ...]
     system: str
+    boundary_prompt: str
 
     def __post_init__(self) -> None:
         self.closed_choices = tuple(self.closed_choices)
+        self.boundary_prompt = _check_color(self.boundary_prompt)
         if (self.answer_type == "closed") != (self.closed_label >= 0) or self.closed_label < -1:
             raise ValueError(f"closed_label {self.closed_label} does not fit a {self.answer_type!r} answer")
         check_closed_fields(self.answer_type, self.closed_answer, self.closed_choices)
@@ -372,6 +379,7 @@ def rewrite_qa(
         closed_answer=name,
         closed_choices=names,
         system=system_prompt(config.color, config.prompt),
+        boundary_prompt=config.color if config.prompt else NO_PROMPT,
     )
 
 
@@ -436,6 +444,7 @@ def build_record(
         "patient_id": patient_id,
         "volume_id": volume_id,
         "roi_empty": roi_empty,
+        "boundary_prompt": qa.boundary_prompt,
     }
     if tuple(fields) != RECORD_FIELDS:  # the schema is the declaration; fail loudly if the two drift apart
         raise RuntimeError(f"build_record fills {tuple(fields)}, the schema declares {RECORD_FIELDS}")

@@ -43,6 +43,7 @@ __all__ = [
     "CLOSED_LABEL_NAMES",
     "IMAGE_SUFFIXES",
     "NIFTI_SUFFIXES",
+    "NO_PROMPT",
     "PAPER_ROLES",
     "RECORD_FIELDS",
     "RECORD_FORMATS",
@@ -55,6 +56,7 @@ __all__ = [
     "message_texts",
     "paper_messages",
     "parse_vision_content",
+    "prompt_mask_path",
     "record_features",
     "record_fields",
     "record_media",
@@ -94,10 +96,16 @@ STRUCTURED_FIELDS: dict[str, str] = {
     "patient_id": "string",
     "volume_id": "string",
     "roi_empty": "bool",
+    "boundary_prompt": "string",
 }
 """Structured fields of every record, next to ``messages``, with their ``datasets.Value`` dtype (``list[<dtype>]``: a
 ``datasets.List`` of it). ``null`` is allowed for ``mask_path``, ``mask_source`` and ``roi`` (whole-volume questions)
-and ``closed_answer`` (open answers, whose ``closed_choices`` is ``[]``)."""
+and ``closed_answer`` (open answers, whose ``closed_choices`` is ``[]``). ``boundary_prompt`` is the contour the
+sample is seen with: a colour word (``"red"``) or :data:`NO_PROMPT`; the ROI mask stays in ``mask_path`` either way
+(see :func:`prompt_mask_path`)."""
+
+NO_PROMPT = "none"
+"""``boundary_prompt`` of the no-prompt variant: the ROI is known (``mask_path``) but no contour is drawn."""
 
 RECORD_FIELDS = tuple(STRUCTURED_FIELDS)
 """Names of :data:`STRUCTURED_FIELDS`, in record order."""
@@ -220,6 +228,22 @@ def record_media(record: Mapping[str, Any]) -> tuple[str, list[str]]:
     if len(vision) != 1:
         raise ValueError(f"a paper record needs one vision message, found {len(vision)}")
     return parse_vision_content(vision[0])
+
+
+def prompt_mask_path(record: Mapping[str, Any]) -> Any:
+    """The mask to draw the boundary prompt from: the record's ``mask_path``, or None for a whole-volume question or
+    a no-prompt record (``boundary_prompt`` = :data:`NO_PROMPT`, whose ``mask_path`` names the ROI but must not reach
+    the image). Records of datasets built before the field existed are drawn, as they were then.
+
+    Raises:
+        ValueError: ``boundary_prompt`` is not a non-empty string.
+    """
+    prompt = record.get("boundary_prompt")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+        raise ValueError(f"boundary_prompt must be a colour word or {NO_PROMPT!r}, got {prompt!r}")
+    if prompt is not None and prompt.strip().lower() == NO_PROMPT:
+        return None
+    return record.get("mask_path")
 
 
 def to_format(record: Mapping[str, Any], format: str) -> dict[str, Any]:

@@ -15,12 +15,12 @@ from collections.abc import Sequence
 
 import numpy as np
 from transformers import BatchFeature, ProcessorMixin
-from transformers.processing_utils import TextKwargs
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, TextKwargs
 
 from .tokenization_med3d_qwen import CHAT_TEMPLATE
 
 
-__all__ = ["Med3DQwenProcessor"]
+__all__ = ["Med3DQwenImagesKwargs", "Med3DQwenProcessor", "Med3DQwenProcessorKwargs"]
 
 IMAGE_TOKEN = "<|image_pad|>"
 SLICE_TOKEN = "<|vision_pad|>"
@@ -35,6 +35,27 @@ _IMAGE_EXTRA_KEYS = ("mask", "label", "layout", "intensity", "rescale")
 _VOLUME_LIKE_NAMES = ("image", "volume", "pixel_values", "mask", "roi", "ct", "nifti", "video")
 
 
+class Med3DQwenImagesKwargs(ImagesKwargs, total=False):
+    """The image-side keyword arguments of :meth:`Med3DQwenProcessor.__call__` (transformers' ``images_kwargs``)."""
+
+    masks: list | None
+    label: int | str | list | None
+    layout: str | None
+    intensity: str | list | None
+    rescale: tuple | list | None
+    return_prompt_info: bool
+
+
+class Med3DQwenProcessorKwargs(ProcessingKwargs, total=False):
+    """What ``Med3DQwenProcessor.__call__`` reads, by modality: ``text_kwargs`` go to the tokenizer,
+    ``images_kwargs`` (:class:`Med3DQwenImagesKwargs`) to the image processor, ``common_kwargs`` to both
+    (``return_tensors``). Each may also be given flat, as ``processor(..., padding=True, masks=[...])``; a flat
+    argument wins over the same key in a modality dictionary, as in transformers' ``ProcessorMixin._merge_kwargs``.
+    """
+
+    images_kwargs: Med3DQwenImagesKwargs
+
+
 class Med3DQwenProcessor(ProcessorMixin):
     r"""Processor of Med3DQwen: volumes through [`Med3DQwenImageProcessor`], text through the Qwen2.5 tokenizer.
 
@@ -46,6 +67,8 @@ class Med3DQwenProcessor(ProcessorMixin):
         num_visual_tokens (`int`, *optional*, defaults to 256): projector tokens per volume.
         num_slice_tokens (`int`, *optional*, defaults to 8): slice tokens per volume (0 without slice tokens).
     """
+
+    valid_processor_kwargs = Med3DQwenProcessorKwargs
 
     def __init__(
         self,
@@ -155,7 +178,9 @@ class Med3DQwenProcessor(ProcessorMixin):
             **kwargs: tokenizer arguments (`padding`, `padding_side`, `truncation` ...; truncation can cut image
                 tokens, and the model then raises a token/feature mismatch), and transformers' processor flags
                 `return_mm_token_type_ids` (1 on each volume's visual and slice tokens) and
-                `return_text_replacement_offsets`.
+                `return_text_replacement_offsets`. transformers' per-modality dictionaries work too:
+                `text_kwargs={...}`, `images_kwargs={"masks": ..., "label": ...}`, `common_kwargs={"return_tensors":
+                ...}` (see `Med3DQwenProcessorKwargs`; a flat argument wins over the same key in a dictionary).
 
         Returns:
             `BatchFeature` with the model inputs only: `input_ids`, `attention_mask` and, when volumes are given,
@@ -169,6 +194,12 @@ class Med3DQwenProcessor(ProcessorMixin):
         """
         if text is None:
             raise ValueError("text is required: the volume goes where the prompt's image block is")
+        image_args = {"masks": masks, "label": label, "layout": layout, "intensity": intensity, "rescale": rescale}
+        image_args["return_prompt_info"] = return_prompt_info or None
+        image_args, return_tensors = _merge_modality_kwargs(kwargs, image_args, return_tensors)
+        masks, label, layout = image_args["masks"], image_args["label"], image_args["layout"]
+        intensity, rescale = image_args["intensity"], image_args["rescale"]
+        return_prompt_info = bool(image_args["return_prompt_info"])
         if images is not None and volumes is not None:
             raise ValueError("give the volumes as images= or as volumes=, not both")
         if videos is not None or audio is not None:
@@ -266,6 +297,35 @@ class Med3DQwenProcessor(ProcessorMixin):
         """Token count of each prompt after image expansion (for masking the prompt out of the labels)."""
         expanded = [self.expand_image_tokens(p) for p in prompts]
         return np.asarray([len(ids) for ids in self.tokenizer(expanded)["input_ids"]])
+
+
+def _merge_modality_kwargs(kwargs: dict, image_args: dict, return_tensors):
+    """Fold transformers' per-modality dictionaries (``text_kwargs``, ``images_kwargs``, ``common_kwargs``) into
+    the flat arguments; ``kwargs`` (the tokenizer's) is updated in place. A flat argument wins.
+
+    Raises:
+        TypeError: a modality dictionary that is not a dict, an ``images_kwargs`` key the image side does not read
+            (``videos_kwargs`` / ``audio_kwargs`` are refused as the ``videos`` / ``audio`` inputs are).
+    """
+    for name in ("videos_kwargs", "audio_kwargs"):
+        if kwargs.pop(name, None):
+            raise TypeError(f"Med3DQwenProcessor reads CT volumes: {name} is not supported")
+    nested = {name: kwargs.pop(name, None) or {} for name in ("text_kwargs", "images_kwargs", "common_kwargs")}
+    for name, value in nested.items():
+        if not isinstance(value, dict):
+            raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
+    common = dict(nested["common_kwargs"])
+    if "return_tensors" in common:  # the flat return_tensors defaults to "pt": the common key decides unless given
+        return_tensors = common.pop("return_tensors") if return_tensors == "pt" else return_tensors
+    for key, value in {**common, **nested["text_kwargs"]}.items():
+        kwargs.setdefault(key, value)
+    unknown = sorted(set(nested["images_kwargs"]) - set(Med3DQwenImagesKwargs.__annotations__))
+    if unknown:
+        raise TypeError(f"images_kwargs holds keys the image processor does not read: {unknown}")
+    for key, value in nested["images_kwargs"].items():
+        if image_args[key] is None:
+            image_args[key] = value
+    return image_args, return_tensors
 
 
 def _flatten_samples(values) -> list | None:

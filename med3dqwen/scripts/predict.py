@@ -6,8 +6,8 @@ Usage (see docs/inference.md):
     med3dqwen-predict --model runs/sft --volume ct.nii.gz --question "Is there a nodule in the left lung?" \
         --roi "left lung" --segmenter threshold --output_dir out/
 
-    # a mask file (one label of a multi-label map), a LoRA adapter, the blue contour
-    med3dqwen-predict --model runs/base --adapter runs/sft/adapter --volume dicom_dir/ \
+    # a mask file (one label of a multi-label map), a LoRA adapter on its base model, the blue contour
+    med3dqwen-predict --adapter runs/demo-sft --volume dicom_dir/ \
         --question "What abnormality is seen in the liver?" --mask seg.nii.gz --label liver --prompt blue \
         --output_dir out/
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 __all__ = ["PredictArguments", "cli", "main", "make_parser"]
@@ -33,9 +34,11 @@ __all__ = ["PredictArguments", "cli", "main", "make_parser"]
 class PredictArguments:
     """The options of ``med3dqwen-predict`` (one per field)."""
 
-    model: str = field(metadata={"help": "Med3DQwen model folder or Hub id."})
     volume: str = field(metadata={"help": "CT volume: .nii / .nii.gz, a DICOM folder or file, or .npy (D, H, W)."})
     question: str = field(metadata={"help": "The question, as a user would ask it."})
+    model: str | None = field(
+        default=None, metadata={"help": "Med3DQwen model folder or Hub id (default: the --adapter's base model)."}
+    )
     output_dir: str | None = field(default=None, metadata={"help": "Folder for answer.json and overlay_montage.png."})
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter folder or Hub id trained on --model."})
     mask: str | None = field(default=None, metadata={"help": "ROI mask file on the volume's grid (NIfTI / .npy)."})
@@ -123,10 +126,8 @@ def main(args: PredictArguments):
     for note in prediction.warnings:
         print(f"warning: {note}")
     if args.output_dir:
-        print(
-            f"wrote {args.output_dir}/answer.json"
-            + (f" and {prediction.overlay_montage}" * bool(prediction.overlay_montage))
-        )
+        written = [str(Path(args.output_dir) / "answer.json"), prediction.overlay_montage]
+        print("wrote " + " and ".join(path for path in written if path))
     return prediction
 
 

@@ -59,6 +59,8 @@ class ToyBuilder(DatasetBuilder):
         self.calls.append(unit.unit_id)
         (out_dir / "prompts" / unit.unit_id).mkdir(parents=True, exist_ok=True)
         (out_dir / "prompts" / unit.unit_id / "montage.txt").write_text(unit.unit_id)
+        (out_dir / "volumes").mkdir(exist_ok=True)
+        (out_dir / "volumes" / f"{unit.unit_id}.nii.gz").write_bytes(b"")  # the merge checks that it exists
         records = []
         for k, answer in enumerate(("Yes.", "No.")):
             qa = rewrite_qa(f"Is there a nodule {k} in the lung?", answer, answer_type="closed")
@@ -156,6 +158,16 @@ def test_build_writes_splits_in_plan_order_with_skips_and_card(tmp_path):
 def test_records_must_match_the_declared_features(tmp_path):
     with pytest.raises(BuildError, match="unexpected \\['surprise'\\]"):
         run_build(ToyBuilder(bad_record=True), tmp_path / "toy", QUIET)
+
+
+def test_merge_refuses_records_naming_missing_media_and_keeps_the_old_output(tmp_path):
+    out = tmp_path / "toy"
+    run_build(ToyBuilder(), out, QUIET)
+    before = (out / "data" / "train.jsonl").read_bytes()
+    (out / "volumes" / "toy_1.nii.gz").unlink()
+    with pytest.raises(BuildError, match=r"toy_1: 1 media file\(s\) .* \(e\.g\. volumes/toy_1\.nii\.gz\)"):
+        engine.merge_build(ToyBuilder(), out)
+    assert (out / "data" / "train.jsonl").read_bytes() == before  # the failed merge replaced nothing
 
 
 def test_strict_turns_skips_into_errors(tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 from med3dqwen.builders.engine import BuildArguments
 from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, build_phantom_dataset, volume_seed
 from med3dqwen.data.rewrite import system_prompt
-from med3dqwen.data.schema import message_texts, record_media
+from med3dqwen.data.schema import message_texts, prompt_mask_path, record_media
 from med3dqwen.processing.ct_io import load_mask, load_volume
 
 
@@ -128,6 +128,12 @@ def test_build_is_deterministic(tmp_path, red_build):
         assert (again / "data" / path.name).read_text() == path.read_text()
 
 
+def _small_red_build(tmp_path):
+    out = tmp_path / "red"
+    build_phantom_dataset(PhantomBuildConfig(output_dir=str(out), num_volumes=1, seed=1, shape=SMALL))
+    return out
+
+
 def test_no_prompt_variant(tmp_path):
     out = tmp_path / "none"
     build_phantom_dataset(PhantomBuildConfig(output_dir=str(out), num_volumes=2, seed=1, shape=SMALL, prompt="none"))
@@ -137,6 +143,11 @@ def test_no_prompt_variant(tmp_path):
         assert message_texts(r)["system"] == system_prompt(prompt=False)
         assert "boundary" not in message_texts(r)["user"] and "outlined" not in message_texts(r)["user"]
         assert record_media(r)[1] == []
+        assert r["boundary_prompt"] == "none" and prompt_mask_path(r) is None  # the mask names the ROI, undrawn
+    assert any(r["mask_path"] for r in records)
+    red = read_records(_small_red_build(tmp_path))  # per row: the ROI rows are drawn, whole-volume rows are not
+    assert {r["boundary_prompt"] for r in red if r["mask_path"]} == {"red"}
+    assert {r["boundary_prompt"] for r in red if not r["mask_path"]} == {"none"}
 
 
 def test_volume_seeds_are_distinct():

@@ -38,7 +38,7 @@ from med3dqwen.builders.radgenome import (
     split_probabilities,
 )
 from med3dqwen.data.rewrite import system_prompt
-from med3dqwen.data.schema import message_texts, record_media
+from med3dqwen.data.schema import message_texts, prompt_mask_path, record_media
 from med3dqwen.data.splits import assign_split
 from med3dqwen.io import UnsafePathError, save_nifti
 from med3dqwen.processing.ct_io import load_mask, load_volume
@@ -505,7 +505,9 @@ def test_no_prompt_variant(data_root, tmp_path):
     for r in records:
         assert message_texts(r)["system"] == system_prompt(prompt=False)
         assert "boundary" not in message_texts(r)["user"] + message_texts(r)["assistant"]
-    assert any(r["mask_path"] for r in records)  # masks are still listed
+    assert any(r["mask_path"] for r in records)  # masks are still listed, but not drawn
+    assert {r["boundary_prompt"] for r in records} == {"none"}
+    assert all(prompt_mask_path(r) is None for r in records)
 
 
 def test_pngs_once_per_volume_and_roi(data_root, tmp_path):

@@ -233,7 +233,7 @@ def test_offered_choices_restrict_the_closed_choices():
 )
 def test_rewritten_qa_checks_its_closed_fields(answer_type, label, answer, choices, message):
     with pytest.raises(ValueError, match=message):
-        RewrittenQA("Q?", "A.", answer_type, label, answer, choices, "system")
+        RewrittenQA("Q?", "A.", answer_type, label, answer, choices, "system", "red")
 
 
 @pytest.mark.parametrize(
@@ -301,9 +301,14 @@ def test_no_prompt_variant_keeps_labels_and_normalisation():
         closed_answer="yes",
         closed_choices=("no", "yes"),
         system=system_prompt(prompt=False),
+        boundary_prompt="none",
     )
     opened = rewrite_qa("Where is the mass?", "In the gullet.", answer_type="open", config=config)
     assert (opened.question, opened.answer, opened.closed_label) == ("Where is the mass?", "In the esophagus.", -1)
+    blue = rewrite_qa("Is it there?", "No.", answer_type="closed", config=RewriteConfig(color="blue"))
+    assert (blue.boundary_prompt, opened.boundary_prompt) == ("blue", "none")
+    with pytest.raises(ValueError, match="prompt=False"):
+        RewriteConfig(color="None")
 
 
 def test_invalid_answer_type_and_empty_answer():
@@ -416,6 +421,7 @@ def test_build_record():
         "patient_id": "train_1",
         "volume_id": "train_1_a_1",
         "roi_empty": False,
+        "boundary_prompt": "red",
     }
     assert json.loads(json.dumps(record)) == record
 

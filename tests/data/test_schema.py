@@ -255,3 +255,16 @@ def test_model_config_default_label_names_equal_the_data_vocabulary():
     if not hasattr(config, "closed_label_names"):
         pytest.skip("Med3DQwenConfig has no closed_label_names yet (issue #8, model side): nothing to compare")
     assert tuple(config.closed_label_names) == CLOSED_LABEL_NAMES
+
+
+def test_prompt_mask_path_draws_only_prompted_records():
+    from med3dqwen.data.schema import prompt_mask_path
+
+    roi = {"mask_path": "m.nii.gz"}
+    assert prompt_mask_path({**roi, "boundary_prompt": "red"}) == "m.nii.gz"
+    assert prompt_mask_path({**roi, "boundary_prompt": "blue"}) == "m.nii.gz"
+    assert prompt_mask_path({**roi, "boundary_prompt": "none"}) is None  # the ROI is known, no contour is drawn
+    assert prompt_mask_path({"mask_path": None, "boundary_prompt": "red"}) is None  # whole-volume question
+    assert prompt_mask_path(roi) == "m.nii.gz"  # built before the field existed: drawn, as then
+    with pytest.raises(ValueError, match="boundary_prompt"):
+        prompt_mask_path({**roi, "boundary_prompt": ""})

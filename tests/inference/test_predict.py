@@ -105,9 +105,43 @@ def test_the_model_loads_once_per_process(case, monkeypatch):
     first = predict(case["model"], case["ct"], "What is this?", max_new_tokens=2)
     second = predict(str(case["model"]) + "/", case["ct"], "What is this?", max_new_tokens=2)  # the same folder
     assert len(calls) == 1 and len(inference._MODEL_CACHE) == 1
-    assert second.timings["load_model"] < first.timings["load_model"]
     assert first.answer == second.answer and first.answer_type == "open" and first.probabilities is None
     assert first.prompt == "none" and first.mask_source == "none" and first.covered_fraction is None
+
+
+def test_threads_get_their_own_answers(case, monkeypatch):
+    """Two threads (a web app's requests) on the one cached model: generation runs one at a time, so each closed
+    head reading comes from its own prefill, and the answers are those of sequential calls."""
+    import threading
+    import time
+
+    questions = [("Is the liver normal?", case["liver"]), ("Is the spleen normal?", case["empty"])]
+    sequential = [predict(case["model"], case["ct"], q, mask=m, max_new_tokens=2) for q, m in questions]
+    model, _ = inference.load_model(str(case["model"]))
+    generate, inside, most = model.generate, [0], [0]
+
+    def slow_generate(*args, **kwargs):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.2)  # long enough for the other thread to arrive
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(model, "generate", slow_generate)
+    results = [None, None]
+
+    def ask(i):
+        results[i] = predict(case["model"], case["ct"], questions[i][0], mask=questions[i][1], max_new_tokens=2)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+    assert [r.probabilities for r in results] == [r.probabilities for r in sequential]
 
 
 def test_region_by_name_is_segmented(case, tmp_path):
@@ -119,6 +153,25 @@ def test_region_by_name_is_segmented(case, tmp_path):
     )
     assert result.contour_slices and colour_pixels(tmp_path / "overlay_montage.png", BLUE) > 50
     assert colour_pixels(tmp_path / "overlay_montage.png", RED) == 0
+
+
+def test_a_mask_source_object_with_its_own_names(case):
+    """A MaskSource passed as the segmenter serves names outside the vocabulary (a site's own structure names)."""
+    from med3dqwen.processing.ct_io import load_mask
+    from med3dqwen.segmentation import MaskResult, MaskSource
+
+    class SiteMasks(MaskSource):
+        source_name = "site_atlas"
+
+        def get_mask(self, volume, structure, *, volume_id=None):
+            mask = load_mask(case["liver"], like=volume)
+            return MaskResult(mask=mask, structure=structure, resolved_name="liver", source=self.source_name)
+
+    result = predict(case["model"], case["ct"], "Is it normal?", roi="hepatic zone 7", segmenter=SiteMasks(),
+                     max_new_tokens=2)  # fmt: skip
+    reference = predict(case["model"], case["ct"], "Is it normal?", mask=case["liver"], max_new_tokens=2)
+    assert result.mask_source == "site_atlas" and result.roi == "hepatic zone 7"
+    assert result.contour_slices == reference.contour_slices
 
 
 def test_label_of_a_multilabel_mask(case):
@@ -167,6 +220,11 @@ def test_adapter_on_its_base(case, tmp_path):
                       adapter=str(tmp_path / "adapter"))  # fmt: skip
     assert adapted.adapter == str(tmp_path / "adapter")
     assert adapted.probabilities != pytest.approx(plain.probabilities)  # the random LoRA weights change the answer
+    on_its_base = predict(None, case["ct"], "Is the liver normal?", mask=case["liver"], max_new_tokens=2,
+                          adapter=str(tmp_path / "adapter"))  # fmt: skip
+    assert on_its_base.model == str(case["model"]) and on_its_base.probabilities == adapted.probabilities
+    with pytest.raises(PredictError, match=r"^model '\(none\)': give a model"):
+        predict(None, case["ct"], "Is the liver normal?")
 
 
 @pytest.mark.slow  # a fresh Python process importing torch and transformers: ~10-20 s
@@ -214,6 +272,9 @@ def bad_files(case, tmp_path_factory):
     text.write_text("not a CT")
     png = base / "figure.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    qwen = base / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     adapter = base / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "someone/other-model"}))
@@ -224,6 +285,7 @@ def bad_files(case, tmp_path_factory):
         "moved": save_image(base / "moved.nii.gz", np.asarray(nib.load(case["liver"]).dataobj), moved),
         "adapter": adapter,
         "not_model": base,
+        "qwen": qwen,
     }
 
 
@@ -243,11 +305,12 @@ def bad_files(case, tmp_path_factory):
         (lambda c, b: ["--roi", "liver", "--mask", str(c["liver"])], "give either --mask"),
         (lambda c, b: ["--model", "someone/not-downloaded"], "model 'someone/not-downloaded': not a local folder"),
         (lambda c, b: ["--model", str(b["not_model"])], "holds no config.json"),
+        (lambda c, b: ["--model", str(b["qwen"])], "is a 'qwen2' model, not a Med3DQwen"),
         (lambda c, b: ["--adapter", str(b["adapter"])], "was trained on base model 'someone/other-model'"),
     ],
     ids=["txt-volume", "png-volume", "missing-volume", "mask-other-shape", "mask-other-affine", "txt-mask",
          "unknown-label", "multilabel-without-label", "roi-typo", "roi-not-segmentable", "mask-and-roi",
-         "hub-id-offline", "folder-not-a-model", "adapter-of-another-base"],
+         "hub-id-offline", "folder-not-a-model", "qwen2-folder", "adapter-of-another-base"],
 )  # fmt: skip
 def test_bad_input_is_one_line_naming_it(case, bad_files, capsys, monkeypatch, args, expected):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -288,6 +351,60 @@ def test_missing_segmenter_package_is_a_clear_error(case):
         predict(case["model"], case["ct"], "Is it normal?", roi="liver", segmenter="totalsegmentator")
     with pytest.raises(PredictError, match="segmenter 'magic': unknown"):
         predict(case["model"], case["ct"], "Is it normal?", roi="liver", segmenter="magic")
+
+
+def test_totalsegmentator_segmenter_reads_its_output(case, monkeypatch):
+    """The TotalSegmentator wrapper asks for the region's classes and reads the label map it writes (a stand-in for
+    the package, which needs weights from the internet, writes the phantom's liver as TotalSegmentator's id 5)."""
+    import importlib.machinery
+    import types
+
+    calls = []
+
+    def fake_totalsegmentator(input, output, ml=False, roi_subset=None, device="gpu", fast=False, quiet=False):
+        calls.append({"input": str(input), "ml": ml, "roi_subset": roi_subset, "device": device})
+        image = nib.load(case["labels"])
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), image.affine), output)
+
+    package = types.ModuleType("totalsegmentator")
+    package.__spec__ = importlib.machinery.ModuleSpec("totalsegmentator", None)
+    api = types.ModuleType("totalsegmentator.python_api")
+    api.totalsegmentator = fake_totalsegmentator
+    monkeypatch.setitem(sys.modules, "totalsegmentator", package)
+    monkeypatch.setitem(sys.modules, "totalsegmentator.python_api", api)
+    result = predict(case["model"], case["ct"], "Is the liver normal?", roi="liver", segmenter="totalsegmentator",
+                     device="cpu", max_new_tokens=2)  # fmt: skip
+    reference = predict(case["model"], case["ct"], "Is the liver normal?", mask=case["liver"], max_new_tokens=2)
+    assert calls == [{"input": str(case["ct"]), "ml": True, "roi_subset": ["liver"], "device": "cpu"}]
+    assert result.mask_source == "totalsegmentator" and result.contour_slices == reference.contour_slices
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("weights for task 291 cannot be downloaded")
+
+    api.totalsegmentator = failing
+    with pytest.raises(PredictError, match="^segmenter 'totalsegmentator': TotalSegmentator failed: .*task 291"):
+        predict(case["model"], case["ct"], "Is the liver normal?", roi="liver", segmenter="totalsegmentator")
+
+
+def test_vista3d_without_its_bundle_says_how_to_get_it(case, monkeypatch):
+    pytest.importorskip("monai")
+    monkeypatch.delenv("MED3DQWEN_VISTA3D_BUNDLE", raising=False)
+    with pytest.raises(PredictError, match="^segmenter 'vista3d': .*bundle_dir"):
+        predict(case["model"], case["ct"], "Is the liver normal?", roi="liver", segmenter="vista3d")
+
+
+def test_loaded_volume_and_mask_array(case):
+    """What a web app holds: a loaded CTVolume and a mask array on its grid (no files read again)."""
+    from med3dqwen.processing.ct_io import load_mask, load_volume
+
+    ct = load_volume(case["ct"])
+    liver = load_mask(case["liver"], like=ct)
+    from_arrays = predict(case["model"], ct, "Is the liver normal?", mask=liver, max_new_tokens=2)
+    from_files = predict(case["model"], case["ct"], "Is the liver normal?", mask=case["liver"], max_new_tokens=2)
+    assert from_arrays.contour_slices == from_files.contour_slices
+    assert from_arrays.probabilities == pytest.approx(from_files.probabilities)
+    with pytest.raises(PredictError, match=r"^mask '<array \(32, 64, 63\)>': differs from the volume's shape"):
+        predict(case["model"], ct, "Is the liver normal?", mask=liver[:, :, :63])
 
 
 def test_predict_is_a_lazy_package_name():

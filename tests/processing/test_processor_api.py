@@ -318,3 +318,30 @@ def test_mm_token_type_ids_on_request(processor, case):
     out = processor(images=[folder / "ct.nii.gz"], text=PROMPT, return_mm_token_type_ids=True)
     ids, types = out["input_ids"][0], out["mm_token_type_ids"][0]
     assert types.tolist() == ((ids == IMAGE_ID) | (ids == SLICE_ID)).long().tolist() and int(types.sum()) == 8
+
+
+def test_per_modality_kwargs_as_transformers_passes_them(processor, case):
+    _, _, folder = case
+    ct, roi = folder / "ct.nii.gz", folder / "roi.nii.gz"
+    flat = processor(images=[ct, ct], masks=[roi, None], text=[PROMPT, PROMPT + " more"], padding=True)
+    nested = processor(
+        images=[ct, ct],
+        text=[PROMPT, PROMPT + " more"],
+        text_kwargs={"padding": True},
+        images_kwargs={"masks": [roi, None]},
+        common_kwargs={"return_tensors": "pt"},
+    )
+    assert set(nested) == set(flat)
+    for key in flat:
+        torch.testing.assert_close(nested[key], flat[key])
+    as_numpy = processor(images=[ct], text=PROMPT, common_kwargs={"return_tensors": "np"})
+    assert isinstance(as_numpy["pixel_values"], np.ndarray)
+    info = processor(images=[ct], text=PROMPT, images_kwargs={"masks": [roi], "return_prompt_info": True})
+    assert "covered_fraction" in info and info["covered_fraction"].shape == (1,)
+    unprompted = processor(images=[ct], text=PROMPT, masks=[None], images_kwargs={"masks": [roi]})
+    assert not torch.equal(unprompted["pixel_values"], info["pixel_values"])  # masks=[None] is not "unset"
+    with pytest.raises(TypeError, match=r"images_kwargs .* \['crop'\]"):
+        processor(images=[ct], text=PROMPT, images_kwargs={"crop": 1})
+    with pytest.raises(TypeError, match="videos_kwargs"):
+        processor(images=[ct], text=PROMPT, videos_kwargs={"fps": 1})
+    assert processor.valid_processor_kwargs.__name__ == "Med3DQwenProcessorKwargs"
