@@ -3,6 +3,7 @@
 Usage:
 
     med3dqwen-app --model runs/demo-sft/base --adapter runs/demo-sft
+    med3dqwen-app --adapter runs/demo-sft                      # the adapter on the base model it names
     med3dqwen-app --model DIR_OR_HUB_ID --port 7861            # http://127.0.0.1:7861
     med3dqwen-app --model DIR --host 0.0.0.0                    # reachable from the network (no login!)
     med3dqwen-app --model DIR --share                           # a public gradio.live link (off by default)
@@ -29,13 +30,21 @@ __all__ = ["AppArguments", "cli", "launch", "make_parser"]
 class AppArguments:
     """The options of ``med3dqwen-app``."""
 
-    model: str = field(metadata={"help": "Saved model folder or Hub id (HF_HUB_OFFLINE=1 needs it cached)."})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Saved model folder or Hub id (HF_HUB_OFFLINE=1 needs it cached); default with --adapter: the "
+            "adapter's base model."
+        },
+    )
     adapter: str | None = field(default=None, metadata={"help": "PEFT adapter folder trained on --model."})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (127.0.0.1: this machine only)."})
     port: int | None = field(default=None, metadata={"help": "Port (default: the first free one from 7860)."})
     share: bool = field(default=False, metadata={"help": "Also open a public gradio.live tunnel."})
 
     def __post_init__(self):
+        if self.model is None and self.adapter is None:
+            raise ValueError("give --model (a model folder or Hub id), or --adapter to use its base model")
         if self.port is not None and not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
 

@@ -112,7 +112,7 @@ def _slice_info(case: Case, index: int, roi: RoiView | None) -> str:
 
 
 def build_app(
-    model: str,
+    model: str | None,
     adapter: str | None = None,
     *,
     output_root: str | Path | None = None,
@@ -121,7 +121,8 @@ def build_app(
     """The viewer page for ``model``.
 
     Args:
-        model: a saved model folder or Hub id, passed to :func:`med3dqwen.predict` (loaded on the first question).
+        model: a saved model folder or Hub id, passed to :func:`med3dqwen.predict` (loaded on the first question);
+            ``None`` with ``adapter``: the adapter's base model.
         adapter: a PEFT adapter folder for ``model``.
         output_root: where each question's ``answer.json`` and montage are written (default: a temporary folder).
         model_label: how the page names the model (default: ``model``).
@@ -137,7 +138,7 @@ def build_app(
         roi_state = gr.State(None)
         gr.Markdown(
             "## Med3DQwen viewer\n"
-            f"Model `{model_label or model}`"
+            f"Model `{model_label or model or 'the base model of the adapter'}`"
             + (f" with adapter `{adapter}`" if adapter else "")
             + ". Load a CT, choose the ROI, "
             "scroll the axial slices with the contour the model sees, ask a question."

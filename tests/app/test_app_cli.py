@@ -32,6 +32,9 @@ def test_cli_passes_the_options_to_build_and_launch(monkeypatch):
     calls.clear()
     app_cli.cli(["--model", "m", "--host", "0.0.0.0", "--share"])
     assert calls["launch"] == ("0.0.0.0", None, True)
+    calls.clear()
+    app_cli.cli(["--adapter", "runs/sft"])  # predict loads the base model the adapter names
+    assert calls["built"] == (None, "runs/sft")
 
 
 @pytest.mark.parametrize("argv", [["--model", "m", "--port", "70000"], ["--port", "7860"]])
@@ -40,7 +43,7 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
         app_cli.make_parser().parse_args_into_dataclasses(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "--port must be in 1..65535, got 70000" in err or "the following arguments are required: --model" in err
+    assert "--port must be in 1..65535, got 70000" in err or "give --model (a model folder or Hub id)" in err
 
 
 def test_find_chromium_honours_the_override_and_path(monkeypatch, tmp_path):
