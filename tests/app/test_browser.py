@@ -4,6 +4,8 @@ Upload a small phantom CT, name the ROI, move the slice slider, ask, read the an
 must show one line in the page and never a stack trace.
 """
 
+from pathlib import Path
+
 import pytest
 from playwright.sync_api import expect
 
@@ -71,7 +73,10 @@ def test_upload_scroll_and_ask(page, app_url, phantom_files):
         assert shown.split()[0] in ("yes", "no"), shown
     montage = page.locator("#montage img")
     expect(montage).to_be_visible()
-    expect(page.locator("#download")).to_be_visible()
+    with page.expect_download() as download:
+        page.locator("#download").click()
+    assert download.value.suggested_filename.endswith(".png")
+    assert Path(download.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     expect(page.locator("#answer-details")).to_contain_text("ROI right lung from threshold")
 
     # The same question about an uploaded mask: predict reads the file (the model is already loaded).
