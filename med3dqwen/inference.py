@@ -539,7 +539,8 @@ def predict(
             with ``segmenter``; with ``mask`` it only names the region.
         segmenter: ``"threshold"`` (HU rules: body, lungs, airway, bone), ``"vista3d"`` (MONAI VISTA-3D; its bundle
             folder in ``segmenter_options={"bundle_dir": ...}`` or ``MED3DQWEN_VISTA3D_BUNDLE``),
-            ``"totalsegmentator"`` (the TotalSegmentator package, when installed), or a ``MaskSource``.
+            ``"totalsegmentator"`` (the TotalSegmentator package, when installed), or a ``MaskSource`` object (its
+            own structure names, no vocabulary check).
         segmenter_options: keyword arguments of the segmenter's constructor.
         prompt: ``"red"`` or ``"blue"`` (the contour's colour, also named in the rewritten question), or ``"none"``.
         choices: the label set of a closed multiple-choice question (``["A. left lung", "B. right lung"]``) or
