@@ -188,14 +188,14 @@ def test_rgb_encoding_gets_the_prompts_colour(case, tmp_path, monkeypatch):
         return batch
 
     monkeypatch.setattr(generation, "generate_batch", keep_inputs)
-    for colour in ("blue", "red", "blue"):
+    for colour in ("blue", "red"):
         predict(tmp_path / "rgb", case["ct"], "Is the liver normal?", mask=case["liver"], prompt=colour,
-                max_new_tokens=2)  # fmt: skip
-    for pixels, channel in zip(seen, (2, 0, 2), strict=True):
+                max_new_tokens=1)  # fmt: skip
+    for pixels, channel in zip(seen, (2, 0), strict=True):
         others = [c for c in range(3) if c != channel]
         band = (pixels[channel] == 1) & (pixels[others] == 0).all(dim=0)  # pure colour voxels: the contour
         assert int(band.sum()) > 100
-    assert torch.equal(seen[0], seen[2])  # the cached processor is left as it was
+    assert inference.load_model(str(tmp_path / "rgb"))[1].image_processor.prompt_color == "red"  # cached one as it was
 
 
 def test_label_of_a_multilabel_mask(case):
