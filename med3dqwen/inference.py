@@ -24,6 +24,7 @@ Bad input raises :class:`PredictError`, a ``ValueError`` whose one-line message 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -538,7 +539,8 @@ def predict(
             with ``segmenter``; with ``mask`` it only names the region.
         segmenter: ``"threshold"`` (HU rules: body, lungs, airway, bone), ``"vista3d"`` (MONAI VISTA-3D; its bundle
             folder in ``segmenter_options={"bundle_dir": ...}`` or ``MED3DQWEN_VISTA3D_BUNDLE``),
-            ``"totalsegmentator"`` (the TotalSegmentator package, when installed), or a ``MaskSource``.
+            ``"totalsegmentator"`` (the TotalSegmentator package, when installed), or a ``MaskSource`` object (its
+            own structure names, no vocabulary check).
         segmenter_options: keyword arguments of the segmenter's constructor.
         prompt: ``"red"`` or ``"blue"`` (the contour's colour, also named in the rewritten question), or ``"none"``.
         choices: the label set of a closed multiple-choice question (``["A. left lung", "B. right lung"]``) or
@@ -680,7 +682,7 @@ def _answer(model, processor, ct, small, roi_mask, rewritten, config, kind, name
         if outside:
             raise PredictError("choices", list(names), f"{outside} are not labels of the model's closed head {head}")
     try:
-        collator = Med3DQwenCollator(processor, closed_label_names=head)
+        collator = Med3DQwenCollator(_processor_for(processor, config), closed_label_names=head)
         with _GENERATE_LOCK:
             batch = generate_batch(model, collator, [record], max_new_tokens=max_new_tokens)
     except SampleError as err:
@@ -696,6 +698,18 @@ def _answer(model, processor, ct, small, roi_mask, rewritten, config, kind, name
             probabilities = {name: float(probs[head.index(name)]) for name in names}
             closed_answer = max(probabilities, key=probabilities.get)
     return batch.texts[0], probabilities, closed_answer, batch.pixel_values
+
+
+def _processor_for(processor, config: RewriteConfig):
+    """The processor that draws the contour in the prompt's colour: the cached one, or for the ``rgb`` encoding (the
+    one where the colour reaches the model) a shallow copy whose image processor uses ``config.color``."""
+    image_processor = processor.image_processor
+    if not config.prompt or image_processor.prompt_encoding != "rgb" or image_processor.prompt_color == config.color:
+        return processor
+    recoloured = copy.copy(processor)
+    recoloured.image_processor = copy.copy(image_processor)
+    recoloured.image_processor.prompt_color = config.color
+    return recoloured
 
 
 def _overlay(pixel_values, small, used_prompt, image_processor, output_dir):

@@ -174,6 +174,30 @@ def test_a_mask_source_object_with_its_own_names(case):
     assert result.contour_slices == reference.contour_slices
 
 
+def test_rgb_encoding_gets_the_prompts_colour(case, tmp_path, monkeypatch):
+    """With the rgb encoding the colour reaches the model: a blue prompt is drawn blue into its input."""
+    from med3dqwen.evaluation import generation
+
+    save_model(tmp_path / "rgb", prompt_encoding="rgb")
+    seen = []
+    generate_batch = generation.generate_batch
+
+    def keep_inputs(*args, **kwargs):
+        batch = generate_batch(*args, **kwargs)
+        seen.append(batch.pixel_values[0].clone())  # (3, D, H, W)
+        return batch
+
+    monkeypatch.setattr(generation, "generate_batch", keep_inputs)
+    for colour in ("blue", "red"):
+        predict(tmp_path / "rgb", case["ct"], "Is the liver normal?", mask=case["liver"], prompt=colour,
+                max_new_tokens=1)  # fmt: skip
+    for pixels, channel in zip(seen, (2, 0), strict=True):
+        others = [c for c in range(3) if c != channel]
+        band = (pixels[channel] == 1) & (pixels[others] == 0).all(dim=0)  # pure colour voxels: the contour
+        assert int(band.sum()) > 100
+    assert inference.load_model(str(tmp_path / "rgb"))[1].image_processor.prompt_color == "red"  # cached one as it was
+
+
 def test_label_of_a_multilabel_mask(case):
     by_name = predict(case["model"], case["ct"], "Is the liver normal?", mask=case["labels"], label="liver",
                       max_new_tokens=2)  # fmt: skip
