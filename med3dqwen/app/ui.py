@@ -100,10 +100,13 @@ def _answer_text(result) -> str:
     return "(the model generated an empty answer)"
 
 
-def _slice_info(case: Case, index: int, roi: RoiView | None) -> str:
+def _slice_info(case: Case, index: int, roi: RoiView | str | None) -> str:
+    """The line under the slider; ``roi`` is the drawn ROI, or a note on one drawn only at question time."""
     depth = case.volume.shape[0]
     text = f"**{case.name}** · slice {index} of 0–{depth - 1} (inferior → superior)"
-    if roi is not None:
+    if isinstance(roi, str):
+        text += f" · {roi}"
+    elif roi is not None:
         if roi.empty:
             text += " · the ROI is empty on this scan: no contour"
         else:
@@ -135,7 +138,7 @@ def build_app(
 
     with gr.Blocks(title="Med3DQwen viewer") as demo:
         case_state = gr.State(None)
-        roi_state = gr.State(None)
+        roi_state = gr.State(None)  # the drawn RoiView, a note when a segmenter draws it at question time, or None
         gr.Markdown(
             "## Med3DQwen viewer\n"
             f"Model `{model_label or model or 'the base model of the adapter'}`"
@@ -282,9 +285,11 @@ def build_app(
                     info: _slice_info(case, int(index), None),
                 }
             index = int(index)
-            if roi is not None and not roi.empty:
+            if roi is None and name and not mask_path:
+                roi = f"{seg} outlines {name!r} when you ask (the montage shows it)"
+            if isinstance(roi, RoiView) and not roi.empty:
                 index = roi.slices[len(roi.slices) // 2]
-            band = None if roi is None else roi.band
+            band = roi.band if isinstance(roi, RoiView) else None
             return {
                 roi_state: roi,
                 slider: gr.Slider(value=index),
@@ -297,7 +302,7 @@ def build_app(
             if case is None:
                 return {}
             index = int(index)
-            band = None if roi is None else roi.band
+            band = roi.band if isinstance(roi, RoiView) else None
             return {
                 slice_image: _on_screen(render_slice(case.volume, index, band, color)),
                 info: _slice_info(case, index, roi),

@@ -106,6 +106,16 @@ def test_bad_inputs_show_one_line(page, app_url, phantom_files):
     expect(error).to_contain_text("unknown structure 'right lng'")
     expect(error).to_contain_text("did you mean")
 
+    # A segmenter that runs only at question time: the page says so, and asking without its weights is one line.
+    page.locator("#segmenter input").click()
+    page.get_by_role("option", name="vista3d").click()
+    _choose_roi(page, "liver")
+    expect(page.locator("#slice-info")).to_contain_text("vista3d outlines 'liver' when you ask")
+    expect(error).to_have_count(0)
+    page.locator("#question textarea").fill("Is the liver enlarged?")
+    page.locator("#ask").click()
+    expect(error).to_contain_text("segmenter 'vista3d'")
+
     _upload(page, "#mask-upload", phantom_files["other_mask"])
     expect(error).to_contain_text(
         "other_scan_mask.nii.gz: mask grid (32, 64, 48) differs from volume grid (32, 64, 64)"
