@@ -8,6 +8,9 @@ Three hooks, everything else is the Trainer's own:
 - ``compute_loss``: ``lm_loss + focal_loss + l2_loss`` (:func:`~med3dqwen.training.losses.sft_loss`), scaled for
   processes as the Trainer scales the model's loss; the terms are summed between two logging steps and ``log`` adds
   their per-step means (``lm_loss``, ``focal_loss``, ``l2_loss``) next to ``loss``;
+- ``compute_loss`` in training (``labelled_logits_only``, on by default) scores the vocabulary only at the positions
+  that have a target (:func:`~med3dqwen.training.losses.labelled_logits`): the same loss and gradients, without the
+  ``lm_head`` over every image and prompt token (the bulk of a CPU step on the real vocabulary);
 - ``get_decay_parameter_names``: only the LoRA weights, so the Trainer's own optimiser (``args.optim``,
   ``args.weight_decay``, ``args.adam_beta2``) decays nothing else (set ``weight_decay=0.02, adam_beta2=0.98`` for the
   paper's AdamW; ``lr_scheduler_type="cosine", warmup_steps=500`` for its schedule).
@@ -25,7 +28,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
 from .collator import IGNORE_INDEX
-from .losses import FOCAL_GAMMA, LORA_L2_WEIGHT, lora_parameters, sft_loss
+from .losses import FOCAL_GAMMA, LORA_L2_WEIGHT, labelled_logits, lora_parameters, sft_loss
 
 
 __all__ = ["LOGGED_TERMS", "Med3DQwenTrainer"]
@@ -42,6 +45,8 @@ class Med3DQwenTrainer(Trainer):
             (:func:`~med3dqwen.training.losses.closed_class_weights` of the training split); None: all 1.
         focal_gamma: focal γ (2).
         l2_weight: λ of the L2 term on the LoRA weights (1e-4).
+        labelled_logits_only: in training, compute the logits only where labels are not -100 (same loss and
+            gradients; ``outputs.logits`` then holds those positions only). Evaluation always scores every position.
         *args, **kwargs: those of ``transformers.Trainer``.
 
     Raises:
@@ -54,6 +59,7 @@ class Med3DQwenTrainer(Trainer):
         class_weights: torch.Tensor | None = None,
         focal_gamma: float = FOCAL_GAMMA,
         l2_weight: float = LORA_L2_WEIGHT,
+        labelled_logits_only: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -65,6 +71,7 @@ class Med3DQwenTrainer(Trainer):
         self.class_weights = class_weights
         self.focal_gamma = focal_gamma
         self.l2_weight = l2_weight
+        self.labelled_logits_only = labelled_logits_only
         self._num_closed_in_batch: torch.Tensor | None = None
         self._term_sums: dict[str, torch.Tensor] = {}
 
@@ -84,6 +91,9 @@ class Med3DQwenTrainer(Trainer):
 
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        if self.labelled_logits_only and model.training and inputs.get("labels") is not None:
+            if "shift_labels" not in inputs and "logits_to_keep" not in inputs:
+                kwargs.update(labelled_logits(inputs["labels"]))
         outputs = model(**inputs, **kwargs)
         terms = sft_loss(
             outputs,
