@@ -35,6 +35,10 @@ CITATION = """@article{boundary_guidance_3dct,
 """The paper (the same entry as the dataset cards')."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_STAGE_DESCRIPTIONS = {
+    "sft": "LoRA adapter of the SFT stage",
+    "distill": "LoRA adapter of the distillation stage (SFT loss + contrastive term against a frozen teacher)",
+}
 _NOT_PUSHED = ("checkpoint-*", "checkpoint-*/**", "base/**", "training_args.bin", "runs/**")
 
 
@@ -115,7 +119,7 @@ def render_model_card(
         template_path=str(template),
         model_name=hub_model_id or out.name,
         stage=stage,
-        stage_description="LoRA adapter of the SFT stage" if adapter else "the alignment stage",
+        stage_description=_STAGE_DESCRIPTIONS.get(stage, stage) if adapter else "the alignment stage",
         base_model_text=f"`{base_model}`" if base_model else "newly initialised",
         base_model_path=base_model_path or "",
         decoder=decoder,

@@ -412,3 +412,16 @@ def test_load_model_builds_around_a_qwen2_decoder_or_from_a_preset(tmp_path):
     assert not any(p.requires_grad for p in model.model.multi_modal_projector.parameters())  # sft: frozen
     with pytest.raises(ValueError, match="--model_preset"):
         load_model(Med3DQwenScriptArguments(dataset_name="unused"), ModelConfig())
+
+
+def test_every_checkpoint_holds_the_model_card_and_the_processor(sft_run):
+    from huggingface_hub import ModelCard
+
+    _, out = sft_run
+    for step in (1, 2):
+        folder = out / f"checkpoint-{step}"
+        assert (folder / "processor_config.json").is_file() and (folder / "tokenizer.json").is_file()
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.library_name == "peft" and card.data.pipeline_tag == "image-text-to-text"
+        assert f"{step} optimiser steps" in card.text and f"checkpoint-{step}" in card.text
+        assert f'from_pretrained("{out.resolve() / BASE_FOLDER}")' in card.text
