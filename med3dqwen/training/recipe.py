@@ -36,7 +36,7 @@ from ..modeling.configuration_med3d_qwen import Med3DQwenConfig
 from ..modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration, default_attn_implementation
 from ..processing.processing_med3d_qwen import Med3DQwenProcessor
 from ..processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
-from .cards import push_folder, render_model_card
+from .cards import push_adapter, push_folder, render_model_card
 from .collator import Med3DQwenCollator
 from .distill import check_teacher_fits, load_teacher
 from .losses import closed_class_weights
@@ -409,7 +409,10 @@ def run(script_args: Med3DQwenScriptArguments, training_args: SFTConfig, model_a
     """Train one stage, save the result to ``output_dir`` (adapter + trained modules + processor + card, or the aligned
     full model), push it when asked, and return the trainer.
 
-    ``--push_to_hub`` runs after the local save (the Trainer's own push would reach the Hub before training).
+    ``--push_to_hub`` runs after the local save (the Trainer's own push would reach the Hub before training). An
+    adapter's base (``<output_dir>/base``) is pushed first, to ``--hub_base_model_id`` (default
+    ``<hub_model_id>-base``), and the pushed ``adapter_config.json`` and card name that repo, not the local folder
+    (:func:`~med3dqwen.training.cards.push_adapter`).
 
     Raises:
         PushError: the push failed; the local save is complete.
@@ -425,11 +428,15 @@ def run(script_args: Med3DQwenScriptArguments, training_args: SFTConfig, model_a
             out, trainer, script_args, model_args, metrics, hub_model_id=training_args.hub_model_id if push else None
         )
         if push:
-            push_folder(
-                out,
-                training_args.hub_model_id or Path(out).name,
-                token=training_args.hub_token,
-                private=training_args.hub_private_repo,
-            )
+            repo_id = training_args.hub_model_id or Path(out).name
+            hub = {"token": training_args.hub_token, "private": training_args.hub_private_repo}
+            if script_args.stage in ADAPTER_STAGES:  # the base first, then the adapter pointing at it
+
+                def card(folder, base_id):
+                    write_card(folder, trainer, script_args, model_args, metrics, repo_id, base_model_path=base_id)
+
+                push_adapter(out, repo_id, script_args.hub_base_model_id, base_folder=BASE_FOLDER, card=card, **hub)
+            else:
+                push_folder(out, repo_id, **hub)
     training_args.push_to_hub = push
     return trainer
