@@ -151,3 +151,18 @@ def test_a_resumed_distill_run_restores_the_head(distill_run, tmp_path):
     assert losses(resumed)[-1] == pytest.approx(losses(uninterrupted)[-1], rel=1e-5)
     for name, tensor in uninterrupted.model.distill_head.state_dict().items():
         torch.testing.assert_close(resumed.model.distill_head.state_dict()[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_an_adapter_folder_is_a_teacher_too(distill_run):
+    from med3dqwen.training.distill import load_teacher
+
+    trainer, out, _ = distill_run
+    teacher = load_teacher(out)  # the adapter merged into the base it names
+    assert isinstance(teacher, Med3DQwenForConditionalGeneration) and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    batch = {k: v for k, v in trainer.data_collator(rows).items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(**batch).logits, trainer.model.eval()(**batch).logits, rtol=0, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="teacher ./missing does not exist"):
+        load_teacher("./missing")
