@@ -9,7 +9,9 @@ Usage:
     python bench/bench_train.py --device cuda --output bench/results/train_gpu.json
 
     # CPU: the tiny preset (real 151,936-token vocabulary, hidden 64, 4 layers) at batch 1, 2, 4 on 64^3 volumes
-    python bench/bench_train.py --device cpu --presets tiny --batch_sizes 1 2 4 --output bench/results/train_cpu.json
+    # (one torch thread: on a shared machine idle OpenMP threads otherwise spin against the other jobs)
+    python bench/bench_train.py --device cpu --presets tiny --batch_sizes 1 2 4 --threads 1 \
+        --output bench/results/train_cpu.json
 
 What it does:
 
@@ -82,6 +84,8 @@ def measure(spec: dict) -> dict:
     from med3dqwen.training.recipe import lora_config
     from med3dqwen.training.trainer import Med3DQwenTrainer
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else torch.float32
     torch.manual_seed(0)
@@ -224,7 +228,8 @@ def _step(mode: dict | None) -> str:
 def markdown(report: dict) -> str:
     lines = [
         f"{report['machine']}; torch {report['torch']}; device {report['device']}; "
-        f"{report['steps']} timed steps after {report['warmup']} warm-up: median (min) seconds per optimiser step",
+        f"torch threads {report.get('threads') or 'default'}; {report['steps']} timed steps after {report['warmup']} "
+        "warm-up: median (min) seconds per optimiser step",
         "",
         "| preset | batch | volume | dtype | attention | grad ckpt | seq | logits kept | step s, labelled | "
         "step s, all positions | speed-up | CPU s, labelled / all | samples/s | peak GiB, labelled | peak GiB, all |",
@@ -313,6 +318,9 @@ def main() -> None:
     parser.add_argument("--gradient_checkpointing", choices=["auto", "on", "off"], default="auto",
                         help="auto: on for cuda (the paper recipes), off for cpu")  # fmt: skip
     parser.add_argument("--attn_implementation", default=None, help="default: flash_attention_2 if usable, else sdpa")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in each configuration's process (default: torch's); 1 on a shared CPU "
+                        "keeps idle OpenMP threads from spinning against other jobs")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dataset_name", default=None, help="a built dataset folder (default: build a phantom)")
@@ -343,7 +351,8 @@ def main() -> None:
     modes = ["labelled", "full"] if args.logits == "both" else [args.logits]
     report = {
         "machine": machine(args.device), "torch": torch.__version__, "device": args.device,
-        "steps": args.steps, "warmup": args.warmup, "results": [], "data": [], "data_volume": volume_size,
+        "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "results": [], "data": [],
+        "data_volume": volume_size,
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         if args.dataset_name:
@@ -362,6 +371,7 @@ def main() -> None:
                     "preset": preset, "batch_size": batch_size, "volume_size": volume_size, "device": args.device,
                     "dtype": "bfloat16" if gpu else "float32", "modes": modes, "warmup": args.warmup,
                     "steps": args.steps, "gradient_checkpointing": checkpointing, "dataset": str(folder),
+                    "threads": args.threads,
                     "attn_implementation": args.attn_implementation or default_attn_implementation(),
                 }  # fmt: skip
                 result = {}
