@@ -65,12 +65,17 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> dict:
-    vision = {"volume_size": args.volume_size}
+def preset_config(name: str, volume_size: list[int]) -> Med3DQwenConfig:
+    """The preset's config at ``volume_size``; ``tiny`` also gets a small encoder and projector (CPU smoke runs)."""
+    vision = {"volume_size": list(volume_size)}
     if name == "tiny":
         vision.update(channels=[8, 16, 16, 32, 32], depths=[1, 1, 1, 1, 1], low_output_tokens=[8, 8],
                       high_output_tokens=[8, 8])  # fmt: skip
-    config = Med3DQwenConfig.from_preset(name, vision_overrides=vision)
+    return Med3DQwenConfig.from_preset(name, vision_overrides=vision)
+
+
+def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    config = preset_config(name, args.volume_size)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

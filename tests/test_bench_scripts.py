@@ -54,3 +54,29 @@ def test_io_bench_runs_on_a_small_case():
     assert "| load_volume (gzip read + reorient) |" in result.stdout
     (row,) = [line for line in result.stdout.splitlines() if line.startswith("| small |")]
     assert row.count("|") == 5 and "ms (" in row  # both medians and the paired difference
+
+
+@pytest.mark.slow
+def test_train_bench_runs_on_cpu_with_a_tiny_preset(tmp_path):
+    # the GPU run's code path (children per configuration, both logits modes, the data path) at CPU size
+    output = tmp_path / "train.json"
+    cmd = [
+        sys.executable, str(REPO / "bench" / "bench_train.py"), "--device", "cpu", "--presets", "tiny",
+        "--batch_sizes", "2", "--steps", "1", "--warmup", "0", "--data_workers", "0", "--data_batches", "1",
+        "--output", str(output),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    (row,) = report["results"]
+    assert "error" not in row, row
+    assert row["preset"] == "tiny" and row["batch_size"] == 2 and row["trainable_params"] > 0
+    assert 0 < row["labelled_positions"] < row["sequence_length"]
+    labelled, full = row["modes"]["labelled"], row["modes"]["full"]
+    assert labelled["step_s_median"] > 0 and full["step_s_median"] > 0 and labelled["peak_gib"] > 0
+    assert labelled["first_loss"] == pytest.approx(full["first_loss"], rel=1e-5)  # the same loss either way
+    (data,) = report["data"]
+    assert data["workers"] == 0 and data["samples"] == 2 and data["samples_per_s"] > 0
+    table = output.with_suffix(".md").read_text()
+    assert "| tiny | 2 | 64×64×64 | float32 |" in table and "| 0 | 2 | 2 |" in table
+    assert table in result.stdout

@@ -43,6 +43,7 @@ __all__ = [
     "closed_class_weights",
     "closed_label_counts",
     "focal_loss",
+    "labelled_logits",
     "lora_l2",
     "lora_parameters",
     "sft_loss",
@@ -246,6 +247,31 @@ def sft_loss(
         focal = lm.new_zeros(())
     l2 = lora_l2(model, l2_weight).to(lm.device) * share
     return {"loss": lm + focal + l2, "lm_loss": lm, "focal_loss": focal, "l2_loss": l2}
+
+
+def labelled_logits(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The model inputs that score only the positions with a target: ``logits_to_keep`` and ``shift_labels``.
+
+    On the real vocabulary (151,936 tokens) the ``lm_head`` over every position dominates a training step on CPU,
+    although only the answer tokens have targets (labels -100 on the system prompt, question, image block and
+    padding). The model's ``logits_to_keep`` takes a 1-D tensor of sequence positions, one set for the whole batch,
+    so this keeps the union over the rows of the positions whose *next* token has a label (with right padding and
+    one chat template, the rows' answers overlap, so the union is little more than the longest answer) and gives
+    the model's loss the targets of those positions already shifted (``shift_labels``, -100 where a row has none).
+    The loss is the same sum over the same targets, divided by the same count (``num_items_in_batch`` or the number
+    of targets), so loss and gradients equal those over the full logits; everything happens inside the model's
+    forward, so DDP, DeepSpeed and FSDP see nothing new.
+
+    Args:
+        labels: (B, L) the collator's labels (-100 where there is no target).
+
+    Returns:
+        ``{"logits_to_keep": (K,) long, "shift_labels": (B, K) long}`` to add to the model inputs (``labels`` stay:
+        the model then uses ``shift_labels`` for its loss, and the loss terms count ``labels`` as before).
+    """
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # (B, L) target of position t
+    keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero()[:, 0]  # (K,)
+    return {"logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
 
 
 def _token_share(labels: torch.Tensor, num_items_in_batch, like: torch.Tensor) -> torch.Tensor:

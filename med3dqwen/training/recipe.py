@@ -11,6 +11,11 @@ everything a stage decides lives here so that it is tested without the script:
   modules, slice projection and closed head trained in full (:func:`modules_to_save`, plus the ``channel``
   encoding's ``prompt_stem``); encoder and projector frozen. The base model is saved under ``<output_dir>/base``
   with its ``name_or_path`` set before wrapping, so the adapter's config points at it.
+- **distill**: the sft stage's setup plus a frozen teacher (``--teacher_model_name_or_path``, any Med3DQwen
+  checkpoint or adapter folder) and a SigLIP-style contrastive term between the student's and the teacher's pooled
+  answer-token states (:mod:`~med3dqwen.training.distill`); the distillation head is saved beside the adapter.
+
+Every saved folder (``checkpoint-N/`` and the final one) holds the processor and the model card.
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ from ..modeling.configuration_med3d_qwen import Med3DQwenConfig
 from ..modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration, default_attn_implementation
 from ..processing.processing_med3d_qwen import Med3DQwenProcessor
 from ..processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
-from .cards import push_folder, render_model_card
+from .cards import push_adapter, push_folder, render_model_card
 from .collator import Med3DQwenCollator
+from .distill import check_teacher_fits, load_teacher
 from .losses import closed_class_weights
 from .trainer import Med3DQwenTrainer
 
 
 __all__ = [
+    "ADAPTER_STAGES",
     "ALIGN_QUESTION_TYPES",
     "BASE_FOLDER",
     "DECODER_LORA_TARGETS",
@@ -55,12 +62,15 @@ __all__ = [
     "run",
     "save_base",
     "stage_rows",
+    "write_card",
 ]
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("align", "sft")
-"""``--stage`` values (distillation comes later)."""
+STAGES = ("align", "sft", "distill")
+"""``--stage`` values."""
+ADAPTER_STAGES = ("sft", "distill")
+"""The stages that train a LoRA adapter on a saved base (``<output_dir>/base``)."""
 DECODER_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 """LoRA targets: the decoder's attention and MLP projections only (``all-linear`` would also hit the encoder,
 projector, MSSA and closed head)."""
@@ -106,10 +116,29 @@ class Med3DQwenScriptArguments(ScriptArguments):
         default=None,
         metadata={"help": "Prompt encoding of a model built from model_preset (burn_in, channel, rgb)."},
     )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "distill stage: the frozen teacher, a Med3DQwen checkpoint or an sft/distill output folder (its "
+            "adapter is merged into its base); it must read the student's batches (same volume and image tokens)."
+        },
+    )
+    distill_weight: float = field(
+        default=1.0, metadata={"help": "distill stage: weight of the contrastive term added to the SFT loss."}
+    )
+    hub_base_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --push_to_hub, sft/distill: the Hub repo the adapter's base (<output_dir>/base) is pushed "
+            "to first (default: <hub_model_id>-base); the pushed adapter_config.json points at it."
+        },
+    )
 
     def __post_init__(self):
         if self.stage not in STAGES:
-            raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r} (distill is not available yet)")
+            raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage == "distill" and not self.teacher_model_name_or_path:
+            raise ValueError("--stage distill needs --teacher_model_name_or_path (a Med3DQwen checkpoint)")
         if self.dataset_name is None:
             raise ValueError("--dataset_name is required: a built dataset folder or a Hub dataset id")
 
@@ -315,8 +344,15 @@ def build_trainer(
     processor = load_processor(model, model_args)
     train = stage_rows(load_train_split(script_args), script_args.stage)
     names = list(model.config.closed_label_names)
-    weights = _class_weights(train, names) if script_args.stage == "sft" else None  # align: the head is frozen
-    if script_args.stage == "sft":
+    adapter = script_args.stage in ADAPTER_STAGES
+    weights = _class_weights(train, names) if adapter else None  # align: the head is frozen
+    teacher = None
+    if script_args.stage == "distill":
+        teacher = load_teacher(
+            script_args.teacher_model_name_or_path, _dtype(model_args), model_args.attn_implementation
+        )
+        check_teacher_fits(model.config, teacher.config, script_args.teacher_model_name_or_path)
+    if adapter:
         base = Path(training_args.output_dir).expanduser().resolve() / BASE_FOLDER
         if training_args.process_index == 0:
             save_base(model, processor, base)
@@ -331,6 +367,41 @@ def build_trainer(
         data_collator=collator,
         processing_class=processor,
         class_weights=weights,
+        teacher=teacher,
+        distill_weight=script_args.distill_weight,
+        card_writer=lambda folder, trainer: write_card(folder, trainer, script_args, model_args),
+    )
+
+
+def write_card(
+    folder: str | os.PathLike,
+    trainer: Med3DQwenTrainer,
+    script_args: Med3DQwenScriptArguments,
+    model_args: ModelConfig,
+    metrics: dict | None = None,
+    hub_model_id: str | None = None,
+    base_model_path: str | None = None,
+):
+    """Render the model card of ``trainer``'s model as it is now into ``folder`` (a checkpoint or the output).
+
+    ``base_model_path`` overrides where the card says the adapter's base loads from (a pushed copy: the Hub id).
+    """
+    peft_config = getattr(trainer.model, "peft_config", {}).get("default")
+    if base_model_path is None and peft_config is not None:
+        base_model_path = getattr(trainer.model.get_base_model(), "name_or_path", None)
+    return render_model_card(
+        folder,
+        trainer.model,
+        stage=script_args.stage,
+        base_model=model_args.model_name_or_path or f"preset {script_args.model_preset}",
+        dataset=script_args.dataset_name,
+        training_args=trainer.args,
+        global_step=trainer.state.global_step,
+        epochs=trainer.state.epoch,
+        metrics=metrics,
+        lora=None if peft_config is None else vars(peft_config),
+        base_model_path=base_model_path,
+        hub_model_id=hub_model_id,
     )
 
 
@@ -338,7 +409,10 @@ def run(script_args: Med3DQwenScriptArguments, training_args: SFTConfig, model_a
     """Train one stage, save the result to ``output_dir`` (adapter + trained modules + processor + card, or the aligned
     full model), push it when asked, and return the trainer.
 
-    ``--push_to_hub`` runs after the local save (the Trainer's own push would reach the Hub before training).
+    ``--push_to_hub`` runs after the local save (the Trainer's own push would reach the Hub before training). An
+    adapter's base (``<output_dir>/base``) is pushed first, to ``--hub_base_model_id`` (default
+    ``<hub_model_id>-base``), and the pushed ``adapter_config.json`` and card name that repo, not the local folder
+    (:func:`~med3dqwen.training.cards.push_adapter`).
 
     Raises:
         PushError: the push failed; the local save is complete.
@@ -349,27 +423,20 @@ def run(script_args: Med3DQwenScriptArguments, training_args: SFTConfig, model_a
     out = training_args.output_dir
     trainer.save_model(out)
     if trainer.is_world_process_zero():
-        peft_config = getattr(trainer.model, "peft_config", {}).get("default")
-        render_model_card(
-            out,
-            trainer.model,
-            stage=script_args.stage,
-            base_model=model_args.model_name_or_path or f"preset {script_args.model_preset}",
-            dataset=script_args.dataset_name,
-            training_args=training_args,
-            global_step=trainer.state.global_step,
-            epochs=trainer.state.epoch,
-            metrics={"train_loss": round(result.training_loss, 4)},
-            lora=None if peft_config is None else vars(peft_config),
-            base_model_path=getattr(trainer.model.get_base_model(), "name_or_path", None) if peft_config else None,
-            hub_model_id=training_args.hub_model_id if push else None,
+        metrics = {"train_loss": round(result.training_loss, 4)}
+        write_card(
+            out, trainer, script_args, model_args, metrics, hub_model_id=training_args.hub_model_id if push else None
         )
         if push:
-            push_folder(
-                out,
-                training_args.hub_model_id or Path(out).name,
-                token=training_args.hub_token,
-                private=training_args.hub_private_repo,
-            )
+            repo_id = training_args.hub_model_id or Path(out).name
+            hub = {"token": training_args.hub_token, "private": training_args.hub_private_repo}
+            if script_args.stage in ADAPTER_STAGES:  # the base first, then the adapter pointing at it
+
+                def card(folder, base_id):
+                    write_card(folder, trainer, script_args, model_args, metrics, repo_id, base_model_path=base_id)
+
+                push_adapter(out, repo_id, script_args.hub_base_model_id, base_folder=BASE_FOLDER, card=card, **hub)
+            else:
+                push_folder(out, repo_id, **hub)
     training_args.push_to_hub = push
     return trainer

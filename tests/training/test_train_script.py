@@ -412,3 +412,94 @@ def test_load_model_builds_around_a_qwen2_decoder_or_from_a_preset(tmp_path):
     assert not any(p.requires_grad for p in model.model.multi_modal_projector.parameters())  # sft: frozen
     with pytest.raises(ValueError, match="--model_preset"):
         load_model(Med3DQwenScriptArguments(dataset_name="unused"), ModelConfig())
+
+
+def test_every_checkpoint_holds_the_model_card_and_the_processor(sft_run):
+    from huggingface_hub import ModelCard
+
+    _, out = sft_run
+    for step in (1, 2):
+        folder = out / f"checkpoint-{step}"
+        assert (folder / "processor_config.json").is_file() and (folder / "tokenizer.json").is_file()
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.library_name == "peft" and card.data.pipeline_tag == "image-text-to-text"
+        assert f"{step} optimiser steps" in card.text and f"checkpoint-{step}" in card.text
+        assert f'from_pretrained("{out.resolve() / BASE_FOLDER}")' in card.text
+
+
+@pytest.fixture
+def local_hub(monkeypatch, tmp_path):
+    """``huggingface_hub.HfApi`` replaced by a folder per repo under ``tmp_path / "hub"`` (what would be uploaded,
+    filtered by huggingface_hub's own ``filter_repo_objects`` with the push's patterns); no network."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    hub = tmp_path / "hub"
+    pushes: list[str] = []
+
+    class LocalApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
+            folder = Path(folder_path)
+            files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
+            for name in filter_repo_objects(files, ignore_patterns=ignore_patterns):
+                (hub / repo_id / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(folder / name, hub / repo_id / name)
+            pushes.append(repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", LocalApi)
+    return hub, pushes
+
+
+def test_push_of_an_adapter_pushes_its_base_first_and_points_the_pushed_adapter_at_it(workspace, local_hub, tmp_path):
+    hub, pushes = local_hub
+    root, data, tiny = workspace
+    recipe = write_recipe(
+        tmp_path / "push.yaml", dataset_name=str(data), model_name_or_path=str(tiny), save_strategy="no", max_steps=1
+    )
+    out = tmp_path / "run"
+    args = ["--config", str(recipe), "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id", "me/ad"]
+    trainer = run_script(*args)
+    assert pushes == ["me/ad-base", "me/ad"]  # the base first: the adapter never points at a missing repo
+    pushed = json.loads((hub / "me/ad/adapter_config.json").read_text())
+    assert pushed["base_model_name_or_path"] == "me/ad-base"
+    local = json.loads((out / "adapter_config.json").read_text())
+    assert local["base_model_name_or_path"] == str(out.resolve() / BASE_FOLDER)  # the local save is unchanged
+    assert {p.name for p in (hub / "me/ad").iterdir()} >= {"adapter_model.safetensors", "README.md"}
+    assert not (hub / "me/ad" / BASE_FOLDER).exists() and (hub / "me/ad-base/model.safetensors").is_file()
+    assert 'from_pretrained("me/ad-base")' in (hub / "me/ad/README.md").read_text()
+    assert f'from_pretrained("{out.resolve() / BASE_FOLDER}")' in (out / "README.md").read_text()
+    # a user loads the pushed layout in a fresh process: the base by the adapter's own base_model_name_or_path
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    batch = {k: v for k, v in trainer.data_collator(rows).items() if k != "labels"}
+    with torch.no_grad():
+        logits = trainer.model.eval()(**batch).logits
+    torch.save({"batch": batch, "logits": logits}, tmp_path / "expected.pt")
+    code = textwrap.dedent(
+        f"""
+        import json, torch, peft
+        from med3dqwen import Med3DQwenForConditionalGeneration
+        saved = torch.load({str(tmp_path / "expected.pt")!r})
+        base_id = json.load(open("me/ad/adapter_config.json"))["base_model_name_or_path"]
+        model = peft.PeftModel.from_pretrained(Med3DQwenForConditionalGeneration.from_pretrained(base_id), "me/ad")
+        with torch.no_grad():
+            logits = model.eval()(**saved["batch"]).logits
+        torch.testing.assert_close(logits, saved["logits"], rtol=0, atol=1e-5)
+        print("loaded", base_id)
+        """
+    )
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False, cwd=hub, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loaded me/ad-base" in result.stdout

@@ -87,3 +87,52 @@ def test_the_records_columns_must_reach_the_collator(setup, tmp_path):
             train_dataset=train,
             data_collator=collator,
         )
+
+
+def _accumulated_loss_and_grads(trainer, model, micro_batches):
+    """Two micro-batches of one optimiser step, as Trainer.training_step runs them (num_items_in_batch path)."""
+    model.zero_grad(set_to_none=True)
+    num_items = trainer._get_num_items_in_batch(micro_batches, torch.device("cpu"))
+    total, widths = 0.0, []
+    for batch in micro_batches:
+        loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True, num_items_in_batch=num_items)
+        loss.backward()
+        total += loss.detach()
+        widths.append(outputs.logits.shape[1])
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total, grads, widths
+
+
+def test_logits_only_on_labelled_positions_give_the_same_loss_and_gradients(setup, tmp_path):
+    config, train, collator, weights = setup
+    rows = [train[i] for i in range(4)]
+    micro = [collator(rows[:2]), collator(rows[2:])]
+    results = {}
+    for labelled in (False, True):
+        model = lora_model(config).train()
+        trainer = Med3DQwenTrainer(
+            model=model,
+            args=arguments(tmp_path),
+            train_dataset=train,
+            data_collator=collator,
+            class_weights=weights,
+            labelled_logits_only=labelled,
+        )
+        results[labelled] = _accumulated_loss_and_grads(trainer, model, micro)
+    (full, full_grads, full_widths), (kept, kept_grads, kept_widths) = results[False], results[True]
+    torch.testing.assert_close(kept, full, rtol=1e-6, atol=1e-6)
+    assert full_grads.keys() == kept_grads.keys() and any("lora_B" in n for n in full_grads)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # the vocabulary was scored on the answer positions only, far fewer than the whole sequence
+    assert full_widths == [b["input_ids"].shape[1] for b in micro]
+    assert all(k < f / 2 for k, f in zip(kept_widths, full_widths, strict=True)), (kept_widths, full_widths)
+
+
+def test_labelled_logits_keep_the_union_of_the_rows_targets():
+    from med3dqwen.training.losses import labelled_logits
+
+    labels = torch.tensor([[-100, -100, 5, 6, -100, -100], [-100, -100, -100, 7, 8, 9]])
+    kept = labelled_logits(labels)
+    assert kept["logits_to_keep"].tolist() == [1, 2, 3, 4]  # position t predicts label t + 1
+    assert kept["shift_labels"].tolist() == [[5, 6, -100, -100], [-100, 7, 8, 9]]
