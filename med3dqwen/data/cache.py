@@ -183,9 +183,17 @@ def _features():
     )
 
 
-def _encode(batch: dict[str, list], image_processor, root: str | None) -> dict[str, list]:
+def _encode(batch: dict[str, list], image_processor, root: str | None, parent: int | None = None) -> dict[str, list]:
     """``Dataset.map`` function (batched, one volume per batch): the entries of one volume and its masks."""
     from ..processing.ct_io import load_volume
+
+    if parent is not None and os.getpid() != parent:
+        import torch
+
+        # One thread per map process (num_proc processes share the cores). It also keeps torch out of OpenMP in a
+        # process forked from one that already ran OpenMP threads, where the first parallel region never returns
+        # (seen as a hung build after other torch work in the same Python process).
+        torch.set_num_threads(1)
 
     out: dict[str, list] = {name: [] for name in _features()}
 
@@ -302,7 +310,11 @@ def build_model_grid_cache(
             num_proc=min(num_proc, len(part)) if num_proc and num_proc > 1 else None,
             remove_columns=["volume_key", "mask_keys"],
             features=features,
-            fn_kwargs={"image_processor": image_processor, "root": None if root is None else str(root)},
+            fn_kwargs={
+                "image_processor": image_processor,
+                "root": None if root is None else str(root),
+                "parent": os.getpid(),
+            },
             cache_file_name=str(tmp / "data.arrow"),
             writer_batch_size=4,  # rows of 16 MB (128×256×256 uint16): a few at a time in memory
             load_from_cache_file=False,
@@ -417,21 +429,22 @@ class ModelGridCache:
         data = self._table.column("data")[row].as_buffer()  # zero-copy view of the memory-mapped file
         return data, tuple(self._table.column("shape")[row].as_py())
 
-    def volume(self, key: str, source: str | None = None) -> np.ndarray:
+    def volume(self, key: str, source: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """The cached volume of ``key`` as (D, H, W) float32 in [0, 1] (within 7.7e-6 of the image processor's).
 
         Args:
             key: the volume's :func:`media_key`.
             source: the volume file, when at hand: refused if it changed (size, modification time) since the build.
+            out: a float32 (D, H, W) array to write it to (e.g. a row of a batch in shared memory); None: a new one.
 
         Raises:
             CacheMismatchError: no such entry, or the file changed. CachedSampleError: the build could not read it.
         """
         data, shape = self._buffer(self._row(key, f"volume {key!r}", source))
         quantised = np.frombuffer(data, dtype=np.uint16).reshape(shape)
-        image = quantised.astype(np.float32)
-        image *= np.float32(1.0 / _QUANT)
-        return image
+        if out is not None and out.shape != quantised.shape:
+            raise ValueError(f"out has shape {out.shape}, the cached volume {key!r} has shape {quantised.shape}")
+        return np.multiply(quantised, np.float32(1.0 / _QUANT), out=out, dtype=np.float32)
 
     def mask(self, volume_key: str, mask_key: str, source: str | None = None) -> np.ndarray:
         """The cached ROI mask of ``mask_key`` on the grid of volume ``volume_key``, (D, H, W) bool.

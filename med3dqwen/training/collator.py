@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data.cache import CachedSampleError, CacheMismatchError, ModelGridCache, media_key
@@ -127,7 +128,7 @@ class Med3DQwenCollator:
         if self.cache is not None:
             self.cache.check_settings(self.processor.image_processor)
         self.num_skipped = 0
-        self._placeholder: tuple[list[int], list[int], torch.Tensor] | None = None
+        self._placeholder: tuple[list[int], list[int]] | None = None
         self.closed_label_names = tuple(self.closed_label_names)
         tokenizer = self.processor.tokenizer
         if tokenizer.pad_token_id is None:
@@ -146,10 +147,11 @@ class Med3DQwenCollator:
         """
         if not examples:
             raise ValueError("the collator got an empty batch")
+        pixels = _pixel_buffer(len(examples), self.processor.image_processor)  # (N, C, D, H, W)
         rows, targets = [], []
         for i, example in enumerate(examples):
             try:
-                row = self._sample(i, example)
+                row = self._sample(i, example, pixels[len(rows)])
                 target = self._closed(i, example) if self.closed_label_names else None
             except SampleError as err:
                 if not self.skip_bad_samples:
@@ -160,20 +162,21 @@ class Med3DQwenCollator:
             targets.append(target)
         if not rows:  # every record was bad: one placeholder row that trains nothing
             rows = [self._placeholder_row()]
+            pixels[0].zero_()
             targets = [(IGNORE_INDEX, [False] * len(self.closed_label_names))]
-        length = max(len(ids) for ids, _, _ in rows)
+        length = max(len(ids) for ids, _ in rows)
         pad = self.processor.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        for i, (ids, row_labels, _) in enumerate(rows):  # right padding
+        for i, (ids, row_labels) in enumerate(rows):  # right padding
             input_ids[i, : len(ids)] = torch.tensor(ids)
             attention_mask[i, : len(ids)] = 1
             labels[i, : len(ids)] = torch.tensor(row_labels)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "pixel_values": torch.cat([pixels for _, _, pixels in rows]),  # (B, C, D, H, W)
+            "pixel_values": pixels[: len(rows)],  # (B, C, D, H, W)
             "labels": labels,
         }
         if self.closed_label_names:
@@ -197,19 +200,18 @@ class Med3DQwenCollator:
             finally:
                 os.close(fd)
 
-    def _placeholder_row(self) -> tuple[list[int], list[int], torch.Tensor]:
-        """A row that trains nothing: the image block over a zero volume, every label -100."""
+    def _placeholder_row(self) -> tuple[list[int], list[int]]:
+        """A row that trains nothing: the image block (over a zero volume), every label -100."""
         if self._placeholder is None:
             ids = self._tokens(f"<|im_start|>user\n{IMAGE_BLOCK}<|im_end|>\n")
-            size = self.processor.image_processor.volume_size
-            channels = self.processor.image_processor.num_channels
-            self._placeholder = (ids, [IGNORE_INDEX] * len(ids), torch.zeros((1, channels, *size)))
+            self._placeholder = (ids, [IGNORE_INDEX] * len(ids))
         return self._placeholder
 
     # -- one record -----------------------------------------------------------------------------------------------
 
-    def _sample(self, row: int, example: Mapping[str, Any]) -> tuple[list[int], list[int], torch.Tensor]:
-        """``(input_ids, labels, pixel_values (1, C, D, H, W))`` of one record, the answer cut to ``max_length``."""
+    def _sample(self, row: int, example: Mapping[str, Any], out: torch.Tensor) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of one record, the answer cut to ``max_length``; its pixel values go to ``out``
+        (C, D, H, W)."""
         name = _record_name(example)
         messages = example.get("messages")
         if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
@@ -252,7 +254,8 @@ class Med3DQwenCollator:
             trained = min(trained, self.max_length - len(prompt_ids))
         labels = [IGNORE_INDEX] * len(full_ids)
         labels[len(prompt_ids) : len(prompt_ids) + trained] = full_ids[len(prompt_ids) : len(prompt_ids) + trained]
-        return full_ids, labels, self._pixels(row, name, example)
+        self._pixels(row, name, example, out)
+        return full_ids, labels
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """``messages`` rendered with the processor's chat template (either record layout)."""
@@ -264,28 +267,30 @@ class Med3DQwenCollator:
         expanded = self.processor.expand_image_tokens(text)
         return self.processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
 
-    def _pixels(self, row: int, name: str, example: Mapping[str, Any]) -> torch.Tensor:
-        """The record's prompted volume, (1, C, D, H, W)."""
+    def _pixels(self, row: int, name: str, example: Mapping[str, Any], out: torch.Tensor) -> None:
+        """The record's prompted volume, written to ``out`` (C, D, H, W)."""
         if example.get("volume_path") is None:
             raise SampleError(row, name, "it has no volume_path")
         if self.cache is not None:
-            return self._cached_pixels(row, name, example)
+            return self._cached_pixels(row, name, example, out)
         volume = self._media(row, name, example["volume_path"], "volume_path")
         mask = example.get("mask_path")
         mask = None if mask is None else self._media(row, name, mask, "mask_path")
         try:
-            out = self.processor.image_processor([volume], [mask], return_tensors="pt")
+            processed = self.processor.image_processor([volume], [mask], return_tensors="pt")
         except (OSError, ValueError, RuntimeError, TypeError) as err:  # unreadable, corrupt or mismatched files
             raise SampleError(row, name, f"cannot load its volume or mask: {err}") from err
-        return out["pixel_values"]
+        out.copy_(processed["pixel_values"][0])
 
-    def _cached_pixels(self, row: int, name: str, example: Mapping[str, Any]) -> torch.Tensor:
-        """The record's prompted volume from the model-grid cache: its volume and mask read, the contour drawn here."""
+    def _cached_pixels(self, row: int, name: str, example: Mapping[str, Any], out: torch.Tensor) -> None:
+        """The record's prompted volume from the model-grid cache: its volume and mask read, the contour drawn here,
+        straight into ``out`` (C, D, H, W)."""
         root = self.cache.dataset_root if self.dataset_root is None else self.dataset_root
+        target = out.numpy()  # (C, D, H, W), the batch's own memory
         try:
             volume_key = media_key(example["volume_path"], root)
             mask_key = media_key(example.get("mask_path"), root)
-            image = self.cache.volume(volume_key, _source(example["volume_path"], root))
+            image = self.cache.volume(volume_key, _source(example["volume_path"], root), out=target[0])
             roi = (
                 None
                 if mask_key is None
@@ -298,7 +303,8 @@ class Med3DQwenCollator:
         except CacheMismatchError as err:
             raise SampleError(row, name, str(err)) from err
         pixels = self.processor.image_processor.draw_prompt(image, roi).pixel_values  # (C, D, H, W)
-        return torch.from_numpy(pixels)[None]
+        if not np.shares_memory(pixels, target):  # burn_in draws in place; the other encodings stack new channels
+            target[...] = pixels
 
     def _media(self, row: int, name: str, value: Any, column: str) -> Any:
         """A path made absolute against ``dataset_root`` and checked to exist; decoded media as they are."""
@@ -322,6 +328,18 @@ class Med3DQwenCollator:
         except ValueError as err:
             raise SampleError(row, _record_name(example), str(err)) from err
         return label, allowed
+
+
+def _pixel_buffer(rows: int, image_processor) -> torch.Tensor:
+    """An uninitialised (rows, C, D, H, W) float32 batch; in a DataLoader worker it is allocated in shared memory, so
+    the batch reaches the main process without the copy into shared memory that sending it would make (as
+    ``torch.utils.data.default_collate`` does)."""
+    shape = (rows, image_processor.num_channels, *image_processor.volume_size)
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape)
+    numel = int(np.prod(shape))
+    empty = torch.empty(0)
+    return empty.new(empty._typed_storage()._new_shared(numel, device=empty.device)).view(shape)
 
 
 def count_skipped(skip_log: str | os.PathLike) -> int:

@@ -89,11 +89,11 @@ def test_resolved_and_relative_records_share_the_keys(folder, records):
 def test_a_killed_build_resumes_from_its_finished_chunks(folder, records, processor, tmp_path, monkeypatch):
     encode, calls = cache_module._encode, []
 
-    def dies_on_the_second_chunk(batch, image_processor, root):
+    def dies_on_the_second_chunk(batch, image_processor, root, parent):
         calls.append(batch["volume_key"][0])
         if len(calls) == 2:
             raise Killed  # the build is killed inside chunk 2
-        return encode(batch, image_processor, root)
+        return encode(batch, image_processor, root, parent)
 
     monkeypatch.setattr(cache_module, "_encode", dies_on_the_second_chunk)
     with pytest.raises(Killed):
