@@ -426,8 +426,20 @@ class ModelGridCache:
         return row
 
     def _buffer(self, row: int) -> tuple[Any, tuple[int, ...]]:
-        data = self._table.column("data")[row].as_buffer()  # zero-copy view of the memory-mapped file
-        return data, tuple(self._table.column("shape")[row].as_py())
+        """The bytes of entry ``row`` as a zero-copy view of the memory-mapped file, and its shape.
+
+        Sliced from the column's offsets and data buffers: indexing the column (``column[row].as_buffer()``) builds a
+        scalar that copies the value (about 30 ms for a 16 MB volume, measured).
+        """
+        column = self._table.column("data")
+        index = row
+        for chunk in column.chunks:
+            if index < len(chunk):
+                break
+            index -= len(chunk)
+        _, offsets, data = chunk.buffers()  # validity, int64 offsets, values
+        start, end = np.frombuffer(offsets, dtype=np.int64)[chunk.offset + index : chunk.offset + index + 2]
+        return data.slice(int(start), int(end - start)), tuple(self._table.column("shape")[row].as_py())
 
     def volume(self, key: str, source: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """The cached volume of ``key`` as (D, H, W) float32 in [0, 1] (within 7.7e-6 of the image processor's).
