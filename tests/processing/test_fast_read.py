@@ -2,6 +2,7 @@
 errors), the stored integers as a reoriented view, and windowing straight from them — identical to the float32 path."""
 
 import gzip
+import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
@@ -101,6 +102,15 @@ def test_window_hu_reads_a_strided_integer_view_in_place_with_the_same_values():
     view = stored.transpose(2, 1, 0)[:, ::-1, ::-1]  # a reoriented view, as load_volume(stored_integers=True) gives
     expected = window_hu(np.ascontiguousarray(view).astype(np.float32), "chest")
     assert np.array_equal(window_hu(view, "chest"), expected)
+    # read in place: the peak of new memory is the float32 output, no contiguous copy of the int16 view besides it
+    big = np.zeros((256, 128, 64), dtype=np.int16).transpose(2, 1, 0)[:, ::-1, ::-1]
+    tracemalloc.start()
+    try:
+        window_hu(big, "chest")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < big.size * 4 + big.size * 2 // 4, peak  # output (4 B/voxel) + far less than a 2 B/voxel copy
     floats = view.astype(np.float32)[::-1]
     floats[3, 2, 1] = np.inf
     with pytest.raises(ValueError, match="1 of .* NaN or infinite"):
