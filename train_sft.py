@@ -13,6 +13,11 @@ Usage (docs/training.md; the recipes are in configs/, the launch configs in conf
     accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml train_sft.py \
         --config configs/paper_0.5b.yaml --model_name_or_path runs/align-0.5b --output_dir runs/sft-0.5b
 
+    # volumes from a model-grid cache built once (docs/training.md, "Data path"); bad rows skipped and counted
+    med3dqwen-build-cache --dataset_name build/phantom --volume_size 64 64 64 --output_dir build/phantom-cache
+    python train_sft.py --config configs/demo_cpu.yaml --stage align --output_dir runs/demo-align \
+        --cache_dir build/phantom-cache --skip_bad_samples
+
     # resume an interrupted run
     python train_sft.py --config configs/demo_cpu.yaml --output_dir runs/demo-sft \
         --resume_from_checkpoint runs/demo-sft/checkpoint-2

@@ -80,3 +80,18 @@ def test_train_bench_runs_on_cpu_with_a_tiny_preset(tmp_path):
     table = output.with_suffix(".md").read_text()
     assert "| tiny | 2 | 64×64×64 | float32 |" in table and "| 0 | 2 | 2 |" in table
     assert table in result.stdout
+
+
+def test_data_bench_runs_on_a_small_case(tmp_path):
+    output = tmp_path / "data.json"
+    cmd = [sys.executable, str(REPO / "bench" / "bench_data.py"), "--small", "--repeats", "1", "--loader_repeats", "1",
+           "--output", str(output)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| decompression floor (ISA-L one-shot, volume + mask) |" in result.stdout
+    assert "online equals the former path exactly" in result.stdout
+    data = json.loads(output.read_text())
+    assert set(data["cached_samples_per_s"]) == {"0", "2"} and all(
+        v > 0 for v in data["cached_samples_per_s"].values()
+    )
+    assert data["cached_max_abs_difference"] <= 1e-5 and data["online_over_floor"] > 0

@@ -125,6 +125,7 @@ CONSOLE_SCRIPTS = {
     "med3dqwen-convert-med3dvlm": "med3dqwen.convert_med3dvlm:main",
     "med3dqwen-predict": "med3dqwen.scripts.predict:cli",
     "med3dqwen-app": "med3dqwen.app.cli:cli",
+    "med3dqwen-build-cache": "med3dqwen.scripts.build_cache:cli",
 }
 # The option every command's --help must list (most write a folder; the viewer serves a model).
 HELP_OPTION = {"med3dqwen-app": "--model"}

@@ -12,7 +12,8 @@ the layout DICOM axial series are stored in and the one the Med3DVLM / M3D train
 The ``affine`` maps a (d, h, w) index to RAS+ world millimetres (the NIfTI world convention).
 
 This file imports only third-party packages so that it can be copied next to a saved processor
-(``trust_remote_code``) and work without the ``med3dqwen`` package.
+(``trust_remote_code``) and work without the ``med3dqwen`` package. ``isal`` (ISA-L's inflate, about twice as fast
+as zlib) is optional: without it ``.nii.gz`` files are decompressed by the standard library, with the same result.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+
+try:  # optional: the same gzip decompression, done by ISA-L (``pip install isal``)
+    from isal import igzip as _isal_gzip
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
+    _isal_gzip = _isal_zlib = None
 
 __all__ = [
     "CTInputError",
@@ -123,7 +130,8 @@ class CTVolume:
     """A CT volume in the canonical (D, H, W) orientation of this module.
 
     Attributes:
-        array: (D, H, W) float32 Hounsfield units (rescale slope/intercept applied).
+        array: (D, H, W) float32 Hounsfield units (rescale slope/intercept applied); from
+            ``load_volume(..., stored_integers=True)`` possibly the stored integer HU as a read-only view.
         affine: (4, 4) float64 map from a (d, h, w, 1) index to RAS+ world mm.
         path: the file or folder it was read from (``None`` for in-memory arrays).
         meta: reader-specific extras (e.g. DICOM series UID, source orientation).
@@ -167,8 +175,14 @@ class CTVolume:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def to_canonical(data: np.ndarray, affine: np.ndarray, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Reorient a 3D array with its index→RAS affine to the (D, H, W) = (S, P, L) layout (flips and swaps only).
+
+    Args:
+        data: the array in its file's axis order.
+        affine: its index→RAS affine.
+        copy: return a C-contiguous array; ``False`` returns the reoriented *view* of ``data`` (flips and a
+            transpose, no copy), for a caller that reads it once (windowing straight from the stored integers).
 
     Returns:
         ``(array, affine)``: the (D, H, W) array and its index→RAS affine.
@@ -178,7 +192,8 @@ def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.n
     whd = nib.orientations.apply_orientation(data, transform)
     whd_affine = affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
     # (W, H, D) -> (D, H, W); permute the affine's columns to match.
-    return np.ascontiguousarray(whd.transpose(2, 1, 0)), whd_affine[:, [2, 1, 0, 3]]
+    dhw = whd.transpose(2, 1, 0)
+    return (np.ascontiguousarray(dhw) if copy else dhw), whd_affine[:, [2, 1, 0, 3]]
 
 
 def _require_real_numbers(array: np.ndarray, source: str | os.PathLike, what: str) -> None:
@@ -189,8 +204,9 @@ def _require_real_numbers(array: np.ndarray, source: str | os.PathLike, what: st
         )
 
 
-def _validate_volume(array: np.ndarray, source: str | os.PathLike) -> np.ndarray:
-    """Squeeze trailing singleton dims, then require a finite, non-empty 3D array; returns float32."""
+def _validate_volume(array: np.ndarray, source: str | os.PathLike, keep_integers: bool = False) -> np.ndarray:
+    """Squeeze trailing singleton dims, then require a finite, non-empty 3D array; returns float32 (integer arrays
+    as they are with ``keep_integers``: always finite)."""
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
@@ -198,6 +214,8 @@ def _validate_volume(array: np.ndarray, source: str | os.PathLike) -> np.ndarray
     if 0 in array.shape:
         raise InvalidVolumeError(source, f"the volume is empty (shape {array.shape})")
     _require_real_numbers(array, source, "volume")
+    if keep_integers and array.dtype.kind in "iu":
+        return array
     array = array.astype(np.float32, copy=False)
     finite = np.isfinite(array)
     if not finite.all():
@@ -212,7 +230,9 @@ def _validate_volume(array: np.ndarray, source: str | os.PathLike) -> np.ndarray
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Errors that a damaged or mislabelled file raises somewhere inside nibabel / gzip / numpy / pydicom.
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError)
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) + (
+    () if _isal_zlib is None else (_isal_zlib.error,)
+)
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -236,24 +256,47 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(_NIFTI_SUFFIXES)
 
 
-def _read_nifti(path: Path, dtype: type | None) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
-    """Read NIfTI data (scaled by slope/intercept; raw dtype when ``dtype`` is None) and its affine.
+def gunzip(path: str | os.PathLike) -> bytes:
+    """The whole decompressed content of a gzip file, in one shot (ISA-L when ``isal`` is installed, else zlib).
 
-    A ``.nii.gz`` is read through one gzip stream to its very end, so that its CRC-32 and length trailer are
-    checked: nibabel on its own reads only as many bytes as the header says and never reaches the trailer, so a
-    flipped bit in the last compressed block loaded silently as wrong voxels. The check costs reading the few
-    bytes left after the image (see BENCHMARKS.md, "Reading a volume").
+    Both check every member's CRC-32 and length, so a flipped bit anywhere, the trailer included, is an error
+    (``gzip.BadGzipFile``), and a truncated file raises ``EOFError``. One call on the whole file, not a stream: the
+    file is read once and inflated without Python-level buffering.
+    """
+    raw = Path(path).read_bytes()
+    return (_isal_gzip or gzip).decompress(raw)
+
+
+def _read_nifti(
+    path: Path, dtype: type | None, keep_stored_integers: bool = False
+) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
+    """Read NIfTI data (scaled by slope/intercept; stored dtype when ``dtype`` is None) and its affine.
+
+    ``keep_stored_integers``: unscaled integer data of a ``.nii.gz`` comes back as stored whatever ``dtype`` says.
+
+    A ``.nii.gz`` is decompressed whole and in one shot by :func:`gunzip`, so that its CRC-32 and length trailer
+    are checked: nibabel on its own reads only as many bytes as the header says and never reaches the trailer, so a
+    flipped bit in the last compressed block loaded silently as wrong voxels. Data without scaling is then a view of
+    the decompressed bytes (read-only; no copy when ``dtype`` is None or the stored dtype); scaled data is read
+    through nibabel's array proxy, exactly as from a file.
     """
     try:
         if not path.name.lower().endswith(".gz"):
             image = nib.load(path)
             return _nifti_data(image, dtype), image.affine.astype(np.float64), image
         image_class = type(nib.load(path))  # Nifti1 or Nifti2, from the header alone (a few hundred bytes)
-        with gzip.open(path, "rb") as stream:
-            image = image_class.from_stream(stream)
+        content = gunzip(path)
+        image = image_class.from_bytes(content)
+        proxy = image.dataobj  # nibabel's array proxy knows where and how the data is stored
+        if proxy.slope == 1.0 and proxy.inter == 0.0:  # unscaled: the stored values, viewed in place
+            count = int(np.prod(proxy.shape, dtype=np.int64))
+            data = np.frombuffer(content, proxy.dtype, count, int(proxy.offset)).reshape(
+                proxy.shape, order=proxy.order
+            )
+            if dtype is not None and not (keep_stored_integers and data.dtype.kind in "iu"):
+                data = data.astype(dtype, copy=False)
+        else:
             data = _nifti_data(image, dtype)
-            while stream.read(1 << 20):  # on to the end: gzip checks each member's CRC and length there
-                pass
     except _READ_ERRORS as err:
         raise CorruptFileError(path, f"cannot read NIfTI ({type(err).__name__}: {err})") from err
     return data, image.affine.astype(np.float64), image
@@ -473,6 +516,7 @@ def load_volume(
     spacing: tuple[float, float, float] | None = None,
     series_uid: str | None = None,
     allow_non_ct: bool = False,
+    stored_integers: bool = False,
 ) -> CTVolume:
     """Load a CT volume into the canonical (D, H, W) float32 HU layout.
 
@@ -486,6 +530,10 @@ def load_volume(
         series_uid: which series to read when a DICOM folder holds several.
         allow_non_ct: load DICOM whose ``Modality`` is not ``CT`` (MR, PET, ...). Their values are not Hounsfield
             units, so windowing them as HU is meaningless; refused by default. ``meta["modality"]`` says what it was.
+        stored_integers: a NIfTI whose header sets no slope/intercept keeps its stored integers (the HU values
+            themselves): ``array`` is then the read-only canonical *view* of the decompressed data (flips and a
+            transpose, no float32 copy, no contiguity), for a reader that windows it straight away (the image
+            processor). Other inputs load as float32 as usual.
 
     Returns:
         A :class:`CTVolume`.
@@ -510,16 +558,18 @@ def load_volume(
     if path.suffix.lower() in _IMAGE_SUFFIXES:
         return _read_image(path, spacing)
     if _is_nifti(path):
-        data, affine, _ = _read_nifti(path, np.float32)
+        data, affine, _ = _read_nifti(path, np.float32, keep_stored_integers=stored_integers)
+        stored_integers = data.dtype.kind in "iu"  # float or scaled data: the float32 array as usual
     elif path.is_dir() or path.suffix.lower() in ("", ".dcm", ".ima") or _has_dicom_magic(path):
         data, affine, meta = _read_dicom(path, series_uid, allow_non_ct)
+        stored_integers = False
     else:
         raise CorruptFileError(
             path, "unknown format; expected .nii, .nii.gz, .npy, .dcm, a DICOM folder or a PNG/JPEG figure"
         )
-    data = _validate_volume(data, path)
+    data = _validate_volume(data, path, keep_integers=stored_integers)
     meta["source_axcodes"] = nib.aff2axcodes(affine)
-    array, affine = to_canonical(data, affine)
+    array, affine = to_canonical(data, affine, copy=not stored_integers)
     return CTVolume(array=array, affine=affine, path=str(path), meta=meta)
 
 
@@ -601,6 +651,8 @@ def load_label_map(path: str | os.PathLike) -> LabelMap:
         data = data.astype(np.int32)
     if affine is not None:
         data, affine = to_canonical(data, affine)
+    if not data.flags.writeable:  # a view of the decompressed bytes (already canonical on disk): own a copy
+        data = data.copy()
     return LabelMap(array=np.ascontiguousarray(data), affine=affine, header_table=header_table, path=str(path))
 
 

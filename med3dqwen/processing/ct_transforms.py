@@ -238,15 +238,21 @@ def window_hu(volume, window: str | tuple[float, float] = "chest", dtype=np.floa
     array, reference = _to_numpy(volume, "volume")
     out = np.empty(array.shape, dtype=np.float32)
     # Chunk by chunk, so the finite check, the clip and the scaling all work on cache-resident data: the check
-    # costs no extra pass over memory, and neither do the two in-place steps.
-    source, target = array.reshape(-1), out.reshape(-1)
+    # costs no extra pass over memory, and neither do the two in-place steps. A contiguous input is cut into flat
+    # chunks; any other (a reoriented view of the stored integers: flipped, transposed) into slabs of whole
+    # leading-axis slices, read in place through their strides, so no contiguous copy is ever made.
+    if array.flags.c_contiguous or array.ndim == 0:
+        source, target = array.reshape(-1), out.reshape(-1)
+        step = max(1, min(source.size, _SLAB_VOXELS))
+    else:
+        source, target = array, out
+        step = max(1, _SLAB_VOXELS // max(1, int(np.prod(array.shape[1:]))))
     check = check_finite and array.dtype.kind == "f"
-    chunk = max(1, min(source.size, _SLAB_VOXELS))
-    finite = np.empty(chunk, dtype=bool)
+    finite = np.empty(target[:step].shape, dtype=bool)
     scale = np.float32(1.0 / (high - low))
-    for start in range(0, source.size, chunk):
-        part, result = source[start : start + chunk], target[start : start + chunk]
-        if check and not np.isfinite(part, out=finite[: part.size]).all():
+    for start in range(0, len(source), step):
+        part, result = source[start : start + step], target[start : start + step]
+        if check and not np.isfinite(part, out=finite[: len(part)]).all():
             _require_finite(array, "volume")
         np.clip(part, low, high, out=result, dtype=np.float32)
         result -= low

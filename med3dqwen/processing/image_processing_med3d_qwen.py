@@ -31,6 +31,7 @@ from .ct_io import (
 )
 from .ct_transforms import (
     WINDOW_PRESETS,
+    PromptResult,
     binarize_mask,
     parse_color,
     render_prompt,
@@ -169,7 +170,9 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
     def _volume(self, volume: VolumeInput, layout: str | None, name: str) -> CTVolume:
         """The volume in the canonical (D, H, W) layout, oriented from its affine or from the stated ``layout``."""
         if isinstance(volume, (str, os.PathLike)):
-            return load_volume(volume)
+            # A NIfTI's stored integers, reoriented as a view and windowed straight from there (no float32 copy of
+            # the whole volume); the window's clip and scaling give the same float32 values as from float32 HU.
+            return load_volume(volume, stored_integers=True)
         if isinstance(volume, CTVolume):
             return volume
         if isinstance(volume, nib.spatialimages.SpatialImage) or _is_meta_tensor(volume):
@@ -267,42 +270,8 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
         for i, (volume, mask, kind, scale, axes, roi_label) in enumerate(
             zip(volumes, masks, intensities, rescales, layouts, labels, strict=True)
         ):
-            name = _describe(volume, i, "volumes")
-            ct = self._volume(volume, axes, name)
-            roi = self._mask(mask, ct, axes, roi_label, _describe(mask, i, "masks"))
-            values = ct.array
-            kind = kind or ct.intensity
-            if kind not in ("hu", "unit"):
-                raise ValueError(f"intensity must be 'hu' or 'unit', got {kind!r}")
-            if scale is not None:
-                slope, intercept = (float(v) for v in scale)
-                values = values * np.float32(slope) + np.float32(intercept)
-            if ct.shape[0] == 1 and self.volume_size[0] > 1:
-                self._warn_once(
-                    "one_slice",
-                    f"{name}: a single slice (a 2D figure?) is repeated to the model depth of {self.volume_size[0]}",
-                )
-            if kind == "hu" and float(values.min()) >= 0.0 and float(values.max()) <= 1.0:
-                self._warn_once(
-                    "unit_as_hu",
-                    f"{name}: values lie in [0, 1] but are windowed as HU, which maps them all to about one grey; "
-                    "pass intensity='unit' if the volume is already normalised",
-                )
-            window = self.window if kind == "hu" else (0.0, 1.0)
-            # window_hu refuses NaN/inf; its output is finite, so the later steps skip their own (full-size) check.
-            image = resize_volume(window_hu(values, window), self.volume_size, check_finite=False)
-            roi = None if roi is None else resize_mask(roi, self.volume_size)
-            result = render_prompt(
-                image,
-                roi,
-                color=self.prompt_color,
-                encoding=self.prompt_encoding,
-                thickness=self.contour_thickness,
-                mode=self.contour_mode,
-                keep_largest=self.keep_largest,
-                inplace=True,
-                check_finite=False,
-            )
+            image, roi = self._model_grid(i, volume, mask, kind, scale, axes, roi_label)
+            result = self.draw_prompt(image, roi)
             pixel_values.append(result.pixel_values)
             covered.append(result.covered_fraction)
             empty.append(result.roi_empty)
@@ -311,6 +280,92 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
             data["covered_fraction"] = np.asarray(covered, dtype=np.float32)
             data["roi_empty"] = np.asarray(empty, dtype=bool)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def model_grid(
+        self,
+        volume: VolumeInput,
+        mask: MaskInput = None,
+        intensity: str | None = None,
+        rescale: tuple[float, float] | None = None,
+        layout: str | None = None,
+        label: int | str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One volume (+ ROI mask) on the model grid, before the prompt: what :meth:`preprocess` draws on.
+
+        The steps that depend on the volume and mask only (read, reorient, window, resize); the prompt settings
+        (colour, width, mode, encoding) act later in :meth:`draw_prompt`, so a cache of these arrays serves every
+        prompt setting. ``preprocess(volume, mask, ...)`` equals ``draw_prompt(*model_grid(volume, mask, ...))``.
+
+        Args:
+            volume, mask, intensity, rescale, layout, label: one volume's values of :meth:`preprocess`'s arguments.
+
+        Returns:
+            ``(image, roi)``: (D, H, W) = ``volume_size`` float32 in [0, 1], and the (D, H, W) bool ROI mask
+            resized with nearest-neighbour sampling (None without a mask).
+        """
+        return self._model_grid(0, volume, mask, intensity, rescale, layout, label)
+
+    def model_grid_mask(
+        self,
+        mask: MaskInput,
+        volume: VolumeInput,
+        layout: str | None = None,
+        label: int | str | None = None,
+    ) -> np.ndarray:
+        """The ROI mask alone on the model grid: the ``roi`` of :meth:`model_grid` without windowing and resizing the
+        volume again (``volume`` — best a loaded :class:`CTVolume` — gives the grid the mask must lie on).
+
+        Returns:
+            (D, H, W) = ``volume_size`` bool.
+        """
+        ct = self._volume(volume, layout, _describe(volume, 0, "volumes"))
+        roi = self._mask(mask, ct, layout, label, _describe(mask, 0, "masks"))
+        if roi is None:
+            raise ValueError("model_grid_mask needs a mask, got None")
+        return resize_mask(roi, self.volume_size)
+
+    def draw_prompt(self, image: np.ndarray, roi: np.ndarray | None) -> PromptResult:
+        """The boundary prompt of ``roi`` drawn into ``image`` (both on the model grid) with this processor's
+        prompt settings; ``pixel_values`` of the result is (C, D, H, W). ``image`` is drawn into in place."""
+        return render_prompt(
+            image,
+            roi,
+            color=self.prompt_color,
+            encoding=self.prompt_encoding,
+            thickness=self.contour_thickness,
+            mode=self.contour_mode,
+            keep_largest=self.keep_largest,
+            inplace=True,
+            check_finite=False,
+        )
+
+    def _model_grid(self, i, volume, mask, kind, scale, axes, roi_label) -> tuple[np.ndarray, np.ndarray | None]:
+        name = _describe(volume, i, "volumes")
+        ct = self._volume(volume, axes, name)
+        roi = self._mask(mask, ct, axes, roi_label, _describe(mask, i, "masks"))
+        values = ct.array
+        kind = kind or ct.intensity
+        if kind not in ("hu", "unit"):
+            raise ValueError(f"intensity must be 'hu' or 'unit', got {kind!r}")
+        if scale is not None:
+            slope, intercept = (float(v) for v in scale)
+            values = values * np.float32(slope) + np.float32(intercept)
+        if ct.shape[0] == 1 and self.volume_size[0] > 1:
+            self._warn_once(
+                "one_slice",
+                f"{name}: a single slice (a 2D figure?) is repeated to the model depth of {self.volume_size[0]}",
+            )
+        if kind == "hu" and float(values.min()) >= 0.0 and float(values.max()) <= 1.0:
+            self._warn_once(
+                "unit_as_hu",
+                f"{name}: values lie in [0, 1] but are windowed as HU, which maps them all to about one grey; "
+                "pass intensity='unit' if the volume is already normalised",
+            )
+        window = self.window if kind == "hu" else (0.0, 1.0)
+        # window_hu refuses NaN/inf; its output is finite, so the later steps skip their own (full-size) check.
+        image = resize_volume(window_hu(values, window), self.volume_size, check_finite=False)
+        roi = None if roi is None else resize_mask(roi, self.volume_size)
+        return image, roi
 
     def __call__(self, volumes, masks=None, **kwargs) -> BatchFeature:
         return self.preprocess(volumes, masks, **kwargs)

@@ -30,22 +30,41 @@ Why not TRL's ``DataCollatorForVisionLanguageModeling``: the processor works wit
 
 So this collator does the same steps itself, with the same pieces: the processor's chat template, its image-token
 expansion and its image processor.
+
+**Two sources, one output.** Without ``cache`` the volume and mask files are read and brought to the model grid
+online (the image processor's ``model_grid``); with a model-grid cache (``med3dqwen.data.cache``, built once by
+``med3dqwen-build-cache``) the windowed, resized volume and mask are read from it (milliseconds instead of hundreds).
+Either way the contour is drawn here with the processor's prompt settings, so both give the same ``pixel_values``
+within the cache's quantisation (≤ 7.7e-6) and the identical contour.
+
+**Bad samples.** By default a record that cannot become a sample raises :class:`SampleError` naming it. With
+``skip_bad_samples`` it is left out of the batch instead, logged with its name and reason, and counted
+(``num_skipped`` in this process; one JSON line per skip in ``skip_log``, which collects the count across DataLoader
+workers and processes). A batch whose every record is bad becomes one placeholder row — a zero volume behind the
+image block, every label -100 — so each process still runs its forward and backward (DDP stays in step) and the
+step learns nothing from it (``Med3DQwenTrainer`` keeps the loss at 0 rather than 0/0).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..data.cache import CachedSampleError, CacheMismatchError, ModelGridCache, media_key
 from ..data.schema import CLOSED_LABEL_NAMES, closed_targets
 
 
-__all__ = ["IGNORE_INDEX", "Med3DQwenCollator", "SampleError"]
+__all__ = ["IGNORE_INDEX", "Med3DQwenCollator", "SampleError", "count_skipped"]
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 """Label of a token that is not trained on (``torch.nn.CrossEntropyLoss``'s ``ignore_index``)."""
@@ -83,16 +102,33 @@ class Med3DQwenCollator:
             applied by TRL with a custom collator: pass it here). None: no limit.
         dataset_root: the folder that relative ``volume_path`` / ``mask_path`` values are relative to (the built
             dataset's folder). Not needed after ``med3dqwen.data.resolve_media`` (absolute paths or nibabel images).
+        cache: a model-grid cache (a ``ModelGridCache`` or its folder) built with this processor's volume size and
+            window; the volumes and masks are then read from it (the files need not exist). None: read online.
+        skip_bad_samples: leave out (log and count) the records that cannot become samples instead of raising.
+        skip_log: a file that gets one JSON line (``name``, ``reason``) per skipped record (appended; see
+            :func:`count_skipped`). None: only logged and counted in this process.
+
+    Raises:
+        CacheMismatchError: the cache was built for another volume size or window.
     """
 
     processor: Any
     closed_label_names: Sequence[str] = CLOSED_LABEL_NAMES
     max_length: int | None = None
     dataset_root: str | os.PathLike | None = None
+    cache: ModelGridCache | str | os.PathLike | None = None
+    skip_bad_samples: bool = False
+    skip_log: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be a positive number of tokens or None, got {self.max_length}")
+        if self.cache is not None and not isinstance(self.cache, ModelGridCache):
+            self.cache = ModelGridCache(self.cache)
+        if self.cache is not None:
+            self.cache.check_settings(self.processor.image_processor)
+        self.num_skipped = 0
+        self._placeholder: tuple[list[int], list[int]] | None = None
         self.closed_label_names = tuple(self.closed_label_names)
         tokenizer = self.processor.tokenizer
         if tokenizer.pad_token_id is None:
@@ -111,32 +147,71 @@ class Med3DQwenCollator:
         """
         if not examples:
             raise ValueError("the collator got an empty batch")
-        rows = [self._sample(i, example) for i, example in enumerate(examples)]
-        length = max(len(ids) for ids, _, _ in rows)
+        pixels = _pixel_buffer(len(examples), self.processor.image_processor)  # (N, C, D, H, W)
+        rows, targets = [], []
+        for i, example in enumerate(examples):
+            try:
+                row = self._sample(i, example, pixels[len(rows)])
+                target = self._closed(i, example) if self.closed_label_names else None
+            except SampleError as err:
+                if not self.skip_bad_samples:
+                    raise
+                self._skip(err)
+                continue
+            rows.append(row)
+            targets.append(target)
+        if not rows:  # every record was bad: one placeholder row that trains nothing
+            rows = [self._placeholder_row()]
+            pixels[0].zero_()
+            targets = [(IGNORE_INDEX, [False] * len(self.closed_label_names))]
+        length = max(len(ids) for ids, _ in rows)
         pad = self.processor.tokenizer.pad_token_id
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        for i, (ids, row_labels, _) in enumerate(rows):  # right padding
+        for i, (ids, row_labels) in enumerate(rows):  # right padding
             input_ids[i, : len(ids)] = torch.tensor(ids)
             attention_mask[i, : len(ids)] = 1
             labels[i, : len(ids)] = torch.tensor(row_labels)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "pixel_values": torch.cat([pixels for _, _, pixels in rows]),  # (B, C, D, H, W)
+            "pixel_values": pixels[: len(rows)],  # (B, C, D, H, W)
             "labels": labels,
         }
         if self.closed_label_names:
-            targets = [self._closed(i, example) for i, example in enumerate(examples)]
             batch["closed_labels"] = torch.tensor([label for label, _ in targets], dtype=torch.long)  # (B,)
             batch["closed_label_mask"] = torch.tensor([allowed for _, allowed in targets], dtype=torch.bool)  # (B, K)
         return batch
 
+    # -- bad records ----------------------------------------------------------------------------------------------
+
+    def _skip(self, err: SampleError) -> None:
+        """Log, count and record one skipped record."""
+        self.num_skipped += 1
+        reason = str(err).split(": ", 1)[-1]
+        logger.warning("skipped a bad training sample (%s): %s", err.name, reason)
+        if self.skip_log is not None:
+            line = json.dumps({"name": err.name, "reason": reason}) + "\n"
+            # One small O_APPEND write per line: lines from several workers and processes never interleave.
+            fd = os.open(self.skip_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+
+    def _placeholder_row(self) -> tuple[list[int], list[int]]:
+        """A row that trains nothing: the image block (over a zero volume), every label -100."""
+        if self._placeholder is None:
+            ids = self._tokens(f"<|im_start|>user\n{IMAGE_BLOCK}<|im_end|>\n")
+            self._placeholder = (ids, [IGNORE_INDEX] * len(ids))
+        return self._placeholder
+
     # -- one record -----------------------------------------------------------------------------------------------
 
-    def _sample(self, row: int, example: Mapping[str, Any]) -> tuple[list[int], list[int], torch.Tensor]:
-        """``(input_ids, labels, pixel_values (1, C, D, H, W))`` of one record, the answer cut to ``max_length``."""
+    def _sample(self, row: int, example: Mapping[str, Any], out: torch.Tensor) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of one record, the answer cut to ``max_length``; its pixel values go to ``out``
+        (C, D, H, W)."""
         name = _record_name(example)
         messages = example.get("messages")
         if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
@@ -179,7 +254,8 @@ class Med3DQwenCollator:
             trained = min(trained, self.max_length - len(prompt_ids))
         labels = [IGNORE_INDEX] * len(full_ids)
         labels[len(prompt_ids) : len(prompt_ids) + trained] = full_ids[len(prompt_ids) : len(prompt_ids) + trained]
-        return full_ids, labels, self._pixels(row, name, example)
+        self._pixels(row, name, example, out)
+        return full_ids, labels
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """``messages`` rendered with the processor's chat template (either record layout)."""
@@ -191,18 +267,44 @@ class Med3DQwenCollator:
         expanded = self.processor.expand_image_tokens(text)
         return self.processor.tokenizer(expanded, add_special_tokens=False)["input_ids"]
 
-    def _pixels(self, row: int, name: str, example: Mapping[str, Any]) -> torch.Tensor:
-        """The record's prompted volume, (1, C, D, H, W)."""
+    def _pixels(self, row: int, name: str, example: Mapping[str, Any], out: torch.Tensor) -> None:
+        """The record's prompted volume, written to ``out`` (C, D, H, W)."""
         if example.get("volume_path") is None:
             raise SampleError(row, name, "it has no volume_path")
+        if self.cache is not None:
+            return self._cached_pixels(row, name, example, out)
         volume = self._media(row, name, example["volume_path"], "volume_path")
         mask = example.get("mask_path")
         mask = None if mask is None else self._media(row, name, mask, "mask_path")
         try:
-            out = self.processor.image_processor([volume], [mask], return_tensors="pt")
+            processed = self.processor.image_processor([volume], [mask], return_tensors="pt")
         except (OSError, ValueError, RuntimeError, TypeError) as err:  # unreadable, corrupt or mismatched files
             raise SampleError(row, name, f"cannot load its volume or mask: {err}") from err
-        return out["pixel_values"]
+        out.copy_(processed["pixel_values"][0])
+
+    def _cached_pixels(self, row: int, name: str, example: Mapping[str, Any], out: torch.Tensor) -> None:
+        """The record's prompted volume from the model-grid cache: its volume and mask read, the contour drawn here,
+        straight into ``out`` (C, D, H, W)."""
+        root = self.cache.dataset_root if self.dataset_root is None else self.dataset_root
+        target = out.numpy()  # (C, D, H, W), the batch's own memory
+        try:
+            volume_key = media_key(example["volume_path"], root)
+            mask_key = media_key(example.get("mask_path"), root)
+            image = self.cache.volume(volume_key, _source(example["volume_path"], root), out=target[0])
+            roi = (
+                None
+                if mask_key is None
+                else self.cache.mask(volume_key, mask_key, _source(example["mask_path"], root))
+            )
+        except CachedSampleError as err:  # the build could not read it: the error the online path gives
+            raise SampleError(
+                row, name, f"cannot load its volume or mask: {err} (recorded by the cache build)"
+            ) from err
+        except CacheMismatchError as err:
+            raise SampleError(row, name, str(err)) from err
+        pixels = self.processor.image_processor.draw_prompt(image, roi).pixel_values  # (C, D, H, W)
+        if not np.shares_memory(pixels, target):  # burn_in draws in place; the other encodings stack new channels
+            target[...] = pixels
 
     def _media(self, row: int, name: str, value: Any, column: str) -> Any:
         """A path made absolute against ``dataset_root`` and checked to exist; decoded media as they are."""
@@ -226,6 +328,41 @@ class Med3DQwenCollator:
         except ValueError as err:
             raise SampleError(row, _record_name(example), str(err)) from err
         return label, allowed
+
+
+def _pixel_buffer(rows: int, image_processor) -> torch.Tensor:
+    """An uninitialised (rows, C, D, H, W) float32 batch; in a DataLoader worker it is allocated in shared memory, so
+    the batch reaches the main process without the copy into shared memory that sending it would make (as
+    ``torch.utils.data.default_collate`` does)."""
+    shape = (rows, image_processor.num_channels, *image_processor.volume_size)
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape)
+    numel = int(np.prod(shape))
+    empty = torch.empty(0)
+    return empty.new(empty._typed_storage()._new_shared(numel, device=empty.device)).view(shape)
+
+
+def count_skipped(skip_log: str | os.PathLike) -> int:
+    """How many records the collators that share ``skip_log`` skipped (0 when the file does not exist)."""
+    try:
+        with open(skip_log, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
+def _source(value: Any, root: str | os.PathLike | None) -> str | None:
+    """The file behind a record's media value when it is at hand (to check the cache entry is not stale)."""
+    if hasattr(value, "get_filename"):
+        value = value.get_filename()
+    if not isinstance(value, (str, os.PathLike)):
+        return None
+    path = Path(value)
+    if not path.is_absolute():
+        if root is None:
+            return None
+        path = Path(root) / path
+    return str(path)
 
 
 def _record_name(example: Mapping[str, Any]) -> str:

@@ -37,7 +37,7 @@ from ..modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration, de
 from ..processing.processing_med3d_qwen import Med3DQwenProcessor
 from ..processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
 from .cards import push_adapter, push_folder, render_model_card
-from .collator import Med3DQwenCollator
+from .collator import Med3DQwenCollator, count_skipped
 from .distill import check_teacher_fits, load_teacher
 from .losses import closed_class_weights
 from .trainer import Med3DQwenTrainer
@@ -49,6 +49,7 @@ __all__ = [
     "BASE_FOLDER",
     "DECODER_LORA_TARGETS",
     "FUSION_MODULES_TO_SAVE",
+    "SKIP_LOG",
     "STAGES",
     "Med3DQwenScriptArguments",
     "build_trainer",
@@ -79,6 +80,8 @@ FUSION_MODULES_TO_SAVE = ("slice_self_attention", "multi_head_slice_attention", 
 ALIGN_QUESTION_TYPES = ("report", "region_report", "whole_report", "caption")
 """``question_type`` values of the report and caption rows the align stage trains on."""
 BASE_FOLDER = "base"
+SKIP_LOG = "skipped_samples.jsonl"
+"""File in ``output_dir`` listing the rows ``--skip_bad_samples`` left out (one JSON line each: name, reason)."""
 """Sub-folder of ``output_dir`` holding the sft stage's base model (the adapter's ``base_model_name_or_path``)."""
 
 
@@ -131,6 +134,21 @@ class Med3DQwenScriptArguments(ScriptArguments):
         metadata={
             "help": "With --push_to_hub, sft/distill: the Hub repo the adapter's base (<output_dir>/base) is pushed "
             "to first (default: <hub_model_id>-base); the pushed adapter_config.json points at it."
+        },
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A model-grid cache of the dataset (med3dqwen-build-cache) built with the model's volume size and "
+            "window: volumes and masks are read from it instead of decoded online (the contour is still drawn)."
+        },
+    )
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave out, log and count the rows that cannot become samples (missing or corrupt volume or "
+            f"mask, a prompt longer than max_length) instead of stopping with an error; listed in "
+            f"<output_dir>/{SKIP_LOG}, counted at the end."
         },
     )
 
@@ -359,7 +377,18 @@ def build_trainer(
         else:  # the main process writes it
             model.name_or_path = model.config._name_or_path = str(base)
         model = peft.get_peft_model(model, lora_config(model_args, model.config))
-    collator = Med3DQwenCollator(processor, names, max_length=training_args.max_length)
+    skip_log = None
+    if script_args.skip_bad_samples:
+        skip_log = Path(training_args.output_dir).expanduser() / SKIP_LOG
+        skip_log.parent.mkdir(parents=True, exist_ok=True)
+    collator = Med3DQwenCollator(
+        processor,
+        names,
+        max_length=training_args.max_length,
+        cache=script_args.cache_dir,
+        skip_bad_samples=script_args.skip_bad_samples,
+        skip_log=skip_log,
+    )
     return Med3DQwenTrainer(
         model=model,
         args=training_args,
@@ -419,7 +448,14 @@ def run(script_args: Med3DQwenScriptArguments, training_args: SFTConfig, model_a
     """
     push, training_args.push_to_hub = training_args.push_to_hub, False
     trainer = build_trainer(script_args, training_args, model_args)
+    skip_log = trainer.data_collator.skip_log
+    skipped = count_skipped(skip_log) if skip_log else 0
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if skip_log and trainer.is_world_process_zero():
+        skipped = count_skipped(skip_log) - skipped
+        logger.warning(
+            "skipped %d bad sample(s) in this run (a bad row counts once per epoch); see %s", skipped, skip_log
+        )
     out = training_args.output_dir
     trainer.save_model(out)
     if trainer.is_world_process_zero():

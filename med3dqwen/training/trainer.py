@@ -120,6 +120,10 @@ class Med3DQwenTrainer(Trainer):
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         num_items = super()._get_num_items_in_batch(batch_samples, device)
+        if torch.is_tensor(num_items) and num_items == 0:
+            # A step whose every row was a bad sample (the collator's placeholder rows, all labels -100): the loss
+            # terms are sums over nothing, 0; dividing them by 1 keeps them 0 where 0/0 would be NaN.
+            num_items = torch.ones_like(num_items)
         self._num_closed_in_batch = None
         if num_items is not None and batch_samples and "closed_labels" in batch_samples[0]:
             closed = sum((batch["closed_labels"] != IGNORE_INDEX).sum() for batch in batch_samples)

@@ -1,6 +1,7 @@
 """The training collator: labels on the answer only (token by token), answer-only truncation, closed targets, named
 errors, DataLoader workers under fork and spawn, and a batch the model takes as it is."""
 
+import json
 import multiprocessing
 import shutil
 
@@ -11,9 +12,10 @@ from tiny_models import tiny_config
 from train_helpers import build_phantom, load_records, tiny_model, tiny_processor
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from med3dqwen.data.cache import CacheMismatchError, build_model_grid_cache
 from med3dqwen.data.schema import CLOSED_LABEL_NAMES, resolve_media, to_format
 from med3dqwen.processing.tokenization_med3d_qwen import CHAT_TEMPLATE
-from med3dqwen.training.collator import IGNORE_INDEX, Med3DQwenCollator, SampleError
+from med3dqwen.training.collator import IGNORE_INDEX, Med3DQwenCollator, SampleError, count_skipped
 
 
 IMAGE_ID, SLICE_ID, IM_START, IM_END, PAD = 151655, 151654, 151644, 151645, 151643
@@ -228,3 +230,125 @@ def test_a_moved_dataset_folder_needs_only_a_new_root(processor, records, folder
     a = Med3DQwenCollator(processor, dataset_root=folder)([record])
     b = Med3DQwenCollator(processor, dataset_root=copy)([record])
     assert torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+# -- the model-grid cache as the source ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache(processor, records, folder, tmp_path_factory):
+    rows = records["closed"] + records["open"] + records["whole"]
+    return build_model_grid_cache(rows, processor.image_processor, tmp_path_factory.mktemp("cache") / "c", folder)
+
+
+def test_the_cache_and_the_online_path_give_the_same_batch(processor, records, folder, config, cache):
+    rows = [records["closed"][0], records["open"][0], records["whole"][0], records["closed"][1]]
+    online = Med3DQwenCollator(processor, config.closed_label_names, dataset_root=folder)(rows)
+    cached = Med3DQwenCollator(processor, config.closed_label_names, dataset_root=folder, cache=cache.cache_dir)(rows)
+    assert online.keys() == cached.keys()
+    for key in online:
+        if key != "pixel_values":
+            assert torch.equal(online[key], cached[key]), key
+    difference = (online["pixel_values"] - cached["pixel_values"]).abs().max()
+    assert 0 < difference <= 1e-5  # the uint16 quantisation of the windowed volume, nothing more
+    # resolved datasets (absolute paths, nibabel images) find the same entries, without a dataset_root
+    resolved = resolve_media(datasets.load_dataset(str(folder), split="train"), folder)
+    by_conversation = {(r["volume_id"], json.dumps(r["messages"])): r for r in resolved}
+    resolved_rows = [by_conversation[row["volume_id"], json.dumps(row["messages"])] for row in rows]
+    again = Med3DQwenCollator(processor, config.closed_label_names, cache=cache)(resolved_rows)
+    assert torch.equal(again["pixel_values"], cached["pixel_values"])
+
+
+def test_the_cache_leaves_the_prompt_settings_free_and_draws_the_identical_contour(records, folder, cache):
+    # A processor with another encoding, colour and width than the one the cache was built with: the contour channel
+    # is drawn online from the cached mask, identical to the online path's.
+    channel = tiny_processor(tiny_config(prompt_encoding="channel"))
+    channel.image_processor.contour_thickness = 1
+    rows = [records["closed"][0], records["open"][0]]
+    online = Med3DQwenCollator(channel, dataset_root=folder)(rows)["pixel_values"]
+    cached = Med3DQwenCollator(channel, dataset_root=folder, cache=cache)(rows)["pixel_values"]
+    assert online.shape[1] == 2 and online[:, 1].sum() > 0
+    assert torch.equal(online[:, 1], cached[:, 1])  # (B, D, H, W) contour channel
+    assert (online[:, 0] - cached[:, 0]).abs().max() <= 1e-5
+    channel.image_processor.volume_size = [32, 64, 64]
+    with pytest.raises(CacheMismatchError, match="holds volumes for"):
+        Med3DQwenCollator(channel, cache=cache)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_the_cached_collator_works_in_dataloader_workers(processor, records, folder, config, cache, start_method):
+    rows = [records["closed"][0], records["open"][0], records["whole"][0], records["closed"][1]]
+    collator = Med3DQwenCollator(processor, config.closed_label_names, dataset_root=str(folder), cache=cache)
+    loader = torch.utils.data.DataLoader(
+        rows,
+        batch_size=2,
+        collate_fn=collator,
+        num_workers=1,
+        multiprocessing_context=multiprocessing.get_context(start_method),
+    )
+    for batch, expected in zip(loader, (collator(rows[:2]), collator(rows[2:])), strict=True):
+        for key in batch:
+            assert torch.equal(batch[key], expected[key]), key
+
+
+# -- bad samples ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_samples_are_skipped_logged_and_counted(processor, records, folder, config, tmp_path, caplog):
+    good, other = records["closed"][0], records["open"][0]
+    missing = {**other, "volume_path": "volumes/nowhere.nii.gz"}
+    log = tmp_path / "skipped.jsonl"
+    collator = Med3DQwenCollator(
+        processor, config.closed_label_names, dataset_root=folder, skip_bad_samples=True, skip_log=log
+    )
+    with caplog.at_level("WARNING", logger="med3dqwen.training.collator"):
+        batch = collator([missing, good])
+    expected = Med3DQwenCollator(processor, config.closed_label_names, dataset_root=folder)([good])
+    for key in expected:
+        assert torch.equal(batch[key], expected[key]), key
+    assert collator.num_skipped == 1 and count_skipped(log) == 1
+    line = json.loads(log.read_text())
+    assert line["name"] == f"volume_id '{other['volume_id']}'" and "nowhere.nii.gz' does not exist" in line["reason"]
+    assert "skipped a bad training sample (volume_id" in caplog.text
+    # a prompt that leaves no room for the answer within max_length is skipped too, never cut inside the image block
+    both = Med3DQwenCollator(processor, dataset_root=folder)([good, other])
+    shorter, longer = sorted(int((labels != IGNORE_INDEX).nonzero()[0]) for labels in both["labels"])
+    assert shorter < longer
+    cut = Med3DQwenCollator(processor, dataset_root=folder, max_length=longer, skip_bad_samples=True)
+    kept = cut([good, other])
+    assert cut.num_skipped == 1 and kept["input_ids"].shape[0] == 1 and kept["input_ids"].shape[1] <= longer
+    assert (kept["input_ids"] == IMAGE_ID).sum() == processor.num_visual_tokens
+
+
+def test_a_batch_of_only_bad_samples_becomes_one_row_that_trains_nothing(processor, records, folder, config, cache):
+    bad = [{**r, "volume_path": "volumes/nowhere.nii.gz"} for r in records["closed"][:2]]
+    collator = Med3DQwenCollator(processor, config.closed_label_names, dataset_root=folder, skip_bad_samples=True)
+    batch = collator(bad)
+    assert collator.num_skipped == 2
+    assert batch["input_ids"].shape[0] == 1 and (batch["labels"] == IGNORE_INDEX).all()
+    assert batch["closed_labels"].tolist() == [IGNORE_INDEX] and not batch["closed_label_mask"].any()
+    assert (batch["input_ids"] == IMAGE_ID).sum() == processor.num_visual_tokens
+    assert (batch["input_ids"] == SLICE_ID).sum() == processor.num_slice_tokens
+    assert batch["pixel_values"].shape == (1, 1, 64, 64, 64) and not batch["pixel_values"].any()
+    out = tiny_model(config)(**{k: v for k, v in batch.items() if k != "labels"})  # the splice takes it
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    # without skipping, the first bad row is the error it always was
+    with pytest.raises(SampleError, match=r"sample 0 .*nowhere.nii.gz' does not exist"):
+        Med3DQwenCollator(processor, config.closed_label_names, dataset_root=folder)(bad)
+
+
+def test_entries_the_cache_build_could_not_make_are_errors_or_skipped(processor, records, folder, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns(".work"))
+    record = records["closed"][0]
+    (copy / record["volume_path"]).write_bytes(b"not a nifti file")
+    broken = build_model_grid_cache([record], processor.image_processor, tmp_path / "c", copy)
+    with pytest.raises(
+        SampleError, match=r"sample 0 .*cannot load its volume or mask: .*cannot read NIfTI.*cache build"
+    ):
+        Med3DQwenCollator(processor, dataset_root=copy, cache=broken)([record])
+    skipping = Med3DQwenCollator(processor, dataset_root=copy, cache=broken, skip_bad_samples=True)
+    assert skipping([record])["input_ids"].shape[0] == 1 and skipping.num_skipped == 1
+    with pytest.raises(SampleError, match="is not in the model-grid cache"):
+        elsewhere = next(r for rows in records.values() for r in rows if r["volume_path"] != record["volume_path"])
+        Med3DQwenCollator(processor, dataset_root=copy, cache=broken)([elsewhere])

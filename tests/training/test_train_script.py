@@ -24,6 +24,7 @@ from med3dqwen.training.recipe import (
     ALIGN_QUESTION_TYPES,
     BASE_FOLDER,
     DECODER_LORA_TARGETS,
+    SKIP_LOG,
     Med3DQwenScriptArguments,
     load_vision_encoder,
     lora_config,
@@ -503,3 +504,29 @@ def test_push_of_an_adapter_pushes_its_base_first_and_points_the_pushed_adapter_
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loaded me/ad-base" in result.stdout
+
+
+def test_the_script_reads_a_model_grid_cache_and_counts_skipped_rows(workspace, tmp_path, caplog):
+    from med3dqwen.scripts.build_cache import CacheArguments
+    from med3dqwen.scripts.build_cache import main as build_cache
+
+    root, data, tiny = workspace
+    assert (
+        build_cache(CacheArguments(dataset_name=str(data), output_dir=str(tmp_path / "cache"), processor=str(tiny)))
+        == 0
+    )
+    recipe = write_recipe(
+        tmp_path / "align.yaml", dataset_name=str(data), model_name_or_path=str(tiny), save_strategy="no", max_steps=1
+    )
+    out = tmp_path / "align"
+    with caplog.at_level("WARNING", logger="med3dqwen.training.recipe"):
+        trainer = run_script(
+            *["--config", str(recipe), "--stage", "align", "--output_dir", str(out)],
+            *["--cache_dir", str(tmp_path / "cache"), "--skip_bad_samples"],
+        )  # fmt: skip
+    assert trainer.data_collator.cache.cache_dir == tmp_path / "cache"
+    assert trainer.data_collator.skip_log == out / SKIP_LOG
+    assert "train_loss" in trainer.state.log_history[-1]
+    assert (
+        f"skipped 0 bad sample(s) in this run (a bad row counts once per epoch); see {out / SKIP_LOG}" in caplog.text
+    )

@@ -7,7 +7,7 @@ from tiny_models import tiny_config
 from train_helpers import build_phantom, lora_model, tiny_processor
 from transformers import TrainingArguments
 
-from med3dqwen.training.collator import Med3DQwenCollator
+from med3dqwen.training.collator import Med3DQwenCollator, count_skipped
 from med3dqwen.training.losses import closed_class_weights, lora_parameters
 from med3dqwen.training.trainer import LOGGED_TERMS, Med3DQwenTrainer
 
@@ -136,3 +136,33 @@ def test_labelled_logits_keep_the_union_of_the_rows_targets():
     kept = labelled_logits(labels)
     assert kept["logits_to_keep"].tolist() == [1, 2, 3, 4]  # position t predicts label t + 1
     assert kept["shift_labels"].tolist() == [[5, 6, -100, -100], [-100, 7, 8, 9]]
+
+
+def test_steps_of_only_bad_samples_train_nothing_and_keep_the_weights_finite(setup, tmp_path):
+    # Every row's volume is missing: with skip_bad_samples each batch is the collator's placeholder row (all labels
+    # -100), so a whole optimiser step has no target token. The loss stays 0 (not 0/0) and no weight becomes NaN.
+    config, train, collator, weights = setup
+    bad = train.map(lambda row: {"volume_path": "volumes/nowhere.nii.gz"})
+    log = tmp_path / "skipped.jsonl"
+    skipping = Med3DQwenCollator(
+        collator.processor,
+        config.closed_label_names,
+        dataset_root=collator.dataset_root,
+        skip_bad_samples=True,
+        skip_log=log,
+    )
+    model = lora_model(config).train()
+    trainer = Med3DQwenTrainer(
+        model=model,
+        args=arguments(tmp_path, gradient_accumulation_steps=1, weight_decay=0.0),
+        train_dataset=bad,
+        data_collator=skipping,
+        class_weights=weights,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
+    assert [entry["loss"] for entry in logged] == [0.0, 0.0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())  # zero gradients, no decay
+    assert count_skipped(log) >= 4  # 2 steps × 2 rows (and the rows of a batch the loader fetched ahead)
