@@ -1,7 +1,8 @@
 """The training collator: dataset records → one padded batch of model inputs, labels and closed-head targets.
 
 One record is one conversation (system, user with one ``{"type": "image"}`` placeholder, assistant) plus its volume
-(``volume_path``) and ROI mask (``mask_path``, or None), as the builders write it (``docs/dataset_format.md``). The
+(``volume_path``) and ROI mask (``mask_path``, or None), as the builders write it (``docs/dataset_format.md``); the
+contour is drawn unless the record's ``boundary_prompt`` is ``"none"`` (a no-prompt build keeps its masks). The
 collator runs in the DataLoader workers: it loads and prompts the volume through the processor's image processor,
 renders the conversation with the processor's chat template, and builds::
 
@@ -59,7 +60,7 @@ import numpy as np
 import torch
 
 from ..data.cache import CachedSampleError, CacheMismatchError, ModelGridCache, media_key
-from ..data.schema import CLOSED_LABEL_NAMES, closed_targets
+from ..data.schema import CLOSED_LABEL_NAMES, closed_targets, prompt_mask_path
 
 
 __all__ = ["IGNORE_INDEX", "Med3DQwenCollator", "SampleError", "count_skipped"]
@@ -274,7 +275,7 @@ class Med3DQwenCollator:
         if self.cache is not None:
             return self._cached_pixels(row, name, example, out)
         volume = self._media(row, name, example["volume_path"], "volume_path")
-        mask = example.get("mask_path")
+        mask = self._prompt_mask(row, name, example)
         mask = None if mask is None else self._media(row, name, mask, "mask_path")
         try:
             processed = self.processor.image_processor([volume], [mask], return_tensors="pt")
@@ -289,13 +290,10 @@ class Med3DQwenCollator:
         target = out.numpy()  # (C, D, H, W), the batch's own memory
         try:
             volume_key = media_key(example["volume_path"], root)
-            mask_key = media_key(example.get("mask_path"), root)
+            mask_path = self._prompt_mask(row, name, example)
+            mask_key = media_key(mask_path, root)
             image = self.cache.volume(volume_key, _source(example["volume_path"], root), out=target[0])
-            roi = (
-                None
-                if mask_key is None
-                else self.cache.mask(volume_key, mask_key, _source(example["mask_path"], root))
-            )
+            roi = None if mask_key is None else self.cache.mask(volume_key, mask_key, _source(mask_path, root))
         except CachedSampleError as err:  # the build could not read it: the error the online path gives
             raise SampleError(
                 row, name, f"cannot load its volume or mask: {err} (recorded by the cache build)"
@@ -305,6 +303,15 @@ class Med3DQwenCollator:
         pixels = self.processor.image_processor.draw_prompt(image, roi).pixel_values  # (C, D, H, W)
         if not np.shares_memory(pixels, target):  # burn_in draws in place; the other encodings stack new channels
             target[...] = pixels
+
+    @staticmethod
+    def _prompt_mask(row: int, name: str, example: Mapping[str, Any]) -> Any:
+        """The mask the contour is drawn from: None for whole-volume and no-prompt rows (``boundary_prompt`` =
+        ``"none"`` keeps ``mask_path`` as the ROI's name but nothing is drawn, see ``prompt_mask_path``)."""
+        try:
+            return prompt_mask_path(example)
+        except ValueError as err:
+            raise SampleError(row, name, str(err)) from err
 
     def _media(self, row: int, name: str, value: Any, column: str) -> Any:
         """A path made absolute against ``dataset_root`` and checked to exist; decoded media as they are."""

@@ -352,3 +352,17 @@ def test_entries_the_cache_build_could_not_make_are_errors_or_skipped(processor,
     with pytest.raises(SampleError, match="is not in the model-grid cache"):
         elsewhere = next(r for rows in records.values() for r in rows if r["volume_path"] != record["volume_path"])
         Med3DQwenCollator(processor, dataset_root=copy, cache=broken)([elsewhere])
+
+
+def test_no_prompt_rows_keep_their_mask_undrawn_online_and_cached(processor, records, folder, config, cache):
+    prompted = records["closed"][0]
+    assert prompted["boundary_prompt"] == "red"
+    unprompted = {**prompted, "boundary_prompt": "none"}  # a --prompt none build: the ROI named, not drawn
+    whole = {**prompted, "mask_path": None}
+    for source in (None, cache.cache_dir):
+        collate = Med3DQwenCollator(processor, config.closed_label_names, dataset_root=folder, cache=source)
+        drawn, undrawn, maskless = (collate([row])["pixel_values"] for row in (prompted, unprompted, whole))
+        assert torch.equal(undrawn, maskless) and not torch.equal(undrawn, drawn)
+    bad = {**prompted, "boundary_prompt": ""}
+    with pytest.raises(SampleError, match="boundary_prompt"):
+        Med3DQwenCollator(processor, config.closed_label_names, dataset_root=folder)([bad])
