@@ -145,6 +145,10 @@ class _NotifyingLoader(importlib.abc.Loader):
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
+    def __getattr__(self, name: str) -> Any:
+        # the rest of the real loader's interface: ``python -m med3dqwen.<module>`` (runpy) asks for ``get_code``
+        return getattr(self.loader, name)
+
     def exec_module(self, module) -> None:
         module.__spec__.loader = module.__loader__ = self.loader
         _importing.add(module.__name__)

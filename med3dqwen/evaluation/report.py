@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..data.rewrite import RewriteConfig, rewrite_question
 from .metrics import PROTOCOLS, bleu, closed_accuracy, compute_metrics, meteor, rouge
 
 
@@ -29,6 +30,7 @@ __all__ = [
     "compare_runs",
     "load_results",
     "markdown_table",
+    "question_key",
     "save_chart",
     "score_samples",
     "table_columns",
@@ -39,6 +41,7 @@ TASKS = ("closed", "open", "report")
 _OPEN_METRICS = {"paper": ("bleu4", "rougeL", "meteor"), "m3d": ("bleu1", "rouge1", "meteor")}
 _METRIC_TITLES = {"bleu4": "BLEU-4", "bleu1": "BLEU-1", "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "meteor": "METEOR"}
 _TASK_TITLES = {"open": "Open", "report": "Report"}
+_NO_PROMPT = RewriteConfig(prompt=False, normalize_anatomy=False)
 
 
 def _check_protocol(protocol: str) -> None:
@@ -294,13 +297,23 @@ def bootstrap_difference(
     return difference, low, high
 
 
+def question_key(question: str) -> str:
+    """A question as the no-prompt variant asks it: the rewriting prefix of any colour removed ("Inside the red
+    boundary, does ..." → "Does ..."), anatomy terms as they are (``med3dqwen.data.rewrite.rewrite_question``)."""
+    try:
+        return rewrite_question(question, _NO_PROMPT)
+    except ValueError:  # empty, or only a prefix: compared as it is
+        return question
+
+
 def compare_runs(
     runs: Sequence[Mapping[str, Any]], names: Sequence[str], num_resamples: int = 1000, seed: int = 0
 ) -> dict[str, dict[str, tuple[float, float, float]]]:
     """Bootstrap intervals of every table column's difference between each run and the first.
 
     Samples are paired by id; only ids present in both runs with the same question count (a question asked
-    differently is not the same question).
+    differently is not the same question), the question compared without its boundary-prompt prefix
+    (:func:`question_key`), so that a prompt build and a no-prompt build of the same data pair question by question.
 
     Returns:
         ``{name: {column: (difference, low, high)}}`` for ``names[1:]``; a column neither run can score is left out.
@@ -318,7 +331,7 @@ def compare_runs(
     out = {}
     for name, run in zip(names[1:], runs[1:], strict=True):
         pairs = [(base[s["id"]], s) for s in run["samples"] if s["id"] in base]
-        pairs = [(a, b) for a, b in pairs if a["question"] == b["question"]]
+        pairs = [(a, b) for a, b in pairs if question_key(a["question"]) == question_key(b["question"])]
         if not pairs:
             raise ValueError(f"{name} and {names[0]} share no question (ids and question texts): nothing to pair")
         per_column = {}
