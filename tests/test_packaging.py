@@ -121,6 +121,7 @@ CONSOLE_SCRIPTS = {
     "med3dqwen-build-m3d-vqa": "med3dqwen.scripts.build_m3d_vqa:cli",
     "med3dqwen-build-pmc-vqa": "med3dqwen.scripts.build_pmc_vqa:cli",
     "med3dqwen-convert-med3dvlm": "med3dqwen.convert_med3dvlm:main",
+    "med3dqwen-demo": "med3dqwen.scripts.demo:cli",
 }
 
 
