@@ -300,7 +300,7 @@ def evaluate_model(args: EvaluationArguments, model=None, processor=None) -> dic
 
     from .generation import generate_batches, sample_id
 
-    state = PartialState()
+    state = PartialState(cpu=_on_cpu(args.device))
     rank, world = state.process_index, state.num_processes
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -381,6 +381,16 @@ def _text_columns(dataset):
     """The split without its media columns, so that reading rows decodes no volume."""
     keep = [name for name in ("messages", "roi") if name in dataset.column_names]
     return dataset.select_columns(keep) if keep else []
+
+
+def _on_cpu(device: str | None) -> bool:
+    """Whether the processes run on CPU: ``--device cpu``, ``ACCELERATE_USE_CPU``, or no CUDA. ``PartialState`` forms
+    a multi-process CPU group (gloo) only when told so; otherwise each process of a launch would run alone."""
+    import torch
+
+    if device:
+        return str(device).startswith("cpu")
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
 
 
 def _merge_predictions(output_dir: Path, samples: list[dict[str, Any]]) -> None:

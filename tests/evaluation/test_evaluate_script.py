@@ -201,14 +201,16 @@ def test_resume_after_kill_equals_an_uninterrupted_run(setup, tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_accelerate_launch_two_processes_equals_one(setup, tmp_path):
-    """`accelerate launch --cpu --num_processes 2 evaluate.py`: each process generates half of the samples, and
-    results.json (metrics, samples, run name) and predictions.jsonl equal a one-process run's."""
+    """Two CPU processes (`accelerate launch --multi_gpu --num_processes 2 evaluate.py --device cpu`: accelerate's
+    `--cpu` launcher starts one process unless MPI is set up): each generates half of the samples, and results.json
+    (metrics, samples, run name) and predictions.jsonl equal a one-process run's."""
     model, _, data = setup
     options = {"max_samples": 6, "batch_size": 2, "max_new_tokens": 3}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--main_process_port", str(free_port())]
     cmd += [str(ROOT / "evaluate.py"), "--model_name_or_path", str(model), "--dataset_name", str(data), "--split"]
-    cmd += ["train", "--output_dir", str(tmp_path / "sharded"), "--progress", "false"]
+    cmd += ["train", "--output_dir", str(tmp_path / "sharded"), "--progress", "false", "--device", "cpu"]
     cmd += [item for key, value in options.items() for item in (f"--{key}", str(value))]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
