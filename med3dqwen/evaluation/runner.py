@@ -86,6 +86,16 @@ class EvaluationArguments:
         default=None, metadata={"help": "Results files or run folders to render in one table and chart.", "nargs": "+"}
     )
     num_resamples: int = field(default=1000, metadata={"help": "Paired bootstrap resamples for --compare."})
+    bertscore_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local model folder for BERTScore of open answers and reports (m3d protocol; M3D uses "
+            "roberta-large). Needs bert_score (pip install bert-score)."
+        },
+    )
+    bertscore_num_layers: int | None = field(
+        default=None, metadata={"help": "Hidden layer BERTScore reads (default: bert_score's for the folder name)."}
+    )
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
@@ -99,6 +109,8 @@ class EvaluationArguments:
             raise ValueError(f"an evaluation needs {', '.join(missing)} (or use --compare RUN1 RUN2 ...)")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"--max_samples must be >= 1, got {self.max_samples}")
+        if self.bertscore_model and self.protocol != "m3d":
+            raise ValueError("--bertscore_model is part of the m3d protocol: add --protocol m3d")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"--batch_size and --max_new_tokens must be >= 1, got {self.batch_size}, "
                              f"{self.max_new_tokens}")  # fmt: skip
@@ -351,6 +363,8 @@ def evaluate_model(args: EvaluationArguments, model=None, processor=None) -> dic
         )
     samples = [done[id_] for id_ in ids]
     _merge_predictions(output_dir, samples)
+    if args.bertscore_model:  # scoring only: kept out of predictions.jsonl, so a rescore without it drops it
+        samples = _with_bertscore(samples, args, device)
     latencies = [s["latency_s"] for s in samples]
     name = args.run_name or default_run_name(args, _text_columns(dataset))
     results = {
@@ -375,6 +389,26 @@ def evaluate_model(args: EvaluationArguments, model=None, processor=None) -> dic
         tmp.write_text(markdown_table([results], [name]))
     save_chart([results], [name], output_dir / "chart.png")
     return results
+
+
+def _with_bertscore(samples: list[dict[str, Any]], args: EvaluationArguments, device: str) -> list[dict[str, Any]]:
+    """``samples`` with ``bertscore_f1`` on the open and report ones (``evaluation.bertscore``)."""
+    from .bertscore import bertscore_f1
+
+    chosen = [i for i, s in enumerate(samples) if s["task"] != "closed"]
+    if not chosen:
+        return samples
+    scores = bertscore_f1(
+        [samples[i]["prediction"] for i in chosen],
+        [samples[i]["reference"] for i in chosen],
+        args.bertscore_model,
+        num_layers=args.bertscore_num_layers,
+        device=device,
+    )
+    samples = [dict(s) for s in samples]
+    for i, score in zip(chosen, scores, strict=True):
+        samples[i]["bertscore_f1"] = score
+    return samples
 
 
 def _text_columns(dataset):

@@ -419,3 +419,78 @@ def test_runs_are_labelled_by_adapter_and_prompt_variant(setup, tmp_path):
     intervals = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["intervals"]
     assert intervals[f"{adapters['red']} (prompt red)"]["Closed Acc"] == [0.0, 0.0, 0.0]  # paired, same head
     assert prompt_variant([]) is None  # no ROI rows: the variant is unknown, the name is the adapter alone
+
+
+def save_tiny_bert(folder: Path, words) -> Path:
+    """A randomly initialised 2-layer BERT with a WordPiece vocabulary of ``words`` plus single characters."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words)), *letters, *(f"##{c}" for c in letters)]
+    vocab += list(".,?-()")
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(dict.fromkeys(vocab)), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=128,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    BertTokenizer(str(folder / "vocab.txt"), model_max_length=128).save_pretrained(folder)
+    return folder
+
+
+def test_bertscore_of_the_m3d_protocol_equals_bert_scores_own_per_sample_calls(setup, tmp_path):
+    """--bertscore_model: each open and report answer's F1 is what M3D's scripts compute (bert_score.score on one
+    stripped sample at a time, here on a tiny random BERT saved locally), and the task score is their mean."""
+    bert_score = pytest.importorskip("bert_score")
+    from med3dqwen.evaluation.bertscore import bertscore_f1
+
+    model_dir, _, data = setup
+    texts = [r["messages"][-1]["content"][0]["text"] for r in load_split(str(data), "train", 10)]
+    bert = save_tiny_bert(tmp_path / "tiny_bert", " ".join(texts).lower().replace(".", " ").split())
+    args = arguments(model_dir, data, tmp_path / "out", protocol="m3d", bertscore_model=str(bert))
+    args.bertscore_num_layers = 2
+    results = evaluate_model(args)
+    by_task = {}
+    for sample in results["samples"]:
+        if sample["task"] == "closed":
+            assert "bertscore_f1" not in sample
+            continue
+        expected = 0.0  # bert_score's F1 of an empty candidate (which it cannot encode under transformers 5)
+        if sample["prediction"].strip():
+            _, _, f1 = bert_score.score(
+                [sample["prediction"].strip()], [[sample["reference"].strip()]], model_type=str(bert), num_layers=2,
+                lang="en",
+            )  # fmt: skip
+            expected = f1.item()
+        assert sample["bertscore_f1"] == pytest.approx(expected, abs=1e-6)
+        by_task.setdefault(sample["task"], []).append(expected)
+    assert set(by_task) == {"open", "report"}
+    for task, scores in by_task.items():
+        mean = sum(scores) / len(scores)
+        assert results["metrics"]["overall"][task]["bertscore_f1"] == pytest.approx(mean, abs=1e-6)
+    header = (tmp_path / "out" / "table.md").read_text().splitlines()[0]
+    assert header.endswith("| Open BERTScore | Report BLEU-1 | Report ROUGE-1 | Report METEOR | Report BERTScore |")
+    assert all("bertscore_f1" not in s for s in PredictionStore(tmp_path / "out" / "predictions.jsonl").load())
+    same = report.compare_runs([results, results], ["a", "b"], num_resamples=20)["b"]
+    assert same["Open BERTScore"] == (0.0, 0.0, 0.0) and same["Report BERTScore"] == (0.0, 0.0, 0.0)
+
+    # the tiny decoder's answers are empty after 4 tokens: check non-empty texts, several references, one call
+    predictions = [" the liver is enlarged. ", "no nodule", "", "a small nodule in the right lung"]
+    references = ["the liver is normal.", ["a nodule", "no nodule"], "no nodule", "no nodule in the lung "]
+    f1 = bertscore_f1(predictions, references, bert, num_layers=2)
+    for value, prediction, refs in zip(f1, predictions, references, strict=True):
+        refs = [refs.strip()] if isinstance(refs, str) else refs
+        expected = 0.0 if not prediction.strip() else bert_score.score(
+            [prediction.strip()], [refs], model_type=str(bert), num_layers=2, lang="en"
+        )[2].item()  # fmt: skip
+        assert value == pytest.approx(expected, abs=1e-6)
+    assert f1[1] == pytest.approx(1.0, abs=1e-5) and 0.0 < f1[0] < 1.0 and f1[2] == 0.0
+
+    with pytest.raises(ValueError, match="part of the m3d protocol"):
+        arguments(model_dir, data, tmp_path / "x", bertscore_model=str(bert))
+    with pytest.raises(ValueError, match="no default layer for a model folder named 'tiny_bert'"):
+        bertscore_f1(["a"], ["a"], bert)
+    with pytest.raises(FileNotFoundError, match="not a local model folder"):
+        bertscore_f1(["a"], ["a"], tmp_path / "roberta-large", num_layers=17)
