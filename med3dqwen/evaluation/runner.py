@@ -316,10 +316,11 @@ def evaluate_model(args: EvaluationArguments, model=None, processor=None) -> dic
     rank, world = state.process_index, state.num_processes
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with state.main_process_first():  # the main process cuts torn lines off first; the others then read whole files
+    # the main process first: it cuts torn lines off and fills the dataset cache; the others then read both as they are
+    with state.main_process_first():
         done = load_stored_predictions(output_dir)
         _check_run_config(output_dir, args, has_predictions=bool(done), write=state.is_main_process)
-    dataset = load_split(args.dataset_name, args.split, args.max_samples)
+        dataset = load_split(args.dataset_name, args.split, args.max_samples)
     if len(dataset) == 0:
         raise ValueError(f"split {args.split!r} of {args.dataset_name} is empty: there is nothing to evaluate")
     device = str(args.device or state.device)

@@ -46,11 +46,12 @@ __all__ = ["DISCLAIMER", "DemoArguments", "cli", "main", "make_parser", "reposit
 VARIANTS = ("red", "blue", "none")
 DISCLAIMER = (
     "This is an end-to-end run of the pipeline, not evidence for (or against) boundary prompting: a newly "
-    "initialised tiny model (hidden size 32) trained for a few dozen CPU steps on synthetic phantoms, scored on a "
-    "few test volumes. Differences between the rows are noise unless the paired bootstrap interval excludes 0, and "
-    "even then they say nothing about real CT or real model sizes (the ablation proper is the same chain with a "
-    "paper recipe on a GPU). Note: the `none` build changes the wording (system prompt and question prefixes); its "
-    "rows keep `mask_path`, and the training collator draws the contour from it in both variants."
+    "initialised tiny model trained for a few dozen CPU steps on synthetic phantoms, scored on a few test volumes; "
+    "its generated text is noise and its closed accuracy is near chance. Differences between the rows are noise "
+    "unless the paired bootstrap interval excludes 0, and even then they say nothing about real CT or real model "
+    "sizes (the ablation proper is the same chain with a paper recipe on a GPU). Note: the `none` build changes the "
+    "wording (system prompt and question prefixes); its rows keep `mask_path`, and the training collator draws the "
+    "contour from it in both variants."
 )
 
 
