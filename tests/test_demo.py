@@ -61,6 +61,19 @@ def test_a_failing_step_stops_the_demo_with_its_log(tmp_path):
         reduced(out, variants=["red", "green"])
 
 
+def test_missing_nltk_data_stops_the_demo_before_any_step(tmp_path, monkeypatch):
+    import nltk
+
+    downloads = []
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "empty"))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty")])
+    monkeypatch.setattr(nltk, "download", lambda name, quiet: downloads.append(name) or False)  # offline
+    with pytest.raises(SystemExit, match=r"needs NLTK's wordnet and punkt_tab.*python -m nltk.downloader"):
+        main(reduced(tmp_path / "demo"))
+    assert downloads == ["wordnet", "punkt_tab"]  # it tried the design's fallback first
+    assert not (tmp_path / "demo").exists()  # nothing was built or trained
+
+
 def test_python_dash_m_runs_the_demo_module():
     """`python -m med3dqwen.scripts.demo` (the Makefile's command): importing med3dqwen installs an import watcher
     whose loader must still give runpy the module's code."""

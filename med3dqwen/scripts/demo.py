@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-__all__ = ["DISCLAIMER", "DemoArguments", "cli", "main", "make_parser", "repository_root"]
+__all__ = ["DISCLAIMER", "DemoArguments", "check_nltk_data", "cli", "main", "make_parser", "repository_root"]
 
 VARIANTS = ("red", "blue", "none")
 DISCLAIMER = (
@@ -176,9 +176,53 @@ class _Runner:
         return 0
 
 
+NLTK_RESOURCES = {"corpora/wordnet": "wordnet", "tokenizers/punkt_tab/english/": "punkt_tab"}
+"""What METEOR reads (``med3dqwen.evaluation.metrics``), by NLTK path and downloader name."""
+
+
+def check_nltk_data() -> None:
+    """Make sure METEOR's NLTK data is there before minutes of training: found under ``NLTK_DATA`` or NLTK's own
+    folders, else downloaded with ``nltk.download`` (the design's fallback), else a clear error.
+
+    Raises:
+        SystemExit: the data is missing and cannot be downloaded (the message says how to get it).
+    """
+    import nltk
+
+    for folder in reversed(os.environ.get("NLTK_DATA", "").split(os.pathsep)):
+        if folder and folder not in nltk.data.path:
+            nltk.data.path.insert(0, folder)
+
+    def missing() -> list[str]:
+        gone = []
+        for path, name in NLTK_RESOURCES.items():
+            try:
+                nltk.data.find(path)
+            except LookupError:
+                gone.append(name)
+        return gone
+
+    if not missing():
+        return
+    for name in missing():
+        print(f"METEOR needs NLTK's {name}: downloading it (nltk.download)", flush=True)
+        nltk.download(name, quiet=True)
+    if missing():
+        raise SystemExit(
+            f"the demo's evaluation (METEOR) needs NLTK's {' and '.join(missing())}, which are not in "
+            f"{nltk.data.path} and could not be downloaded: run `python -m nltk.downloader wordnet punkt_tab` "
+            "or point NLTK_DATA at a folder holding them"
+        )
+
+
 def main(args: DemoArguments) -> str:
-    """Run the demo; returns the summary (also printed and written to ``<output_dir>/summary.md``)."""
+    """Run the demo; returns the summary (also printed and written to ``<output_dir>/summary.md``).
+
+    Raises:
+        SystemExit: METEOR's NLTK data is missing (before any step runs), or a step failed (with its log's end).
+    """
     root = repository_root()
+    check_nltk_data()
     out = Path(args.output_dir).expanduser().resolve()
     run = _Runner(root, out, in_process=args.in_process)
     begin = time.perf_counter()
