@@ -1,5 +1,6 @@
 # make test: install into .venv (torch first: it decides which torch build pip picks) and run lint + the suite.
-# make demo: build the synthetic-phantom dataset with boundary-prompt overlays (the embedded default).
+# make demo: the embedded default end to end on CPU: phantom builds with and without boundary prompts, align and sft
+#   of a tiny model on each, evaluation of both and one comparison table (med3dqwen/scripts/demo.py; minutes).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,7 +29,7 @@ test: lint
 	$(PY) -m pytest -n 2 -q
 
 demo: $(STAMP)
-	$(PY) datasets_scripts/build_phantom.py --output_dir $(DEMO_DIR) --num_volumes 20 --seed 0 --prompt red --write_png montage
+	$(PY) -m med3dqwen.scripts.demo --output_dir $(DEMO_DIR)
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(PY) bench/bench_contour.py

@@ -12,6 +12,10 @@ Usage (from the repository root; see docs/evaluation.md):
     # one table and one chart from several runs, with paired bootstrap 95 % intervals against the first
     python evaluate.py --compare eval/no_prompt eval/sft --output_dir eval/compare
 
+    # sharded over processes, one per GPU (the results equal one process's); on CPU add --device cpu
+    accelerate launch --multi_gpu --num_processes 4 evaluate.py --model_name_or_path runs/sft/base \
+        --adapter runs/sft --dataset_name data/phantom --split test --output_dir eval/sft
+
 This file has the name the package's users expect, and from the repository root it sits on ``sys.path`` ahead of the
 ``evaluate`` library. So it imports nothing at module level, and when it is imported under the name ``evaluate``
 (``python -m pytest`` or ``python -c "import evaluate"`` from the root) it hands ``sys.modules["evaluate"]`` over to
@@ -30,8 +34,9 @@ def make_parser():
     return HfArgumentParser(EvaluationArguments)
 
 
-def main(args=None) -> dict | str:
-    """Evaluate (``args.compare`` unset) or compare runs; prints the table and returns the results or table."""
+def main(args=None) -> dict | str | None:
+    """Evaluate (``args.compare`` unset) or compare runs; prints the table and returns the results or table (None on
+    the other processes of a sharded run: the main process writes and prints)."""
     from pathlib import Path
 
     from med3dqwen.evaluation.runner import evaluate_model, run_comparison
@@ -43,7 +48,8 @@ def main(args=None) -> dict | str:
         print(table)
         return table
     results = evaluate_model(args)
-    print((Path(args.output_dir) / "table.md").read_text())
+    if results is not None:
+        print((Path(args.output_dir) / "table.md").read_text())
     return results
 
 

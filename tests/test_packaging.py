@@ -126,6 +126,7 @@ CONSOLE_SCRIPTS = {
     "med3dqwen-predict": "med3dqwen.scripts.predict:cli",
     "med3dqwen-app": "med3dqwen.app.cli:cli",
     "med3dqwen-build-cache": "med3dqwen.scripts.build_cache:cli",
+    "med3dqwen-demo": "med3dqwen.scripts.demo:cli",
 }
 # The option every command's --help must list (most write a folder; the viewer serves a model).
 HELP_OPTION = {"med3dqwen-app": "--model"}

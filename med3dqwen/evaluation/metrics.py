@@ -334,7 +334,7 @@ def compute_metrics(
             (task ``closed``). ``"m3d"``: what Med3DVLM's and M3D-LaMed's ``eval_vqa.py`` / ``eval_caption.py``
             compute: texts stripped, then *per sample* ``evaluate`` BLEU with ``max_order=1``, ROUGE-1 and METEOR,
             each averaged over the samples (task ``open``); ``"<letter>."`` substring accuracy (task ``closed``).
-            Their BERTScore is not computed here (it needs a model; see docs/metrics.md).
+            Their BERTScore needs a model and torch: ``evaluation.bertscore`` (``evaluate.py --bertscore_model``).
         task: ``"open"`` (free text: open VQA, reports) or ``"closed"`` (one answer per question).
 
     Returns:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..data.rewrite import RewriteConfig, rewrite_question
 from .metrics import PROTOCOLS, bleu, closed_accuracy, compute_metrics, meteor, rouge
 
 
@@ -27,8 +28,10 @@ __all__ = [
     "TASKS",
     "bootstrap_difference",
     "compare_runs",
+    "has_bertscore",
     "load_results",
     "markdown_table",
+    "question_key",
     "save_chart",
     "score_samples",
     "table_columns",
@@ -37,8 +40,16 @@ __all__ = [
 
 TASKS = ("closed", "open", "report")
 _OPEN_METRICS = {"paper": ("bleu4", "rougeL", "meteor"), "m3d": ("bleu1", "rouge1", "meteor")}
-_METRIC_TITLES = {"bleu4": "BLEU-4", "bleu1": "BLEU-1", "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "meteor": "METEOR"}
+_METRIC_TITLES = {
+    "bleu4": "BLEU-4",
+    "bleu1": "BLEU-1",
+    "rougeL": "ROUGE-L",
+    "rouge1": "ROUGE-1",
+    "meteor": "METEOR",
+    "bertscore_f1": "BERTScore",
+}
 _TASK_TITLES = {"open": "Open", "report": "Report"}
+_NO_PROMPT = RewriteConfig(prompt=False, normalize_anatomy=False)
 
 
 def _check_protocol(protocol: str) -> None:
@@ -71,6 +82,8 @@ def score_task(samples: Sequence[Mapping[str, Any]], task: str, protocol: str) -
             )
     else:
         scores = compute_metrics(predictions, [s["reference"] for s in samples], protocol=protocol, task="open")
+        if all(s.get("bertscore_f1") is not None for s in samples):  # evaluate.py --bertscore_model (m3d)
+            scores["bertscore_f1"] = math.fsum(s["bertscore_f1"] for s in samples) / len(samples)
     return {**scores, "n": len(samples)}
 
 
@@ -112,13 +125,21 @@ def score_samples(samples: Sequence[Mapping[str, Any]], protocol: str = "paper")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def table_columns(protocol: str) -> list[tuple[str, str, str]]:
-    """``(title, task, metric)`` of each Table-1 column: closed accuracy, then open VQA and report generation."""
+def table_columns(protocol: str, bertscore: bool = False) -> list[tuple[str, str, str]]:
+    """``(title, task, metric)`` of each Table-1 column: closed accuracy, then open VQA and report generation (with a
+    BERTScore column each when ``bertscore``: runs of ``evaluate.py --bertscore_model``)."""
     _check_protocol(protocol)
+    metrics = (*_OPEN_METRICS[protocol], "bertscore_f1") if bertscore else _OPEN_METRICS[protocol]
     columns = [("Closed Acc", "closed", "closed")]
     for task in ("open", "report"):
-        columns += [(f"{_TASK_TITLES[task]} {_METRIC_TITLES[m]}", task, m) for m in _OPEN_METRICS[protocol]]
+        columns += [(f"{_TASK_TITLES[task]} {_METRIC_TITLES[m]}", task, m) for m in metrics]
     return columns
+
+
+def has_bertscore(results: Mapping[str, Any]) -> bool:
+    """Whether a run's scores hold BERTScore (it was evaluated with ``--bertscore_model``)."""
+    overall = results["metrics"]["overall"]
+    return any("bertscore_f1" in overall.get(task, {}) for task in ("open", "report"))
 
 
 def _closed_value(scores: Mapping[str, Any]) -> float | None:
@@ -129,11 +150,13 @@ def _closed_value(scores: Mapping[str, Any]) -> float | None:
     return closed.get("head_accuracy", closed["accuracy"])
 
 
-def table_row(results: Mapping[str, Any]) -> dict[str, float | None]:
-    """``{column title: score in [0, 1] or None}`` of one run's ``results.json``."""
+def table_row(results: Mapping[str, Any], bertscore: bool | None = None) -> dict[str, float | None]:
+    """``{column title: score in [0, 1] or None}`` of one run's ``results.json`` (BERTScore columns when
+    ``bertscore``; default: when the run has them)."""
     overall = results["metrics"]["overall"]
+    bertscore = has_bertscore(results) if bertscore is None else bertscore
     row = {}
-    for title, task, metric in table_columns(results["config"]["protocol"]):
+    for title, task, metric in table_columns(results["config"]["protocol"], bertscore):
         row[title] = _closed_value(overall) if task == "closed" else overall.get(task, {}).get(metric)
     return row
 
@@ -159,10 +182,11 @@ def markdown_table(
     protocols = {run["config"]["protocol"] for run in runs}
     if len(protocols) != 1:
         raise ValueError(f"the runs were scored with different protocols {sorted(protocols)}; compare like with like")
-    columns = [title for title, _, _ in table_columns(protocols.pop())]
+    bertscore = any(has_bertscore(run) for run in runs)
+    columns = [title for title, _, _ in table_columns(protocols.pop(), bertscore)]
     lines = ["| Model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, run in zip(names, runs, strict=True):
-        row = table_row(run)
+        row = table_row(run, bertscore)
         cells = ["—" if row[c] is None else f"{100 * row[c]:.1f}" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if intervals:
@@ -188,7 +212,8 @@ def save_chart(runs: Sequence[Mapping[str, Any]], names: Sequence[str], path: st
         raise ImportError("the chart needs matplotlib: pip install matplotlib") from err
     from ..io import atomic_output
 
-    rows = [table_row(run) for run in runs]
+    bertscore = any(has_bertscore(run) for run in runs)
+    rows = [table_row(run, bertscore) for run in runs]
     columns = list(rows[0])
     width = 0.8 / len(rows)
     figure, axes = plt.subplots(figsize=(max(6.0, 1.2 * len(columns)), 4.0))
@@ -224,6 +249,8 @@ def _column_scorer(task: str, metric: str, protocol: str) -> Callable[[list[Mapp
             return score_task(samples, "closed", protocol)["accuracy"]
 
         return closed
+    if metric == "bertscore_f1":
+        return lambda samples: math.fsum(s["bertscore_f1"] for s in samples) / len(samples)
     if metric == "bleu4":
         return lambda samples: bleu([s["prediction"] for s in samples], [s["reference"] for s in samples], 4)
     if metric == "bleu1":  # m3d: mean of per-sample BLEU-1 on stripped texts
@@ -294,13 +321,23 @@ def bootstrap_difference(
     return difference, low, high
 
 
+def question_key(question: str) -> str:
+    """A question as the no-prompt variant asks it: the rewriting prefix of any colour removed ("Inside the red
+    boundary, does ..." → "Does ..."), anatomy terms as they are (``med3dqwen.data.rewrite.rewrite_question``)."""
+    try:
+        return rewrite_question(question, _NO_PROMPT)
+    except ValueError:  # empty, or only a prefix: compared as it is
+        return question
+
+
 def compare_runs(
     runs: Sequence[Mapping[str, Any]], names: Sequence[str], num_resamples: int = 1000, seed: int = 0
 ) -> dict[str, dict[str, tuple[float, float, float]]]:
     """Bootstrap intervals of every table column's difference between each run and the first.
 
     Samples are paired by id; only ids present in both runs with the same question count (a question asked
-    differently is not the same question).
+    differently is not the same question), the question compared without its boundary-prompt prefix
+    (:func:`question_key`), so that a prompt build and a no-prompt build of the same data pair question by question.
 
     Returns:
         ``{name: {column: (difference, low, high)}}`` for ``names[1:]``; a column neither run can score is left out.
@@ -318,14 +355,16 @@ def compare_runs(
     out = {}
     for name, run in zip(names[1:], runs[1:], strict=True):
         pairs = [(base[s["id"]], s) for s in run["samples"] if s["id"] in base]
-        pairs = [(a, b) for a, b in pairs if a["question"] == b["question"]]
+        pairs = [(a, b) for a, b in pairs if question_key(a["question"]) == question_key(b["question"])]
         if not pairs:
             raise ValueError(f"{name} and {names[0]} share no question (ids and question texts): nothing to pair")
         per_column = {}
-        for title, task, metric in table_columns(protocol):
+        for title, task, metric in table_columns(protocol, bertscore=True):
             chosen = [(a, b) for a, b in pairs if a["task"] == task]
-            if not chosen:
-                continue
+            if not chosen or (
+                metric == "bertscore_f1" and any(s.get(metric) is None for pair in chosen for s in pair)
+            ):
+                continue  # no such questions, or BERTScore missing in one of the runs
             scorer = _column_scorer(task, metric, protocol)
             per_column[title] = bootstrap_difference(
                 [a for a, _ in chosen],

@@ -31,6 +31,7 @@ import peft
 import torch
 from trl import ModelConfig, ScriptArguments, SFTConfig
 
+from ..data.loading import load_local_dataset
 from ..data.schema import resolve_media
 from ..modeling.configuration_med3d_qwen import Med3DQwenConfig
 from ..modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration, default_attn_implementation
@@ -313,7 +314,7 @@ def load_train_split(script_args: Med3DQwenScriptArguments) -> datasets.Dataset:
     name = script_args.dataset_name
     if Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
-        dataset = datasets.load_dataset(str(folder), name=script_args.dataset_config)
+        dataset = load_local_dataset(folder, name=script_args.dataset_config)  # never another folder's cache
         if script_args.dataset_train_split not in dataset:
             raise ValueError(
                 f"dataset {name} has no split {script_args.dataset_train_split!r} (it has {sorted(dataset)})"

@@ -18,7 +18,15 @@ from tiny_models import tiny_config
 from med3dqwen.builders.engine import BuildArguments
 from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, build_phantom_dataset
 from med3dqwen.evaluation import report
-from med3dqwen.evaluation.runner import EvaluationArguments, PredictionStore, evaluate_model, load_model, load_split
+from med3dqwen.evaluation.runner import (
+    EvaluationArguments,
+    PredictionStore,
+    evaluate_model,
+    load_model,
+    load_split,
+    prompt_variant,
+    run_comparison,
+)
 from med3dqwen.modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
 from med3dqwen.processing.processing_med3d_qwen import Med3DQwenProcessor
 from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
@@ -36,6 +44,14 @@ def save_tiny_model(folder: Path, **kwargs) -> Path:
     Med3DQwenForConditionalGeneration(config).save_pretrained(folder)
     Med3DQwenProcessor.from_config(config, tokenizer=load_qwen2_5_tokenizer()).save_pretrained(folder)
     return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +100,7 @@ def test_outputs_table_and_chart(setup, tmp_path):
     closed = 100 * overall["closed"]["head_accuracy"]
     assert (
         table[2]
-        == f"| {model} | {closed:.1f} | "
+        == f"| {model} (prompt red) | {closed:.1f} | "
         + " | ".join(f"{100 * overall[t][m]:.1f}" for t in ("open", "report") for m in ("bleu4", "rougeL", "meteor"))
         + " |"
     )
@@ -181,6 +197,57 @@ def test_resume_after_kill_equals_an_uninterrupted_run(setup, tmp_path, monkeypa
     assert resumed["metrics"] == whole["metrics"]
     lines = (tmp_path / "killed" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(line) for line in lines)  # the torn line is gone
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_equals_one(setup, tmp_path):
+    """Two CPU processes (`accelerate launch --multi_gpu --num_processes 2 evaluate.py --device cpu`: accelerate's
+    `--cpu` launcher starts one process unless MPI is set up): each generates half of the samples, and results.json
+    (metrics, samples, run name) and predictions.jsonl equal a one-process run's."""
+    model, _, data = setup
+    options = {"max_samples": 6, "batch_size": 2, "max_new_tokens": 3}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--main_process_port", str(free_port())]
+    cmd += [str(ROOT / "evaluate.py"), "--model_name_or_path", str(model), "--dataset_name", str(data), "--split"]
+    cmd += ["train", "--output_dir", str(tmp_path / "sharded"), "--progress", "false", "--device", "cpu"]
+    cmd += [item for key, value in options.items() for item in (f"--{key}", str(value))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = evaluate_model(arguments(model, data, tmp_path / "single", **options))
+    sharded = json.loads((tmp_path / "sharded" / "results.json").read_text())
+    assert sharded["resources"]["num_processes"] == 2
+    assert sharded["resources"]["generated_this_process"] == 3 and sharded["resources"]["generated_this_run"] == 6
+    assert sharded["metrics"] == single["metrics"]
+    assert without_timing(sharded["samples"]) == without_timing(single["samples"])
+    assert sharded["config"]["run_name"] == single["config"]["run_name"]
+    lines = [PredictionStore(tmp_path / run / "predictions.jsonl").load() for run in ("sharded", "single")]
+    assert [without_timing(found) for found in lines] == [without_timing(single["samples"])] * 2
+    assert not list((tmp_path / "sharded").glob("predictions.part-*.jsonl"))  # merged, then deleted
+
+
+def test_resume_of_a_killed_sharded_run_in_one_process(setup, tmp_path):
+    """Part files of a killed two-process run (one with a torn last line) are read back by a one-process rerun:
+    only the missing samples are generated, and everything equals an uninterrupted run, in split order."""
+    model, _, data = setup
+    settings = {"max_samples": 6, "batch_size": 2}
+    whole = evaluate_model(arguments(model, data, tmp_path / "whole", **settings))
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "run_config.json").write_text((tmp_path / "whole" / "run_config.json").read_text())
+    samples = whole["samples"]
+    PredictionStore(killed / "predictions.part-00000.jsonl").append([samples[0], samples[2]])
+    PredictionStore(killed / "predictions.part-00001.jsonl").append([samples[1]])
+    with open(killed / "predictions.part-00001.jsonl", "a") as handle:
+        handle.write(json.dumps(samples[3])[:30])  # killed while writing
+    resumed = evaluate_model(arguments(model, data, killed, **settings))
+    assert resumed["resources"]["resumed_from_previous"] == 3 and resumed["resources"]["generated_this_run"] == 3
+    assert without_timing(resumed["samples"]) == without_timing(samples)
+    assert resumed["metrics"] == whole["metrics"]
+    stored = PredictionStore(killed / "predictions.jsonl").load()
+    assert [s["id"] for s in stored] == [s["id"] for s in samples]
+    assert not list(killed.glob("predictions.part-*.jsonl"))
 
 
 def test_rerun_with_other_settings_is_refused(setup, tmp_path):
@@ -295,21 +362,135 @@ def test_bootstrap_separates_a_real_gap_from_noise():
         report.compare_runs([base, _run(right, "m3d")], ["a", "b"])
 
 
-def test_adapter_is_loaded_and_its_closed_head_used(setup, tmp_path):
-    """--adapter: a LoRA adapter whose trained closed head differs from the base's changes the closed labels."""
+def save_yes_adapter(model_dir: Path, folder: Path) -> Path:
+    """A LoRA adapter on ``model_dir`` whose closed head always prefers "yes" over "no"."""
     import peft
 
-    model_dir, _, data = setup
     base = Med3DQwenForConditionalGeneration.from_pretrained(model_dir)
     lora = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["closed_head"])
     adapted = peft.get_peft_model(base, lora)
-    with torch.no_grad():  # a head that always prefers "yes" over "no"
+    with torch.no_grad():
         head = adapted.base_model.model.closed_head.modules_to_save["default"].classifier
         head.weight.zero_()
         head.bias.copy_(torch.tensor([0.0, 5.0, 0.0, 0.0, 0.0, 0.0]))
-    adapted.save_pretrained(tmp_path / "adapter")
-    results = evaluate_model(
-        arguments(model_dir, data, tmp_path / "out", adapter=str(tmp_path / "adapter"), max_samples=4)
-    )
+    adapted.save_pretrained(folder)
+    return folder
+
+
+def test_adapter_is_loaded_and_its_closed_head_used(setup, tmp_path):
+    """--adapter: a LoRA adapter whose trained closed head differs from the base's changes the closed labels."""
+    model_dir, _, data = setup
+    adapter = save_yes_adapter(model_dir, tmp_path / "adapter")
+    results = evaluate_model(arguments(model_dir, data, tmp_path / "out", adapter=str(adapter), max_samples=4))
     assert [s["closed_prediction"] for s in results["samples"]] == ["yes"] * 4
-    assert results["config"]["adapter"] == str(tmp_path / "adapter")
+    assert results["config"]["adapter"] == str(adapter)
+
+
+def test_runs_are_labelled_by_adapter_and_prompt_variant(setup, tmp_path):
+    """Without --run_name an adapter run is named after the adapter and its split's prompt variant, not after the
+    base model (which every adapter of one base shares); --compare shows those names and pairs the questions of a
+    prompt and a no-prompt build of the same phantoms although their wording differs."""
+    model_dir, _, red = setup
+    none = tmp_path / "phantom_none"
+    build_phantom_dataset(
+        PhantomBuildConfig(output_dir=str(none), num_volumes=2, seed=2, shape=(32, 64, 64), prompt="none"),
+        BuildArguments(progress=False),
+    )
+    adapters = {v: save_yes_adapter(model_dir, tmp_path / f"sft_{v}") for v in ("red", "none")}
+    runs = {
+        v: evaluate_model(arguments(model_dir, d, tmp_path / v, adapter=str(adapters[v]) + "/", max_samples=3))
+        for v, d in (("red", red), ("none", none))
+    }
+    for variant, run in runs.items():
+        assert run["config"]["run_name"] == f"{adapters[variant]} (prompt {variant})"
+        row = (tmp_path / variant / "table.md").read_text().splitlines()[2]
+        assert row.startswith(f"| {run['config']['run_name']} |")
+    assert runs["red"]["samples"][0]["question"].startswith("Inside the red boundary, ")
+    assert runs["none"]["samples"][0]["question"] == report.question_key(runs["red"]["samples"][0]["question"])
+
+    table = run_comparison(
+        EvaluationArguments(compare=[str(tmp_path / "none"), str(tmp_path / "red")], output_dir=str(tmp_path / "cmp"))
+    )
+    rows = table.splitlines()
+    assert rows[2].startswith(f"| {adapters['none']} (prompt none) |") and rows[3].startswith(
+        f"| {adapters['red']} (prompt red) |"
+    )
+    assert str(model_dir) not in table
+    intervals = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["intervals"]
+    assert intervals[f"{adapters['red']} (prompt red)"]["Closed Acc"] == [0.0, 0.0, 0.0]  # paired, same head
+    assert prompt_variant([]) is None  # no ROI rows: the variant is unknown, the name is the adapter alone
+
+
+def save_tiny_bert(folder: Path, words) -> Path:
+    """A randomly initialised 2-layer BERT with a WordPiece vocabulary of ``words`` plus single characters."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words)), *letters, *(f"##{c}" for c in letters)]
+    vocab += list(".,?-()")
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(dict.fromkeys(vocab)), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=128,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    BertTokenizer(str(folder / "vocab.txt"), model_max_length=128).save_pretrained(folder)
+    return folder
+
+
+def test_bertscore_of_the_m3d_protocol_equals_bert_scores_own_per_sample_calls(setup, tmp_path):
+    """--bertscore_model: each open and report answer's F1 is what M3D's scripts compute (bert_score.score on one
+    stripped sample at a time, here on a tiny random BERT saved locally), and the task score is their mean."""
+    bert_score = pytest.importorskip("bert_score")
+    from med3dqwen.evaluation.bertscore import bertscore_f1
+
+    model_dir, _, data = setup
+    texts = [r["messages"][-1]["content"][0]["text"] for r in load_split(str(data), "train", 10)]
+    bert = save_tiny_bert(tmp_path / "tiny_bert", " ".join(texts).lower().replace(".", " ").split())
+    args = arguments(model_dir, data, tmp_path / "out", protocol="m3d", bertscore_model=str(bert))
+    args.bertscore_num_layers = 2
+    results = evaluate_model(args)
+    by_task = {}
+    for sample in results["samples"]:
+        if sample["task"] == "closed":
+            assert "bertscore_f1" not in sample
+            continue
+        expected = 0.0  # bert_score's F1 of an empty candidate (which it cannot encode under transformers 5)
+        if sample["prediction"].strip():
+            _, _, f1 = bert_score.score(
+                [sample["prediction"].strip()], [[sample["reference"].strip()]], model_type=str(bert), num_layers=2,
+                lang="en",
+            )  # fmt: skip
+            expected = f1.item()
+        assert sample["bertscore_f1"] == pytest.approx(expected, abs=1e-6)
+        by_task.setdefault(sample["task"], []).append(expected)
+    assert set(by_task) == {"open", "report"}
+    for task, scores in by_task.items():
+        mean = sum(scores) / len(scores)
+        assert results["metrics"]["overall"][task]["bertscore_f1"] == pytest.approx(mean, abs=1e-6)
+    header = (tmp_path / "out" / "table.md").read_text().splitlines()[0]
+    assert header.endswith("| Open BERTScore | Report BLEU-1 | Report ROUGE-1 | Report METEOR | Report BERTScore |")
+    assert all("bertscore_f1" not in s for s in PredictionStore(tmp_path / "out" / "predictions.jsonl").load())
+    same = report.compare_runs([results, results], ["a", "b"], num_resamples=20)["b"]
+    assert same["Open BERTScore"] == (0.0, 0.0, 0.0) and same["Report BERTScore"] == (0.0, 0.0, 0.0)
+
+    # the tiny decoder's answers are empty after 4 tokens: check non-empty texts, several references, one call
+    predictions = [" the liver is enlarged. ", "no nodule", "", "a small nodule in the right lung"]
+    references = ["the liver is normal.", ["a nodule", "no nodule"], "no nodule", "no nodule in the lung "]
+    f1 = bertscore_f1(predictions, references, bert, num_layers=2)
+    for value, prediction, refs in zip(f1, predictions, references, strict=True):
+        refs = [refs.strip()] if isinstance(refs, str) else refs
+        expected = 0.0 if not prediction.strip() else bert_score.score(
+            [prediction.strip()], [refs], model_type=str(bert), num_layers=2, lang="en"
+        )[2].item()  # fmt: skip
+        assert value == pytest.approx(expected, abs=1e-6)
+    assert f1[1] == pytest.approx(1.0, abs=1e-5) and 0.0 < f1[0] < 1.0 and f1[2] == 0.0
+
+    with pytest.raises(ValueError, match="part of the m3d protocol"):
+        arguments(model_dir, data, tmp_path / "x", bertscore_model=str(bert))
+    with pytest.raises(ValueError, match="no default layer for a model folder named 'tiny_bert'"):
+        bertscore_f1(["a"], ["a"], bert)
+    with pytest.raises(FileNotFoundError, match="not a local model folder"):
+        bertscore_f1(["a"], ["a"], tmp_path / "roberta-large", num_layers=17)
