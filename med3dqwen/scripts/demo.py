@@ -49,9 +49,8 @@ DISCLAIMER = (
     "initialised tiny model trained for a few dozen CPU steps on synthetic phantoms, scored on a few test volumes; "
     "its generated text is noise and its closed accuracy is near chance. Differences between the rows are noise "
     "unless the paired bootstrap interval excludes 0, and even then they say nothing about real CT or real model "
-    "sizes (the ablation proper is the same chain with a paper recipe on a GPU). Note: the `none` build changes the "
-    "wording (system prompt and question prefixes); its rows keep `mask_path`, and the training collator draws the "
-    "contour from it in both variants."
+    "sizes (the ablation proper is the same chain with a paper recipe on a GPU). The `none` variant sees the bare "
+    "volume and the no-prompt wording; its rows still name their ROI (`mask_path`, with `boundary_prompt: none`)."
 )
 
 
