@@ -16,8 +16,8 @@ never measures it. This measures it::
     python -m med3dqwen.diagnostics.grounding --model runs/sft --dataset data/phantom \
         --compare_dataset data/phantom_none --split test --output_dir diag/sft-vs-none
 
-It writes ``grounding.json`` (the table: per variant and decoder layer, plus every row) and ``grounding.png`` (one
-panel per layer), both atomically. See ``docs/grounding.md``.
+It writes ``grounding.json`` (the table: per variant and decoder layer, plus every row), ``grounding.png`` (one
+panel per layer) and ``layers/layer_<k>.png`` (one plot per layer), all atomically. See ``docs/grounding.md``.
 
 What is measured, per row and decoder layer ``l``:
 
@@ -73,6 +73,7 @@ __all__ = [
     "roi_on_model_grid",
     "run_grounding",
     "save_grounding_plot",
+    "save_layer_plots",
 ]
 
 VARIANTS = ("prompt", "none")
@@ -102,7 +103,9 @@ class GroundingArguments:
     )
     max_new_tokens: int = field(default=32, metadata={"help": "Longest generated answer (--answer generated)."})
     max_samples: int | None = field(default=None, metadata={"help": "Only the first N rows of the split."})
-    output_dir: str | None = field(default=None, metadata={"help": "Folder for grounding.json and grounding.png."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Folder for grounding.json, grounding.png and layers/."}
+    )
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
@@ -474,7 +477,8 @@ def _difference(a: float | None, b: float | None) -> float | None:
 
 
 def run_grounding(args: GroundingArguments, model=None, processor=None) -> dict[str, Any]:
-    """Measure every variant over the split and write ``grounding.json`` and ``grounding.png``; returns the results.
+    """Measure every variant over the split and write ``grounding.json``, ``grounding.png`` and one PNG per layer
+    (``layers/``); returns the results.
 
     Args:
         args: the options.
@@ -609,7 +613,57 @@ def run_grounding(args: GroundingArguments, model=None, processor=None) -> dict[
     with atomic_output(output_dir / "grounding.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     save_grounding_plot(results, output_dir / "grounding.png")
+    save_layer_plots(results, output_dir / "layers")
     return results
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("the plot needs matplotlib: pip install matplotlib") from err
+    return plt
+
+
+def _draw_layer(ax, results: Mapping[str, Any], layer: int) -> None:
+    """One layer's bars: per variant ``share_inside`` (± std over rows) and ``slice_share_roi``, with the
+    uniform-attention baselines dashed."""
+    variants = list(results["variants"])
+    colours = {"prompt": "tab:red", "none": "tab:gray"}
+    width = 0.8 / max(len(variants), 1)
+    for i, variant in enumerate(variants):
+        entry = results["variants"][variant]["layers"][layer]
+        values = [entry["share_inside"], entry["slice_share_roi"]]
+        ax.bar(
+            [g + (i - (len(variants) - 1) / 2) * width for g in (0, 1)],
+            [np.nan if v is None else v for v in values],
+            width,
+            yerr=[entry["share_inside_std"] or 0.0, 0.0],
+            color=colours.get(variant),
+            label=variant,
+            capsize=2,
+        )
+        for g, base in ((0, entry["roi_token_fraction"]), (1, entry["roi_slice_fraction"])):
+            if base is not None:
+                ax.hlines(base, g - 0.4, g + 0.4, colors="black", linestyles="dashed", linewidth=1, zorder=3)
+    ax.set_title(f"layer {layer}", fontsize=9)
+    ax.set_xticks([0, 1], ["visual\nin ROI", "slice\non ROI"], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.tick_params(axis="y", labelsize=7)
+
+
+def _save_figure(figure, path: Path) -> Path:
+    from ..io import atomic_output
+
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    return path
+
+
+_TITLE = "Answer attention on image tokens inside the ROI\n(dashed: uniform attention)"
 
 
 def save_grounding_plot(results: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -619,54 +673,48 @@ def save_grounding_plot(results: Mapping[str, Any], path: str | os.PathLike) -> 
     Raises:
         ImportError: matplotlib is not installed.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise ImportError("the plot needs matplotlib: pip install matplotlib") from err
-    from ..io import atomic_output
-
-    variants = list(results["variants"])
+    plt = _plt()
     num_layers = results["num_layers"]
     columns = min(num_layers, 6)
     rows = math.ceil(num_layers / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.6 * rows + 0.6), squeeze=False)
-    colours = {"prompt": "tab:red", "none": "tab:gray"}
-    width = 0.8 / max(len(variants), 1)
     for layer in range(rows * columns):
         ax = axes[layer // columns][layer % columns]
         if layer >= num_layers:
             ax.axis("off")
             continue
-        for i, variant in enumerate(variants):
-            entry = results["variants"][variant]["layers"][layer]
-            values = [entry["share_inside"], entry["slice_share_roi"]]
-            ax.bar(
-                [g + (i - (len(variants) - 1) / 2) * width for g in (0, 1)],
-                [np.nan if v is None else v for v in values],
-                width,
-                yerr=[entry["share_inside_std"] or 0.0, 0.0],
-                color=colours.get(variant),
-                label=variant,
-                capsize=2,
-            )
-            for g, base in ((0, entry["roi_token_fraction"]), (1, entry["roi_slice_fraction"])):
-                if base is not None:
-                    ax.hlines(base, g - 0.4, g + 0.4, colors="black", linestyles="dashed", linewidth=1, zorder=3)
-        ax.set_title(f"layer {layer}", fontsize=9)
-        ax.set_xticks([0, 1], ["visual\nin ROI", "slice\non ROI"], fontsize=8)
-        ax.set_ylim(0, 1)
-        ax.tick_params(axis="y", labelsize=7)
+        _draw_layer(ax, results, layer)
     axes[0][0].legend(fontsize=7, loc="upper left")
-    figure.suptitle("Answer attention on image tokens inside the ROI\n(dashed: uniform attention)", fontsize=10)
+    figure.suptitle(_TITLE, fontsize=10)
     figure.tight_layout()
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
-    return path
+    try:
+        return _save_figure(figure, Path(path))
+    finally:
+        plt.close(figure)
+
+
+def save_layer_plots(results: Mapping[str, Any], folder: str | os.PathLike) -> list[Path]:
+    """The same bars as :func:`save_grounding_plot`, one PNG per decoder layer: ``folder/layer_<k>.png`` (k
+    zero-padded to the layer count's width), each written atomically.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    plt = _plt()
+    num_layers = results["num_layers"]
+    digits = len(str(max(num_layers - 1, 0)))
+    paths = []
+    for layer in range(num_layers):
+        figure, ax = plt.subplots(figsize=(3.4, 3.2))
+        _draw_layer(ax, results, layer)
+        ax.legend(fontsize=7, loc="upper left")
+        figure.suptitle(_TITLE, fontsize=8)
+        figure.tight_layout()
+        try:
+            paths.append(_save_figure(figure, Path(folder) / f"layer_{layer:0{digits}d}.png"))
+        finally:
+            plt.close(figure)
+    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -684,7 +732,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 f"(uniform {_fmt(entry['roi_token_fraction'])}), visual attention {_fmt(entry['visual_attention'])}, "
                 f"slice on ROI {_fmt(entry['slice_share_roi'])}"
             )
-    print(f"wrote {Path(args.output_dir) / 'grounding.json'} and grounding.png")
+    print(f"wrote {Path(args.output_dir) / 'grounding.json'}, grounding.png and layers/layer_<k>.png")
     return results
 
 

@@ -242,6 +242,9 @@ def test_forced_attention_gives_the_known_shares(tmp_path, monkeypatch, model_an
     on_disk = json.loads((tmp_path / "out" / "grounding.json").read_text())
     assert on_disk["variants"]["prompt"]["layers"] == results["variants"]["prompt"]["layers"]
     assert (tmp_path / "out" / "grounding.png").read_bytes().startswith(PNG_SIGNATURE)
+    layers = sorted((tmp_path / "out" / "layers").iterdir())
+    assert [p.name for p in layers] == [f"layer_{k}.png" for k in range(len(layers))] and layers
+    assert all(p.read_bytes().startswith(PNG_SIGNATURE) for p in layers)
     # the answer's queries only: the last prompt token and the answer tokens but the last (its <|im_end|> target)
     row = results["rows"][0]
     answer = processor.tokenizer("Within the red boundary, a nodule.<|im_end|>")["input_ids"]

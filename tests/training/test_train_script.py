@@ -159,7 +159,7 @@ def test_sft_saves_the_base_adapter_processor_and_checkpoints(sft_run):
     assert (base / "model.safetensors").is_file() and (base / "processor_config.json").is_file()
 
 
-def test_the_saved_adapter_reloads_in_a_fresh_process_with_the_same_logits(workspace, sft_run, tmp_path):
+def test_the_saved_adapter_reloads_in_a_fresh_process_and_merged_with_the_same_logits(workspace, sft_run, tmp_path):
     _, data, _ = workspace
     trainer, out = sft_run
     rows = [trainer.train_dataset[i] for i in range(2)]
@@ -179,14 +179,19 @@ def test_the_saved_adapter_reloads_in_a_fresh_process_with_the_same_logits(works
         with torch.no_grad():
             logits = model(**inputs).logits
         torch.testing.assert_close(logits, saved["logits"], rtol=0, atol=1e-5)
-        print("same logits", tuple(logits.shape))
+        merged = model.merge_and_unload()  # LoRA folded into the decoder, the fully trained modules kept
+        assert not any("lora_" in name for name, _ in merged.named_parameters())
+        with torch.no_grad():
+            merged_logits = merged(**inputs).logits
+        torch.testing.assert_close(merged_logits, saved["logits"], rtol=0, atol=1e-4)
+        print("same logits", tuple(logits.shape), "merged too")
         """
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "same logits" in result.stdout
+    assert "same logits" in result.stdout and "merged too" in result.stdout
 
 
 def test_a_resumed_run_reaches_the_same_step_and_loss(workspace, sft_run, tmp_path):
