@@ -219,7 +219,9 @@ def build_app(
                         result = {error_line: _error_html(one_line_error(err))}
                     if result:  # a handler with nothing to do leaves the page, its error line included, as it is
                         result.setdefault(error_line, "")
-                    return {**result, **(always or {})}
+                    result = {**result, **(always or {})}
+                    # Gradio reads an empty dict as one output value, not as "no updates": skip one output instead.
+                    return result or {error_line: gr.skip()}
 
                 return wrapper
 

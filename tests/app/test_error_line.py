@@ -28,3 +28,23 @@ def test_multiline_input_errors_keep_their_first_line(tmp_path):
 )
 def test_one_line_per_error(error, line):
     assert one_line_error(error) == line
+
+
+def test_handlers_with_nothing_to_do_give_gradio_a_valid_update(tmp_path):
+    # Loading a case empties the ROI box, whose change event then has nothing to draw; an empty dict was read by
+    # Gradio as one output value and failed ("didn't return enough output values"), leaving the page stale.
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from med3dqwen.app.ui import build_app
+
+    demo = build_app("no-model-needed", output_root=tmp_path)
+    fns = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
+    idle = {fn.name: fn for fn in fns if fn.name in ("on_roi", "on_slice", "on_example", "on_upload")}
+    assert set(idle) == {"on_roi", "on_slice", "on_example", "on_upload"}
+    for name, block_fn in idle.items():
+        result = block_fn.fn(*([None] * len(block_fn.inputs)))
+        assert isinstance(result, dict) and result, name
+        # raises on a malformed update; in a thread of its own, as Playwright's sync API may hold this one's loop
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, demo.postprocess_data(block_fn, result, None)).result()
