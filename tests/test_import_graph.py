@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "med3dqwen"
 
 # Layer → the layers it may import (besides itself). None: exempt.
+_USER_FACING = frozenset(
+    {"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm", "builders", "inference"}
+)
 ALLOWED: dict[str, frozenset[str] | None] = {
     "modeling": frozenset(),
     "processing": frozenset(),
@@ -52,32 +55,9 @@ ALLOWED: dict[str, frozenset[str] | None] = {
     ),
     "diagnostics": frozenset({"data", "processing", "modeling", "io", "anatomy", "training", "evaluation"}),
     "builders": frozenset({"modeling", "processing", "anatomy", "io", "segmentation", "data", "convert_med3dvlm"}),
-    "scripts": frozenset(
-        {
-            "modeling",
-            "processing",
-            "anatomy",
-            "io",
-            "segmentation",
-            "data",
-            "convert_med3dvlm",
-            "builders",
-            "inference",
-        }
-    ),
-    "app": frozenset(
-        {
-            "modeling",
-            "processing",
-            "anatomy",
-            "io",
-            "segmentation",
-            "data",
-            "convert_med3dvlm",
-            "builders",
-            "inference",
-        }
-    ),
+    # the command-line programs and the viewer: the user-facing top, over everything but each other
+    "scripts": _USER_FACING,
+    "app": _USER_FACING,
     "api": None,
 }
 # Hub-copied layers: a file is copied flat under its bare name, so only ``from .sibling import x`` survives.

@@ -204,10 +204,8 @@ def test_a_prompt_that_is_not_a_prefix_of_the_conversation_is_named(processor, r
         Med3DQwenCollator(odd, dataset_root=folder)([record])
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_dataloader_workers_under_fork_and_spawn(processor, records, folder, config, start_method):
-    rows = [records["closed"][0], records["open"][0], records["whole"][0], records["closed"][1]]
-    collator = Med3DQwenCollator(processor, closed_label_names=config.closed_label_names, dataset_root=str(folder))
+def _assert_workers_give_the_in_process_batches(collator, rows, start_method):
+    """Two batches of ``rows`` through a one-worker DataLoader equal the collator's batches in this process."""
     loader = torch.utils.data.DataLoader(
         rows,
         batch_size=2,
@@ -221,6 +219,13 @@ def test_dataloader_workers_under_fork_and_spawn(processor, records, folder, con
         assert batch.keys() == expected.keys()
         for key in batch:
             assert torch.equal(batch[key], expected[key]), key
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_dataloader_workers_under_fork_and_spawn(processor, records, folder, config, start_method):
+    rows = [records["closed"][0], records["open"][0], records["whole"][0], records["closed"][1]]
+    collator = Med3DQwenCollator(processor, closed_label_names=config.closed_label_names, dataset_root=str(folder))
+    _assert_workers_give_the_in_process_batches(collator, rows, start_method)
 
 
 def test_a_moved_dataset_folder_needs_only_a_new_root(processor, records, folder, tmp_path):
@@ -279,16 +284,7 @@ def test_the_cache_leaves_the_prompt_settings_free_and_draws_the_identical_conto
 def test_the_cached_collator_works_in_dataloader_workers(processor, records, folder, config, cache, start_method):
     rows = [records["closed"][0], records["open"][0], records["whole"][0], records["closed"][1]]
     collator = Med3DQwenCollator(processor, config.closed_label_names, dataset_root=str(folder), cache=cache)
-    loader = torch.utils.data.DataLoader(
-        rows,
-        batch_size=2,
-        collate_fn=collator,
-        num_workers=1,
-        multiprocessing_context=multiprocessing.get_context(start_method),
-    )
-    for batch, expected in zip(loader, (collator(rows[:2]), collator(rows[2:])), strict=True):
-        for key in batch:
-            assert torch.equal(batch[key], expected[key]), key
+    _assert_workers_give_the_in_process_batches(collator, rows, start_method)
 
 
 # -- bad samples ----------------------------------------------------------------------------------------------------
