@@ -20,8 +20,8 @@ Why not TRL's ``DataCollatorForVisionLanguageModeling``: the processor works wit
 
 - **Truncation.** It passes ``truncation=True, max_length=...`` to the tokenizer, which cuts the whole sequence at
   ``max_length``: a prompt longer than that loses image or slice tokens, and the model's splice then fails on a
-  token/feature count mismatch deep inside the forward. Here only the answer is cut; a prompt that does not fit is
-  an error naming the row.
+  token/feature count mismatch deep inside the forward. Here only the answer is cut; a row whose prompt does not
+  fit is skipped, logged and counted (or, with ``skip_long_prompts=False``, an error naming the row).
 - **Closed labels.** It returns ``input_ids``, ``attention_mask``, ``pixel_values`` and ``labels`` only; the closed
   head needs ``closed_labels`` / ``closed_label_mask`` from each record's ``closed_answer`` / ``closed_choices``.
 - **Masks.** It hands the processor one ``images`` list per row; the ROI mask (the boundary prompt) and a dataset
@@ -63,7 +63,7 @@ from ..data.cache import CachedSampleError, CacheMismatchError, ModelGridCache, 
 from ..data.schema import CLOSED_LABEL_NAMES, closed_targets, prompt_mask_path
 
 
-__all__ = ["IGNORE_INDEX", "Med3DQwenCollator", "SampleError", "count_skipped"]
+__all__ = ["IGNORE_INDEX", "Med3DQwenCollator", "PromptTooLongError", "SampleError", "count_skipped"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,11 @@ class SampleError(ValueError):
         self.name = name
 
 
+class PromptTooLongError(SampleError):
+    """A record whose prompt alone reaches ``max_length``: keeping an answer would mean cutting image or slice tokens
+    (and a crash in the model's splice). The collator skips and counts it by default (``skip_long_prompts``)."""
+
+
 @dataclass
 class Med3DQwenCollator:
     """Turns a list of records into a training batch (see the module docstring for what it returns).
@@ -106,6 +111,8 @@ class Med3DQwenCollator:
         cache: a model-grid cache (a ``ModelGridCache`` or its folder) built with this processor's volume size and
             window; the volumes and masks are then read from it (the files need not exist). None: read online.
         skip_bad_samples: leave out (log and count) the records that cannot become samples instead of raising.
+        skip_long_prompts: leave out (log and count) a record whose prompt alone reaches ``max_length``
+            (:class:`PromptTooLongError`) even without ``skip_bad_samples``; False: raise it.
         skip_log: a file that gets one JSON line (``name``, ``reason``) per skipped record (appended; see
             :func:`count_skipped`). None: only logged and counted in this process.
 
@@ -119,6 +126,7 @@ class Med3DQwenCollator:
     dataset_root: str | os.PathLike | None = None
     cache: ModelGridCache | str | os.PathLike | None = None
     skip_bad_samples: bool = False
+    skip_long_prompts: bool = True
     skip_log: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
@@ -143,8 +151,9 @@ class Med3DQwenCollator:
 
         Raises:
             SampleError: a record without one image placeholder or a final assistant turn, whose volume or mask
-                cannot be read, whose prompt is not a token prefix of its conversation, whose prompt alone reaches
-                ``max_length``, or whose closed fields are invalid; the message names the record.
+                cannot be read, whose prompt is not a token prefix of its conversation, or whose closed fields are
+                invalid (unless ``skip_bad_samples``); whose prompt alone reaches ``max_length`` (only with
+                ``skip_long_prompts=False``). The message names the record.
         """
         if not examples:
             raise ValueError("the collator got an empty batch")
@@ -155,7 +164,8 @@ class Med3DQwenCollator:
                 row = self._sample(i, example, pixels[len(rows)])
                 target = self._closed(i, example) if self.closed_label_names else None
             except SampleError as err:
-                if not self.skip_bad_samples:
+                too_long = isinstance(err, PromptTooLongError) and self.skip_long_prompts
+                if not (self.skip_bad_samples or too_long):
                     raise
                 self._skip(err)
                 continue
@@ -245,7 +255,7 @@ class Med3DQwenCollator:
         trained = answer.index(self._im_end_id) + 1  # the answer and its <|im_end|>; what follows is not learnt
         if self.max_length is not None:
             if len(prompt_ids) >= self.max_length:
-                raise SampleError(
+                raise PromptTooLongError(
                     row,
                     name,
                     f"its prompt is {len(prompt_ids)} tokens (with {volume_tokens} image and slice tokens), which "

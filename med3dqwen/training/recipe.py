@@ -81,9 +81,10 @@ FUSION_MODULES_TO_SAVE = ("slice_self_attention", "multi_head_slice_attention", 
 ALIGN_QUESTION_TYPES = ("report", "region_report", "whole_report", "caption")
 """``question_type`` values of the report and caption rows the align stage trains on."""
 BASE_FOLDER = "base"
-SKIP_LOG = "skipped_samples.jsonl"
-"""File in ``output_dir`` listing the rows ``--skip_bad_samples`` left out (one JSON line each: name, reason)."""
 """Sub-folder of ``output_dir`` holding the sft stage's base model (the adapter's ``base_model_name_or_path``)."""
+SKIP_LOG = "skipped_samples.jsonl"
+"""File in ``output_dir`` listing the rows the collator left out (one JSON line each: name, reason): prompts that
+reach ``max_length`` always, unreadable rows with ``--skip_bad_samples``."""
 
 
 @dataclass
@@ -148,8 +149,8 @@ class Med3DQwenScriptArguments(ScriptArguments):
         default=False,
         metadata={
             "help": "Leave out, log and count the rows that cannot become samples (missing or corrupt volume or "
-            f"mask, a prompt longer than max_length) instead of stopping with an error; listed in "
-            f"<output_dir>/{SKIP_LOG}, counted at the end."
+            f"mask) instead of stopping with an error; listed in <output_dir>/{SKIP_LOG}, counted at the end. Rows "
+            "whose prompt alone reaches max_length are always left out and counted (their image tokens cannot be cut)."
         },
     )
 
@@ -378,10 +379,10 @@ def build_trainer(
         else:  # the main process writes it
             model.name_or_path = model.config._name_or_path = str(base)
         model = peft.get_peft_model(model, lora_config(model_args, model.config))
-    skip_log = None
-    if script_args.skip_bad_samples:
-        skip_log = Path(training_args.output_dir).expanduser() / SKIP_LOG
-        skip_log.parent.mkdir(parents=True, exist_ok=True)
+    # Rows whose prompt alone reaches max_length are always skipped (their image tokens cannot be cut); with
+    # --skip_bad_samples unreadable rows too. Either way they are listed here and counted at the end.
+    skip_log = Path(training_args.output_dir).expanduser() / SKIP_LOG
+    skip_log.parent.mkdir(parents=True, exist_ok=True)
     collator = Med3DQwenCollator(
         processor,
         names,
@@ -454,9 +455,10 @@ def run(script_args: Med3DQwenScriptArguments, training_args: SFTConfig, model_a
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if skip_log and trainer.is_world_process_zero():
         skipped = count_skipped(skip_log) - skipped
-        logger.warning(
-            "skipped %d bad sample(s) in this run (a bad row counts once per epoch); see %s", skipped, skip_log
-        )
+        if skipped:
+            logger.warning(
+                "skipped %d bad sample(s) in this run (a bad row counts once per epoch); see %s", skipped, skip_log
+            )
     out = training_args.output_dir
     trainer.save_model(out)
     if trainer.is_world_process_zero():

@@ -15,7 +15,13 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from med3dqwen.data.cache import CacheMismatchError, build_model_grid_cache
 from med3dqwen.data.schema import CLOSED_LABEL_NAMES, resolve_media, to_format
 from med3dqwen.processing.tokenization_med3d_qwen import CHAT_TEMPLATE
-from med3dqwen.training.collator import IGNORE_INDEX, Med3DQwenCollator, SampleError, count_skipped
+from med3dqwen.training.collator import (
+    IGNORE_INDEX,
+    Med3DQwenCollator,
+    PromptTooLongError,
+    SampleError,
+    count_skipped,
+)
 
 
 IMAGE_ID, SLICE_ID, IM_START, IM_END, PAD = 151655, 151654, 151644, 151645, 151643
@@ -109,11 +115,22 @@ def test_truncation_cuts_only_the_answer(processor, records, folder, config):
     assert (cut["input_ids"] == SLICE_ID).sum() == processor.num_slice_tokens
     out = tiny_model(config)(**cut)  # the splice finds every image token
     assert torch.isfinite(out.loss)
-    # a max_length the prompt alone reaches cannot keep the image tokens and an answer: a named error
+    # a max_length the prompt alone reaches cannot keep the image tokens and an answer: skipped and counted by
+    # default (the batch keeps the others; a batch of only such rows trains nothing), or a named error on request
+    short = Med3DQwenCollator(processor, dataset_root=folder, max_length=prompt_length)
+    fits = min(
+        records["closed"], key=lambda r: len(Med3DQwenCollator(processor, dataset_root=folder)([r])["input_ids"][0])
+    )
+    assert len(Med3DQwenCollator(processor, dataset_root=folder)([fits])["input_ids"][0]) < prompt_length
+    batch = short([record, fits])  # the row that fits is kept, the other left out
+    assert short.num_skipped == 1 and batch["input_ids"].shape[0] == 1
+    assert torch.equal(batch["input_ids"], Med3DQwenCollator(processor, dataset_root=folder)([fits])["input_ids"])
+    lone = short([record])
+    assert bool((lone["labels"] == IGNORE_INDEX).all()) and short.num_skipped >= 1
     with pytest.raises(
-        SampleError, match=rf"sample 0 \(volume_id '{record['volume_id']}'\).*max_length={prompt_length}"
+        PromptTooLongError, match=rf"sample 0 \(volume_id '{record['volume_id']}'\).*max_length={prompt_length}"
     ):
-        Med3DQwenCollator(processor, dataset_root=folder, max_length=prompt_length)([record])
+        Med3DQwenCollator(processor, dataset_root=folder, max_length=prompt_length, skip_long_prompts=False)([record])
 
 
 def test_closed_targets_follow_the_records(processor, records, folder, config):
