@@ -54,7 +54,14 @@ _STAGE_DESCRIPTIONS = {
     "sft": "LoRA adapter of the SFT stage",
     "distill": "LoRA adapter of the distillation stage (SFT loss + contrastive term against a frozen teacher)",
 }
-_NOT_PUSHED = ("checkpoint-*", "checkpoint-*/**", "base/**", "training_args.bin", "runs/**")
+_NOT_PUSHED = (
+    "checkpoint-*",
+    "checkpoint-*/**",
+    "base/**",
+    "training_args.bin",
+    "runs/**",
+    "skipped_samples.jsonl",  # local diagnostics: row names and file paths of the training data
+)
 
 
 class PushError(RuntimeError):

@@ -472,7 +472,10 @@ def test_push_of_an_adapter_pushes_its_base_first_and_points_the_pushed_adapter_
     )
     out = tmp_path / "run"
     args = ["--config", str(recipe), "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id", "me/ad"]
+    out.mkdir()
+    (out / "skipped_samples.jsonl").write_text('{"name": "x", "reason": "/data/private/x.nii.gz missing"}\n')
     trainer = run_script(*args)
+    assert not (hub / "me/ad" / "skipped_samples.jsonl").exists()  # local diagnostics stay local
     assert pushes == ["me/ad-base", "me/ad"]  # the base first: the adapter never points at a missing repo
     pushed = json.loads((hub / "me/ad/adapter_config.json").read_text())
     assert pushed["base_model_name_or_path"] == "me/ad-base"
