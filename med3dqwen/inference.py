@@ -42,9 +42,9 @@ import numpy as np
 from .anatomy.vocabulary import SOURCES, default_vocabulary
 from .data.rewrite import RewriteConfig, closed_label_names, rewrite_question, system_prompt
 from .data.schema import IMAGE_SUFFIXES, YES_NO_NAMES, chat_messages
-from .io import atomic_output, prompt_png_stack
+from .io import atomic_output, prompt_png_stack, volume_montage_png
 from .processing.ct_io import CTInputError, CTVolume, MaskMismatchError, load_mask, load_volume
-from .processing.ct_transforms import resize_mask
+from .processing.ct_transforms import binarize_mask, resize_mask
 from .segmentation.base import MaskSource, UnknownStructureError, close_matches
 
 
@@ -365,7 +365,10 @@ def _mask_from_file(mask, label, ct: CTVolume) -> np.ndarray:
             )
         if label is not None:
             return np.asarray(mask) == int(label)
-        return np.asarray(mask) > (0.5 if mask.dtype.kind == "f" else 0)
+        try:
+            return binarize_mask(mask, "mask")  # the processor's rule: floating values > 0.5, integers non-zero
+        except CTInputError as err:
+            raise PredictError("mask", _name(mask), err.problem) from err
     path = Path(mask).expanduser()
     if not path.is_file():
         raise PredictError("mask", mask, "no such file" if not path.exists() else "is not a file")
@@ -718,8 +721,6 @@ def _overlay(pixel_values, small, used_prompt, image_processor, output_dir):
     The montage shows the model input itself (channel 0: the windowed, resized volume), so its grey levels and the
     band are exactly what the model saw; the band is painted in the prompt's colour.
     """
-    from .io import _montage, _save_png
-
     image = pixel_values[0, 0].detach().float().cpu().numpy()  # (D, H, W) in [0, 1]
     if small is not None:
         stack = prompt_png_stack(
@@ -739,7 +740,4 @@ def _overlay(pixel_values, small, used_prompt, image_processor, output_dir):
         return stack.montage, stack.covered_fraction, stack.slice_indices
     if output_dir is None:
         return None, None, []
-    picks = np.unique(np.linspace(0, image.shape[0] - 1, num=min(_MONTAGE_TILES, image.shape[0])).round().astype(int))
-    grey = np.rint(np.clip(image[picks], 0.0, 1.0) * 255.0).astype(np.uint8)
-    tiles = np.repeat(grey[..., None], 3, axis=-1)  # (N, H, W, 3)
-    return _save_png(Path(output_dir) / _OVERLAY_NAME, _montage(tiles)), None, []
+    return volume_montage_png(image, Path(output_dir) / _OVERLAY_NAME, (0.0, 1.0), _MONTAGE_TILES), None, []

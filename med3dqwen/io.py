@@ -32,6 +32,7 @@ __all__ = [
     "read_jsonl",
     "safe_relpath",
     "save_nifti",
+    "volume_montage_png",
     "write_jsonl",
 ]
 
@@ -264,6 +265,11 @@ def _montage(tiles: np.ndarray, columns: int | None = None) -> np.ndarray:
     return grid
 
 
+def _evenly_spaced(n: int, count: int) -> np.ndarray:
+    """Indices of at most ``count`` evenly spaced items of ``n`` (first and last included)."""
+    return np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(int))
+
+
 def _save_png(path: Path, rgb: np.ndarray) -> Path:
     from PIL import Image
 
@@ -324,8 +330,7 @@ def prompt_png_stack(
         written = [_save_png(out_dir / f"{prefix}_{d:04d}.png", tile) for d, tile in zip(indices, rgb, strict=True)]
     montage_path = None
     if montage:
-        count = min(max_montage_tiles, len(indices))
-        pick = np.unique(np.linspace(0, len(indices) - 1, num=count).round().astype(int))
+        pick = _evenly_spaced(len(indices), max_montage_tiles)
         montage_path = _save_png(out_dir / f"{prefix}_montage.png", _montage(rgb[pick]))
     return PromptPNGs(
         slices=written,
@@ -334,3 +339,19 @@ def prompt_png_stack(
         covered_fraction=covered,
         roi_empty=False,
     )
+
+
+def volume_montage_png(
+    volume_hu, path: str | os.PathLike, window: str | tuple[float, float] = "chest", max_tiles: int = 16
+) -> Path:
+    """A montage of at most ``max_tiles`` evenly spaced axial slices of ``volume_hu`` (D, H, W), windowed grey and
+    without a contour (what :func:`prompt_png_stack`'s montage is for a volume with no ROI); written atomically.
+
+    Raises:
+        InvalidVolumeError: ``volume_hu`` is not 3D.
+    """
+    image = _as_numpy(volume_hu)
+    if image.ndim != 3:
+        raise InvalidVolumeError("volume", f"expected a (D, H, W) array, got shape {image.shape}")
+    picked = image[_evenly_spaced(image.shape[0], max_tiles)]
+    return _save_png(Path(path), _montage(_overlay_rgb(picked, np.zeros(picked.shape, dtype=bool), window, "red")))

@@ -20,6 +20,7 @@ from med3dqwen.io import UnsafePathError, safe_relpath
 from med3dqwen.processing.ct_io import CorruptFileError, CTInputError, CTVolume, load_mask, load_volume
 from med3dqwen.processing.ct_transforms import boundary_mask, parse_color, window_hu
 from med3dqwen.segmentation.base import MaskResult, MaskSource, UnknownStructureError, close_matches
+from med3dqwen.segmentation.threshold import THRESHOLD_STRUCTURES
 
 
 __all__ = [
@@ -262,4 +263,4 @@ def structure_choices(case: Case | None, extra: Mapping[str, str] | None = None)
     """ROI names to offer for ``case``: its own masks (a phantom's), else the names the threshold segmenter serves."""
     if case is not None and case.masks:
         return sorted(case.masks)
-    return sorted({"lung", "lung_left", "lung_right", "airway", "body", "bone", *(extra or {})})
+    return sorted({*THRESHOLD_STRUCTURES, *(extra or {})})

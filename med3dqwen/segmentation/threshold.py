@@ -17,12 +17,13 @@ from med3dqwen.processing.ct_io import CTVolume
 from .base import MaskResult, MaskSource, UnknownStructureError, close_matches
 
 
-__all__ = ["HUThresholdSource"]
+__all__ = ["THRESHOLD_STRUCTURES", "HUThresholdSource"]
 
 # In-slice 8-connectivity, nothing across slices: labels every axial slice's components in one call.
 _IN_SLICE = np.zeros((3, 3, 3), dtype=bool)
 _IN_SLICE[1] = True
-_STRUCTURES = ("body", "lung", "lung_left", "lung_right", "airway", "bone")
+THRESHOLD_STRUCTURES = ("body", "lung", "lung_left", "lung_right", "airway", "bone")
+"""The structures :class:`HUThresholdSource` computes (the names it serves; ``trachea`` maps to ``airway``)."""
 # Canonical keys served by another structure's mask.
 _SERVED_AS = {"trachea": "airway"}  # the trachea is the airway's upper part; the result's resolved_name says so
 
@@ -80,14 +81,14 @@ class HUThresholdSource(MaskSource):
         Raises:
             UnknownStructureError: a name this source has no rule for.
         """
-        key = structure if structure in _STRUCTURES else self.vocabulary.canonical(structure)
+        key = structure if structure in THRESHOLD_STRUCTURES else self.vocabulary.canonical(structure)
         key = _SERVED_AS.get(key, key)
-        if key not in _STRUCTURES:
+        if key not in THRESHOLD_STRUCTURES:
             raise UnknownStructureError(
                 structure,
                 self.source_name,
-                close_matches(structure, _STRUCTURES + tuple(_SERVED_AS)),
-                detail=f"HU thresholds give only {list(_STRUCTURES)}",
+                close_matches(structure, THRESHOLD_STRUCTURES + tuple(_SERVED_AS)),
+                detail=f"HU thresholds give only {list(THRESHOLD_STRUCTURES)}",
             )
         return key
 
@@ -119,9 +120,10 @@ class HUThresholdSource(MaskSource):
         Raises:
             ValueError: a name outside that list (use :meth:`resolve_name` for other spellings).
         """
-        wanted = set(_STRUCTURES) if structures is None else set(structures)
-        if not wanted <= set(_STRUCTURES):
-            raise ValueError(f"segment() computes {list(_STRUCTURES)}, not {sorted(wanted - set(_STRUCTURES))}")
+        wanted = set(THRESHOLD_STRUCTURES) if structures is None else set(structures)
+        if not wanted <= set(THRESHOLD_STRUCTURES):
+            unknown = sorted(wanted - set(THRESHOLD_STRUCTURES))
+            raise ValueError(f"segment() computes {list(THRESHOLD_STRUCTURES)}, not {unknown}")
         hu = volume.array
         spacing = volume.spacing
         out: dict[str, np.ndarray] = {}

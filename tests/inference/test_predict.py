@@ -429,6 +429,13 @@ def test_loaded_volume_and_mask_array(case):
     assert from_arrays.probabilities == pytest.approx(from_files.probabilities)
     with pytest.raises(PredictError, match=r"^mask '<array \(32, 64, 63\)>': differs from the volume's shape"):
         predict(case["model"], ct, "Is the liver normal?", mask=liver[:, :, :63])
+    soft = liver.astype(np.float32) * 0.9  # a probability mask: > 0.5 is inside, as the processor binarises it
+    assert predict(case["model"], ct, "Is the liver normal?", mask=soft, max_new_tokens=2).contour_slices == (
+        from_arrays.contour_slices
+    )
+    soft[0, 0, 0] = np.nan
+    with pytest.raises(PredictError, match=r"^mask '<array \(32, 64, 64\)>': .*NaN"):
+        predict(case["model"], ct, "Is the liver normal?", mask=soft)
 
 
 def test_predict_is_a_lazy_package_name():

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from med3dqwen.io import prompt_png_stack
+from med3dqwen.io import prompt_png_stack, volume_montage_png
 from med3dqwen.processing import ct_transforms
 from med3dqwen.processing.ct_io import InvalidVolumeError, load_mask, load_volume
 from med3dqwen.processing.ct_transforms import (
@@ -440,6 +440,18 @@ def test_prompt_png_stack_writes_roi_slices_and_montage(tmp_path):
 def test_prompt_png_stack_empty_roi_writes_nothing(tmp_path):
     result = prompt_png_stack(np.zeros((2, 8, 8)), np.zeros((2, 8, 8), dtype=bool), tmp_path / "out")
     assert result.roi_empty and result.montage is None and not (tmp_path / "out").exists()
+
+
+def test_volume_montage_png_tiles_evenly_spaced_grey_slices(tmp_path):
+    hu = np.stack([np.full((6, 8), v, dtype=np.float32) for v in np.linspace(-1000, 1000, 10)])  # (10, 6, 8)
+    path = volume_montage_png(hu, tmp_path / "m.png", window=(-1000.0, 1000.0), max_tiles=4)
+    grid = np.asarray(Image.open(path).convert("RGB"))
+    assert grid.shape == (2 * 6, 2 * 8, 3)  # 4 tiles (slices 0, 3, 6, 9) on a 2x2 grid
+    tiles = [grid[r * 6, c * 8] for r in (0, 1) for c in (0, 1)]
+    assert [int(t[0]) for t in tiles] == [0, 85, 170, 255] and all(t[0] == t[1] == t[2] for t in tiles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png"]  # written atomically
+    with pytest.raises(InvalidVolumeError, match="D, H, W"):
+        volume_montage_png(hu[0], tmp_path / "flat.png")
 
 
 @pytest.mark.parametrize(
