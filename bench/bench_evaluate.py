@@ -5,7 +5,8 @@ Usage (as recorded in BENCHMARKS.md):
     NLTK_DATA=../shared/nltk_data python bench/bench_evaluate.py --samples 24 --batch_size 4 --repeats 5
 
 Builds a phantom dataset (``--num_volumes`` volumes of ``--shape``) and a tiny random Med3DQwen on the real Qwen2.5
-vocabulary (hidden 32, 2 decoder layers, 64³ volumes: 10 visual + 4 slice tokens) in a temporary folder, then runs
+vocabulary (the model of ``configs/demo_cpu.yaml``: hidden 32, 2 decoder layers, 64³ volumes: 10 visual + 4 slice
+tokens) in a temporary folder, then runs
 ``med3dqwen.evaluation.runner.evaluate_model`` ``--repeats`` times after one warm-up, each into a fresh output folder
 (so nothing is resumed), and prints a markdown row: median samples/s over the whole call (dataset loading, model
 loading, generation, scoring, results.json, table and chart), the median per-sample latency the run records
@@ -23,26 +24,23 @@ import time
 from pathlib import Path
 
 
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.yaml"
+"""The recipe whose tiny model is measured: the one ``make demo`` trains (one spelling of its size, not two)."""
+
+
 def tiny_model_folder(folder: Path) -> Path:
+    import json
+
     import torch
+    import yaml
 
     from med3dqwen.modeling.configuration_med3d_qwen import Med3DQwenConfig
     from med3dqwen.modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
     from med3dqwen.processing.processing_med3d_qwen import Med3DQwenProcessor
     from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
 
-    config = Med3DQwenConfig.from_preset(
-        "tiny",
-        text_overrides={"vocab_size": 151665, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2},
-        vision_overrides={
-            "channels": [4, 8, 8, 16, 16],
-            "depths": [1, 1, 1, 1, 1],
-            "volume_size": [64, 64, 64],
-            "low_output_tokens": [6, 4],
-            "high_output_tokens": [4, 4],
-        },
-        ssa_layers=1,
-    )
+    recipe = yaml.safe_load(DEMO_RECIPE.read_text(encoding="utf-8"))
+    config = Med3DQwenConfig.from_preset(recipe["model_preset"], **json.loads(recipe["preset_overrides"]))
     torch.manual_seed(0)
     Med3DQwenForConditionalGeneration(config).save_pretrained(folder)
     Med3DQwenProcessor.from_config(config, tokenizer=load_qwen2_5_tokenizer()).save_pretrained(folder)

@@ -95,3 +95,13 @@ def test_data_bench_runs_on_a_small_case(tmp_path):
         v > 0 for v in data["cached_samples_per_s"].values()
     )
     assert data["cached_max_abs_difference"] <= 1e-5 and data["online_over_floor"] > 0
+
+
+@pytest.mark.slow
+def test_evaluate_bench_runs_on_the_demo_recipes_tiny_model():
+    cmd = [sys.executable, str(REPO / "bench" / "bench_evaluate.py"), "--samples", "4", "--batch_size", "2",
+           "--max_new_tokens", "2", "--repeats", "1"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = result.stdout.strip().splitlines()[-1]
+    assert row.startswith("| 4 | 2 | 2 |") and "MiB |" in row
