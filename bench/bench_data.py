@@ -16,7 +16,9 @@ other processes hits them alike) after one warm-up:
   into float32, the drain to the gzip trailer, a contiguous reoriented float32 copy, the mask the same way, then the
   image processor (window, resize, contour) on those arrays;
 - **online, ISA-L**: ``image_processor([volume_path], [mask_path])`` as the collator calls it now: one-shot ISA-L
-  decompression, windowing straight from the stored int16 view (no float32 copy), resize, contour;
+  decompression, the window and resize fused on the stored int16 values (``window_and_resize``: in-plane pairs
+  summed in integers, no float32 copy at full size), the mask's model-grid voxels picked from its stored labels,
+  contour;
 - **online, standard library**: the same without ``isal`` (``gzip.decompress`` one shot), the fallback;
 - **decompression floor**: ``isal.igzip.decompress`` of the volume and mask files' bytes alone (files read included);
 - **cached samples**: the whole collator (chat template, tokens, cached volume and mask, contour drawn online) over
@@ -28,10 +30,10 @@ Each in-process time is given as wall time and as this process's CPU time: on a 
 wall times grow with the load, the CPU times much less (page faults and cache misses still do).
 
 Every file is read from the page cache (this measures decoding, not the disk), and so is the cache. It checks that
-the online outputs equal the before-path's and that the cached sample is within 1e-5 of the online one, prints a
-markdown table and the two goals of the issue (cached ≥ 20 samples/s with 2 workers, judged in steady state: a
-training run starts its workers once; online within 1.3× of the floor) with the measured values; nothing is asserted
-about timings.
+the online output equals the before-path's to float32 rounding and that the cached sample is within 1e-5 of the
+online one (both ≤ 1e-5), prints a markdown table and the two goals of the issue (cached ≥ 20 samples/s with 2
+workers, judged in steady state: a training run starts its workers once; online within 1.3× of the floor) with the
+measured values; nothing is asserted about timings.
 """
 
 from __future__ import annotations
@@ -175,11 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
         volume_path, mask_path = case.volume_path, case.mask_path
         sizes = volume_path.stat().st_size + mask_path.stat().st_size
 
-        # Same outputs before any timing: the fast path equals the former one.
+        # Same outputs before any timing: the fast path equals the former one to float32 rounding (the fused window
+        # and resize sums the same taps in another order).
         reference = before_path(processor, volume_path, mask_path)
         fast = online_path(processor, volume_path, mask_path)
-        if not np.array_equal(reference, fast):
-            raise SystemExit(f"the online path differs from the former one by {np.abs(reference - fast).max()}")
+        online_difference = float(np.abs(reference - fast).max())
+        if online_difference > 1e-5:
+            raise SystemExit(f"the online path differs from the former one by {online_difference}")
 
         isal_gzip = ct_io._isal_gzip
 
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     cpu_ratio = cpu["online, ISA-L one-shot + int16 windowing"] / cpu_floor
     print(
         f"\ncached sample vs online: max |Δ pixel_values| = {difference:.2e} (≤ 1e-5); "
-        f"online equals the former path exactly.\n"
+        f"online vs the former path: max |Δ| = {online_difference:.2e} (≤ 1e-5).\n"
         f"goal: cached ≥ {GOAL_CACHED:.0f} samples/s with 2 workers: {steady[2]:.1f} in steady state, {rates[2]:.1f} "
         f"with the workers' start ({'met' if steady[2] >= GOAL_CACHED else 'NOT met'}); "
         f"online within {GOAL_RATIO}× of the floor: {ratio:.2f}× wall, {cpu_ratio:.2f}× CPU "
@@ -265,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         "online_over_floor_cpu": cpu_ratio,
         "load_average": load,
         "cached_max_abs_difference": difference,
+        "online_max_abs_difference": online_difference,
         "cpu_count": os.cpu_count(),
     }
     if args.output:

@@ -46,6 +46,8 @@ __all__ = [
     "load_label_map",
     "load_mask",
     "load_volume",
+    "memory_order",
+    "resolve_label",
     "select_label",
     "standard_affine",
     "to_canonical",
@@ -163,9 +165,14 @@ class CTVolume:
         spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
         affine: np.ndarray | None = None,
         name: str | None = None,
+        stored_integers: bool = False,
     ) -> CTVolume:
-        """Wrap an HU array that is already in (D, H, W) canonical orientation (validated like a file)."""
-        array = _validate_volume(np.asarray(array), name or "<array>")
+        """Wrap an HU array that is already in (D, H, W) canonical orientation (validated like a file).
+
+        ``stored_integers``: integer HU stay as given (not copied to float32), as ``load_volume(...,
+        stored_integers=True)`` keeps a file's, so that a reader that windows them at once gives the same values
+        from an array, a nibabel image or a file."""
+        array = _validate_volume(np.asarray(array), name or "<array>", keep_integers=stored_integers)
         affine = standard_affine(spacing) if affine is None else np.asarray(affine, dtype=np.float64)
         return cls(array=array, affine=affine, path=name)
 
@@ -194,6 +201,23 @@ def to_canonical(data: np.ndarray, affine: np.ndarray, copy: bool = True) -> tup
     # (W, H, D) -> (D, H, W); permute the affine's columns to match.
     dhw = whd.transpose(2, 1, 0)
     return (np.ascontiguousarray(dhw) if copy else dhw), whd_affine[:, [2, 1, 0, 3]]
+
+
+def memory_order(array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]:
+    """``array`` viewed in the order its values lie in memory: flipped axes unflipped, axes by decreasing stride.
+
+    For a reoriented view (:func:`to_canonical` with ``copy=False``: flips and a transpose of the stored data) this
+    is the stored array again. numpy does not undo negative strides itself: a ``min`` over CT-RATE's reoriented
+    view took 3.7× as long as over this one. Order-free work (reductions, counts, element-wise passes whose result
+    is reoriented afterwards) should run on it.
+
+    Returns:
+        ``(view, axes, flips)`` with ``view = array[<flips reversed>].transpose(axes)``.
+    """
+    flips = tuple(axis for axis in range(array.ndim) if array.strides[axis] < 0)
+    positive = array[tuple(slice(None, None, -1) if axis in flips else slice(None) for axis in range(array.ndim))]
+    axes = tuple(sorted(range(array.ndim), key=lambda axis: -positive.strides[axis]))
+    return positive.transpose(axes), axes, flips
 
 
 def _require_real_numbers(array: np.ndarray, source: str | os.PathLike, what: str) -> None:
@@ -622,8 +646,14 @@ class LabelMap:
             )
 
 
-def load_label_map(path: str | os.PathLike) -> LabelMap:
+def load_label_map(path: str | os.PathLike, *, copy: bool = True) -> LabelMap:
     """Read a binary or multilabel NIfTI (or a canonical ``.npy``), reoriented exactly like :func:`load_volume`.
+
+    Args:
+        path: the file.
+        copy: ``False`` keeps integer labels as the read-only reoriented *view* of the decompressed data (flips and a
+            transpose, not contiguous), for a reader that only picks some voxels (the image processor picks the
+            model grid's); ``True`` returns an owned C-contiguous array.
 
     Raises:
         CorruptFileError: missing or unreadable file, unknown format. InvalidVolumeError: not 3D, or non-integer
@@ -650,7 +680,9 @@ def load_label_map(path: str | os.PathLike) -> LabelMap:
             raise InvalidVolumeError(path, "mask holds non-integer values (is this an image, not a label map?)")
         data = data.astype(np.int32)
     if affine is not None:
-        data, affine = to_canonical(data, affine)
+        data, affine = to_canonical(data, affine, copy=copy)
+    if not copy:
+        return LabelMap(array=data, affine=affine, header_table=header_table, path=str(path))
     if not data.flags.writeable:  # a view of the decompressed bytes (already canonical on disk): own a copy
         data = data.copy()
     return LabelMap(array=np.ascontiguousarray(data), affine=affine, header_table=header_table, path=str(path))
@@ -690,16 +722,22 @@ def load_mask(
     return select_label(labels, label, label_map)
 
 
-def select_label(labels: LabelMap, label: int | str | None, label_map: Mapping[int, str] | None = None) -> np.ndarray:
-    """The (D, H, W) bool mask of one label of a :class:`LabelMap` (see :func:`load_mask` for the rules)."""
-    path, array, header_table = labels.path, labels.array, labels.header_table
+def resolve_label(labels: LabelMap, label: int | str | None, label_map: Mapping[int, str] | None = None) -> int | None:
+    """Which value of ``labels`` is the ROI: the integer id of ``label``, or None for "any non-zero voxel" (a binary
+    file). Checks the whole map (see :func:`load_mask` for the rules), so that a caller may then pick only some
+    voxels (``labels.array == id`` on a resized grid) and still refuse a multilabel file read as binary."""
+    path, header_table = labels.path, labels.header_table
+    array = memory_order(labels.array)[0]  # order-free counts, at memory speed on a reoriented view
     if label is None:
-        # Binary means at most one non-zero value (0/1 and 0/255 masks both are); checked without np.unique's sort.
-        roi = array != 0
-        if roi.any() and np.count_nonzero(roi) != np.count_nonzero(array == array.max()):
-            shown = np.unique(array[roi])[:10].tolist()
+        # Binary means at most one non-zero value (0/1 and 0/255 masks both are); checked without np.unique's sort,
+        # and without a full-size comparison when the values lie in {0, 1}.
+        if array.dtype == bool or (array.max() <= 1 and (array.dtype.kind == "u" or array.min() >= 0)):
+            return None
+        nonzero = np.count_nonzero(array)
+        if nonzero and nonzero != np.count_nonzero(array == array.max()):
+            shown = np.unique(array[array != 0])[:10].tolist()
             raise UnknownLabelError(path, f"multilabel mask (labels {shown}...); pass label=<id or name>")
-        return roi
+        return None
     table = label_map or header_table
     if isinstance(label, str):
         if not table:
@@ -717,8 +755,14 @@ def select_label(labels: LabelMap, label: int | str | None, label_map: Mapping[i
                 path,
                 f"label name {label!r} is not in the label table" + (f" (did you mean {close}?)" if close else ""),
             )
-        label = ids[0]
-    elif int(label) not in table and not (array == int(label)).any():
+        return ids[0]
+    if int(label) not in table and not (array == int(label)).any():
         raise UnknownLabelError(path, f"label id {label} is neither in the file nor in its label table")
     # A known label that this scan does not contain is an empty mask, which callers report (not an error).
-    return array == int(label)
+    return int(label)
+
+
+def select_label(labels: LabelMap, label: int | str | None, label_map: Mapping[int, str] | None = None) -> np.ndarray:
+    """The (D, H, W) bool mask of one label of a :class:`LabelMap` (see :func:`load_mask` for the rules)."""
+    label_id = resolve_label(labels, label, label_map)
+    return labels.array != 0 if label_id is None else labels.array == label_id

@@ -24,8 +24,10 @@ from .ct_io import (
     InvalidVolumeError,
     LabelMap,
     MaskMismatchError,
-    load_mask,
+    load_label_map,
     load_volume,
+    memory_order,
+    resolve_label,
     select_label,
     to_canonical,
 )
@@ -35,9 +37,9 @@ from .ct_transforms import (
     binarize_mask,
     parse_color,
     render_prompt,
+    resize_labels,
     resize_mask,
-    resize_volume,
-    window_hu,
+    window_and_resize,
 )
 
 
@@ -175,39 +177,51 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
             return load_volume(volume, stored_integers=True)
         if isinstance(volume, CTVolume):
             return volume
+        # Integer HU stay integers here too (a view, reoriented without a copy), so the same values give the same
+        # model input whether they come as a file, a nibabel image (datasets' Nifti feature), a MetaTensor or an array.
         if isinstance(volume, nib.spatialimages.SpatialImage) or _is_meta_tensor(volume):
             data, affine = _oriented(volume, name)
-            array, affine = to_canonical(data, affine)
-            return CTVolume.from_array(array, affine=affine, name=name)  # validates: real numbers, finite
+            array, affine = to_canonical(data, affine, copy=False)
+            # validates: real numbers, finite
+            return CTVolume.from_array(array, affine=affine, name=name, stored_integers=True)
         if isinstance(volume, (np.ndarray, torch.Tensor)):
             array = _tensor_to_numpy(volume) if isinstance(volume, torch.Tensor) else volume
             _require_layout(layout, name, "volume")
-            return CTVolume.from_array(np.asarray(array), name=name)  # validates: 3D, real numbers, finite
+            # validates: 3D, real numbers, finite
+            return CTVolume.from_array(np.asarray(array), name=name, stored_integers=True)
         raise TypeError(
             f"{name}: unsupported volume type {type(volume).__name__}; give a file path, a nibabel image, a MONAI "
             "MetaTensor, a CTVolume, or a numpy array / torch tensor with layout='DHW'"
         )
 
-    def _mask(self, mask: MaskInput, volume: CTVolume, layout: str | None, label, name: str) -> np.ndarray | None:
-        """The ROI as a (D, H, W) bool mask on ``volume``'s grid (one ``label`` of a multi-label map)."""
+    def _grid_mask(self, mask: MaskInput, volume: CTVolume, layout: str | None, label, name: str) -> np.ndarray | None:
+        """The ROI (one ``label`` of a multi-label map) as a bool mask on the model grid, checked against
+        ``volume``'s grid; nearest-neighbour resizing as :func:`resize_mask`."""
         if mask is None:
             return None
         if isinstance(mask, (str, os.PathLike)):
-            return load_mask(mask, like=volume, label=label)
+            # A file's labels stay the reoriented view of its stored values: the whole map is checked (grid, label,
+            # binary), then only the model grid's voxels are picked and compared, never a full-size bool copy.
+            labels = load_label_map(mask, copy=False)
+            labels.check_grid(volume)
+            label_id = resolve_label(labels, label)
+            picked = resize_labels(labels.array, self.volume_size)
+            return picked != 0 if label_id is None else picked == label_id
         if isinstance(mask, nib.spatialimages.SpatialImage) or _is_meta_tensor(mask):
             data, affine = _oriented(mask, name)
             array, affine = to_canonical(data, affine)
             labels = _label_map(array, affine, name)
             labels.check_grid(volume)
-            return select_label(labels, label)
+            return resize_mask(select_label(labels, label), self.volume_size)
         if isinstance(mask, (np.ndarray, torch.Tensor)):
             _require_layout(layout, name, "mask")
             array = _tensor_to_numpy(mask) if isinstance(mask, torch.Tensor) else np.asarray(mask)
             if array.shape != volume.shape:
                 raise MaskMismatchError(name, f"mask shape {array.shape} differs from volume shape {volume.shape}")
             if label is None:
-                return binarize_mask(array, name)  # one rule for soft masks: floating values > 0.5
-            return select_label(_label_map(array, None, name), label)
+                # one rule for soft masks: floating values > 0.5 (binarize_mask), applied by resize_mask
+                return resize_mask(binarize_mask(array, name), self.volume_size)
+            return resize_mask(select_label(_label_map(array, None, name), label), self.volume_size)
         raise TypeError(f"{name}: unsupported mask type {type(mask).__name__}")
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -319,10 +333,10 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
             (D, H, W) = ``volume_size`` bool.
         """
         ct = self._volume(volume, layout, _describe(volume, 0, "volumes"))
-        roi = self._mask(mask, ct, layout, label, _describe(mask, 0, "masks"))
+        roi = self._grid_mask(mask, ct, layout, label, _describe(mask, 0, "masks"))
         if roi is None:
             raise ValueError("model_grid_mask needs a mask, got None")
-        return resize_mask(roi, self.volume_size)
+        return roi
 
     def draw_prompt(self, image: np.ndarray, roi: np.ndarray | None) -> PromptResult:
         """The boundary prompt of ``roi`` drawn into ``image`` (both on the model grid) with this processor's
@@ -342,7 +356,7 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
     def _model_grid(self, i, volume, mask, kind, scale, axes, roi_label) -> tuple[np.ndarray, np.ndarray | None]:
         name = _describe(volume, i, "volumes")
         ct = self._volume(volume, axes, name)
-        roi = self._mask(mask, ct, axes, roi_label, _describe(mask, i, "masks"))
+        roi = self._grid_mask(mask, ct, axes, roi_label, _describe(mask, i, "masks"))
         values = ct.array
         kind = kind or ct.intensity
         if kind not in ("hu", "unit"):
@@ -355,17 +369,16 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
                 "one_slice",
                 f"{name}: a single slice (a 2D figure?) is repeated to the model depth of {self.volume_size[0]}",
             )
-        if kind == "hu" and float(values.min()) >= 0.0 and float(values.max()) <= 1.0:
+        in_memory = memory_order(values)[0]  # the same values; min/max at memory speed on a reoriented view
+        if kind == "hu" and float(in_memory.min()) >= 0.0 and float(in_memory.max()) <= 1.0:
             self._warn_once(
                 "unit_as_hu",
                 f"{name}: values lie in [0, 1] but are windowed as HU, which maps them all to about one grey; "
                 "pass intensity='unit' if the volume is already normalised",
             )
         window = self.window if kind == "hu" else (0.0, 1.0)
-        # window_hu refuses NaN/inf; its output is finite, so the later steps skip their own (full-size) check.
-        image = resize_volume(window_hu(values, window), self.volume_size, check_finite=False)
-        roi = None if roi is None else resize_mask(roi, self.volume_size)
-        return image, roi
+        # Refuses NaN/inf (integer HU has none); the result is finite, so the prompt skips its own check.
+        return window_and_resize(values, window, self.volume_size), roi
 
     def __call__(self, volumes, masks=None, **kwargs) -> BatchFeature:
         return self.preprocess(volumes, masks, **kwargs)

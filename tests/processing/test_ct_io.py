@@ -841,3 +841,24 @@ def test_npy_with_a_leading_channel_and_2d_figures(tmp_path):
     with pytest.raises(CorruptFileError, match="cannot read image") as err:
         load_volume(tmp_path / "broken.jpg")
     assert str(tmp_path / "broken.jpg") in str(err.value)
+
+
+def test_label_map_view_equals_the_copy_and_is_read_only(tmp_path):
+    """``copy=False`` keeps a file's labels as the reoriented view of its stored values (no full-size copy)."""
+    import nibabel as nib
+
+    from med3dqwen.processing.ct_io import load_label_map, memory_order, resolve_label
+
+    stored = np.zeros((12, 10, 6), dtype=np.uint8)  # stored (i, j, k) = RAS: loading flips and transposes
+    stored[2:9, 3:7, 1:5] = 3
+    nib.save(nib.Nifti1Image(stored, np.diag([0.8, 0.8, 2.0, 1.0])), tmp_path / "roi.nii.gz")
+    view = load_label_map(tmp_path / "roi.nii.gz", copy=False)
+    owned = load_label_map(tmp_path / "roi.nii.gz")
+    np.testing.assert_array_equal(view.array, owned.array)
+    assert not view.array.flags.writeable and not view.array.flags.c_contiguous
+    assert owned.array.flags.writeable and owned.array.flags.c_contiguous
+    assert view.array.shape == (6, 10, 12) and np.array_equal(view.affine, owned.affine)
+    in_memory, axes, flips = memory_order(view.array)  # the stored bytes again: NIfTI keeps i fastest
+    np.testing.assert_array_equal(in_memory, stored.transpose(2, 1, 0))
+    assert in_memory.flags.c_contiguous and axes == (0, 1, 2) and flips == (1, 2)
+    assert resolve_label(view, None) is None and resolve_label(view, 3) == 3

@@ -17,9 +17,11 @@ from med3dqwen.processing.ct_transforms import (
     boundary_mask,
     parse_color,
     render_prompt,
+    resize_labels,
     resize_mask,
     resize_volume,
     resized_affine,
+    window_and_resize,
     window_hu,
 )
 
@@ -407,6 +409,107 @@ def test_resize_keeps_constants_and_geometry():
     assert small_image[small_mask].min() > 0.5 and small_image[~small_mask].max() < 0.5
 
 
+# The reorientations a NIfTI's stored array comes in: (D, H, W) views with flips and a transpose, never copied.
+VIEWS = {
+    "contiguous": lambda a: a,
+    "in-plane flips (CT-RATE)": lambda a: a[:, ::-1, ::-1],
+    "all flipped": lambda a: a[::-1, ::-1, ::-1],
+    "transposed": lambda a: a.transpose(0, 2, 1),
+    "sagittal storage": lambda a: a.transpose(2, 1, 0)[::-1],
+}
+
+
+def _stored(shape, dtype, seed=0):
+    """Integer HU as a file stores it, covering every window's clip on both sides."""
+    info = np.iinfo(dtype)
+    low, high = max(info.min, -3000), min(info.max, 3000)
+    return np.random.default_rng(seed).integers(low, high, size=shape, endpoint=True).astype(dtype)
+
+
+@pytest.mark.parametrize("view", list(VIEWS))
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.int8, np.uint16, np.int32])
+@pytest.mark.parametrize("window", ["chest", "bone", (-50.0, 60.0)])
+def test_window_and_resize_equals_the_two_steps_on_integer_views(view, dtype, window):
+    """The fused path (pairs summed in integers) gives the two steps' values on every reorientation of the data."""
+    stored = _stored((18, 20, 26), dtype)
+    volume = VIEWS[view](stored)
+    size = tuple(n // 2 for n in volume.shape[:1]) + tuple(n // 2 for n in volume.shape[1:])
+    if view != "sagittal storage":  # memory's inner axes must be kept or halved for the fast path
+        assert ct_transforms._fused_plan(volume, ct_transforms._window_range(window), size) is not None
+    for target in (size, (7, volume.shape[1], volume.shape[2] // 2), (31, volume.shape[1] // 2, volume.shape[2])):
+        fused = window_and_resize(volume, window, target)
+        expected = resize_volume(window_hu(volume, window), target)
+        assert fused.shape == target and fused.dtype == np.float32 and fused.flags.c_contiguous
+        np.testing.assert_allclose(fused, expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(VIEWS[view](stored), volume)  # the input is read, never written
+
+
+@pytest.mark.parametrize(
+    ("volume", "window", "size", "fast"),
+    [
+        (_stored((12, 16, 16), np.int16), "chest", (6, 8, 8), True),
+        (_stored((12, 16, 16), np.int16), "chest", (6, 5, 8), False),  # 16 -> 5: not halved
+        (_stored((12, 16, 16), np.int16), "chest", (6, 32, 32), False),  # upsampled in-plane
+        (_stored((12, 16, 16), np.int16), (-1000.5, 200.0), (6, 8, 8), False),  # clip not exact in integers
+        (_stored((12, 16, 16), np.int16).astype(np.float32), "chest", (6, 8, 8), False),  # float HU
+        (_stored((12, 16, 16), np.int64), "chest", (6, 8, 8), False),  # no exact cast to int32
+        (_stored((12, 16, 16), np.int16), (-9000.0, 200.0), (6, 8, 8), True),  # sums in int32
+    ],
+)
+def test_window_and_resize_takes_the_fast_path_only_where_it_is_exact(volume, window, size, fast):
+    bounds = ct_transforms._window_range(window)
+    assert (ct_transforms._fused_plan(volume, bounds, size) is not None) is fast
+    expected = resize_volume(window_hu(volume, window), size)
+    np.testing.assert_allclose(window_and_resize(volume, window, size), expected, rtol=0, atol=1e-5)
+
+
+def test_window_and_resize_skips_slices_no_output_reads():
+    """Downsampled by more than two in depth, some slices are never read: values there cannot matter."""
+    volume = _stored((40, 8, 8), np.int16)
+    size = (4, 4, 4)
+    i0, i1, weight = ct_transforms._linear_taps(40, 4)
+    unread = np.setdiff1d(np.arange(40), np.concatenate([i0, i1[weight > 0]]))
+    assert unread.size > 20
+    changed = volume.copy()
+    changed[unread] = 3000
+    np.testing.assert_array_equal(window_and_resize(changed, "chest", size), window_and_resize(volume, "chest", size))
+    np.testing.assert_allclose(
+        window_and_resize(volume, "chest", size), resize_volume(window_hu(volume), size), rtol=0, atol=1e-5
+    )
+
+
+def test_window_and_resize_returns_torch_for_torch():
+    volume = torch.from_numpy(_stored((6, 8, 8), np.int16))
+    out = window_and_resize(volume, "chest", (3, 4, 4))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    torch.testing.assert_close(out, resize_volume(window_hu(volume), (3, 4, 4)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_resize_labels_picks_what_torch_nearest_exact_picks(view):
+    rng = np.random.default_rng(1)
+    for _ in range(25):
+        stored = rng.integers(0, 6, size=tuple(rng.integers(1, 30, size=3)), dtype=np.uint8)
+        labels = VIEWS[view](stored)
+        size = tuple(int(n) for n in rng.integers(1, 30, size=3))
+        expected = torch.nn.functional.interpolate(
+            torch.from_numpy(labels.copy())[None, None], size=size, mode="nearest-exact"
+        )[0, 0].numpy()
+        out = resize_labels(labels, size)
+        assert out.dtype == np.uint8 and out.flags.c_contiguous and min(out.strides) >= 0
+        assert isinstance(resize_labels(torch.from_numpy(labels.copy()), size), torch.Tensor)
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(resize_mask(labels == 3, size), expected == 3)
+
+
+def test_resize_labels_never_aliases_its_input():
+    labels = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    same = resize_labels(labels, labels.shape)
+    np.testing.assert_array_equal(same, labels)
+    same[0, 0, 0] = 99
+    assert labels[0, 0, 0] == 0
+
+
 def test_resized_affine_keeps_the_world_extent():
     affine = np.diag([2.0, -1.0, -1.5, 1.0])
     affine[:3, 3] = [10.0, 20.0, 30.0]
@@ -493,19 +596,23 @@ def _hu_and_mask(shape=(4, 24, 24)):
 # Each transform with its intensity and mask arguments; ``volume`` is HU for window_hu and [0, 1] elsewhere.
 TRANSFORMS = {
     "window_hu": lambda volume, mask: window_hu(volume, "chest"),
+    "window_and_resize": lambda volume, mask: window_and_resize(volume, "chest", (3, 17, 30)),
     "resize_volume": lambda volume, mask: resize_volume(volume, (3, 17, 30)),
     "resize_mask": lambda volume, mask: resize_mask(mask, (3, 17, 30)),
+    "resize_labels": lambda volume, mask: resize_labels(mask, (3, 17, 30)),
     "boundary_mask": lambda volume, mask: boundary_mask(mask, thickness=2),
     "render_prompt": lambda volume, mask: render_prompt(volume, mask).pixel_values,
 }
-INTENSITY_TRANSFORMS = ("window_hu", "resize_volume", "render_prompt")
+INTENSITY_TRANSFORMS = ("window_hu", "window_and_resize", "resize_volume", "render_prompt")
+HU_TRANSFORMS = ("window_hu", "window_and_resize")  # given HU; the others a windowed image
+MASK_TRANSFORMS = {"resize_mask": "mask", "boundary_mask": "mask", "resize_labels": "labels"}  # and their argument
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_bfloat16_tensors_are_computed_in_float32(name):
     """bf16 used to crash every transform: 'Got unsupported ScalarType BFloat16' from Tensor.numpy()."""
     hu, mask = _hu_and_mask()
-    volume = hu if name == "window_hu" else window_hu(hu)
+    volume = hu if name in HU_TRANSFORMS else window_hu(hu)
     bf16_volume = torch.from_numpy(volume).to(torch.bfloat16)
     bf16_mask = torch.from_numpy(mask).to(torch.bfloat16)
     out = TRANSFORMS[name](bf16_volume, bf16_mask)
@@ -515,6 +622,10 @@ def test_bfloat16_tensors_are_computed_in_float32(name):
     if name in INTENSITY_TRANSFORMS:
         assert out.dtype == torch.bfloat16  # computed in float32, returned as the input dtype
         torch.testing.assert_close(out, expected.to(torch.bfloat16), rtol=0, atol=0)
+    elif name == "resize_labels":  # values and dtype kept
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, expected.to(torch.bfloat16), rtol=0, atol=0)
+        assert out.any()
     else:
         assert out.dtype == torch.bool
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -534,10 +645,10 @@ NON_NUMERIC = {
 def test_non_numeric_input_is_a_named_error(name, kind):
     """Strings and objects used to crash deep in numpy (np.clip: 'ufunc clip did not contain a loop')."""
     hu, mask = _hu_and_mask()
-    volume = hu if name == "window_hu" else window_hu(hu)
+    volume = hu if name in HU_TRANSFORMS else window_hu(hu)
     bad = NON_NUMERIC[kind](hu.shape)
-    args = (volume, bad) if name in ("resize_mask", "boundary_mask") else (bad, mask)
-    argument = "mask" if name in ("resize_mask", "boundary_mask") else "volume"
+    args = (volume, bad) if name in MASK_TRANSFORMS else (bad, mask)
+    argument = MASK_TRANSFORMS.get(name, "volume")
     with pytest.raises(InvalidVolumeError, match=f"^{argument}: expected real numbers"):
         TRANSFORMS[name](*args)
     if name == "render_prompt":  # the mask argument of render_prompt too
@@ -551,7 +662,7 @@ def test_non_numeric_input_is_a_named_error(name, kind):
 def test_nan_and_inf_intensities_are_refused(name, value, as_torch):
     """They used to pass into pixel_values (window_hu even turned inf into a plausible 0 or 1)."""
     hu, mask = _hu_and_mask()
-    volume = hu if name == "window_hu" else window_hu(hu)
+    volume = hu if name in HU_TRANSFORMS else window_hu(hu)
     volume[2, 7, 9] = value
     volume[3, 0, 0] = value
     given = torch.from_numpy(volume) if as_torch else volume

@@ -286,3 +286,77 @@ def test_image_processor_takes_bfloat16_and_soft_masks_and_refuses_nan_rescale(c
     assert processor(hu, mask * np.float32(0.3), **kwargs)["roi_empty"][0]
     with pytest.raises(CTInputError, match="NaN or infinite"):
         processor(hu, rescale=(float("nan"), 0.0), layout="DHW")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files are read the fast way (stored integers, picked mask voxels) and give what the plain steps give
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _save_stored(path, canonical: np.ndarray, axes: tuple[int, int, int], flips: tuple[int, ...]) -> None:
+    """Write canonical (D, H, W) data stored as ``canonical.transpose(axes)`` with ``flips`` of the stored axes,
+    with the affine that says so (what a scanner's own storage order looks like to the loader)."""
+    import nibabel as nib
+
+    stored = canonical.transpose(axes)
+    index_map = np.zeros((4, 4))  # stored index -> canonical index
+    index_map[3, 3] = 1.0
+    for axis, source in enumerate(axes):
+        if axis in flips:
+            index_map[source, axis], index_map[source, 3] = -1.0, stored.shape[axis] - 1
+        else:
+            index_map[source, axis] = 1.0
+    stored = stored[tuple(slice(None, None, -1) if axis in flips else slice(None) for axis in range(3))]
+    affine = standard_affine((2.0, 0.8, 0.8)) @ index_map
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(stored), affine), path)
+
+
+@pytest.mark.parametrize(
+    ("axes", "flips"),
+    [((0, 1, 2), ()), ((2, 1, 0), (0, 1)), ((2, 1, 0), ()), ((1, 2, 0), (2,)), ((0, 2, 1), (0, 1, 2))],
+)
+def test_files_in_any_storage_order_give_the_plain_steps_result(tmp_path, axes, flips):
+    """The processor windows the stored integers in place and picks only the mask's model-grid voxels; the result
+    equals loading, windowing and resizing the canonical arrays (volume to float rounding, mask exactly)."""
+    from med3dqwen.processing.ct_io import load_mask, load_volume
+    from med3dqwen.processing.ct_transforms import resize_mask, resize_volume, window_hu
+
+    rng = np.random.default_rng(4)
+    hu = rng.integers(-1200, 600, size=(14, 24, 20)).astype(np.int16)
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[3:11, 5:19, 4:15] = 1
+    labels[6:9, 9:14, 6:10] = 2
+    _save_stored(tmp_path / "ct.nii.gz", hu, axes, flips)
+    _save_stored(tmp_path / "roi.nii.gz", labels, axes, flips)
+    volume = load_volume(tmp_path / "ct.nii.gz")
+    np.testing.assert_array_equal(volume.array, hu)  # the storage order is undone by the loader
+    processor = Med3DQwenImageProcessor(volume_size=(7, 12, 10), window="abdomen")
+    for label in (1, 2):
+        image, roi = processor.model_grid(tmp_path / "ct.nii.gz", tmp_path / "roi.nii.gz", label=label)
+        expected_image = resize_volume(window_hu(volume.array, "abdomen"), (7, 12, 10))
+        expected_roi = resize_mask(load_mask(tmp_path / "roi.nii.gz", like=volume, label=label), (7, 12, 10))
+        np.testing.assert_allclose(image, expected_image, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(roi, expected_roi)
+        np.testing.assert_array_equal(processor.model_grid_mask(tmp_path / "roi.nii.gz", volume, label=label), roi)
+
+
+def test_a_multilabel_file_read_as_binary_is_refused_where_the_grid_never_samples(tmp_path):
+    """Only the model grid's voxels of a mask are picked, but the whole map is checked: a second label in a voxel
+    no output reads still makes ``label=None`` an error, not a silent binary mask."""
+    from med3dqwen.processing.ct_io import UnknownLabelError
+
+    hu = np.full((8, 16, 16), -1000, dtype=np.int16)
+    mask = np.zeros(hu.shape, dtype=np.uint8)
+    mask[2:6, 4:12, 4:12] = 1
+    mask[0, 0, 0] = 2  # (8, 16, 16) -> (4, 8, 8) picks odd in-plane indices: never this voxel
+    save_nifti(tmp_path / "ct.nii.gz", hu)
+    save_nifti(tmp_path / "roi.nii.gz", mask)
+    processor = Med3DQwenImageProcessor(volume_size=(4, 8, 8))
+    with pytest.raises(UnknownLabelError, match=r"roi\.nii\.gz.*multilabel mask \(labels \[1, 2\]"):
+        processor(tmp_path / "ct.nii.gz", tmp_path / "roi.nii.gz")
+    _, roi = processor.model_grid(tmp_path / "ct.nii.gz", tmp_path / "roi.nii.gz", label=1)
+    assert roi.sum() == 2 * 4 * 4
+    for value in (255, True):  # 0/255 and bool masks are binary
+        save_nifti(tmp_path / "binary.nii.gz", (mask == 1) * np.uint8(value) if value is not True else mask == 1)
+        _, binary = processor.model_grid(tmp_path / "ct.nii.gz", tmp_path / "binary.nii.gz")
+        np.testing.assert_array_equal(binary, roi)
