@@ -353,16 +353,16 @@ def _reoriented_copy(array: np.ndarray, axes: tuple[int, ...], flips: tuple[int,
 def window_and_resize(volume, window="chest", size: Sequence[int] = DEFAULT_SIZE, check_finite: bool = True):
     """:func:`window_hu` then :func:`resize_volume`, fused: what the image processor does to every volume.
 
-    Equal to ``resize_volume(window_hu(volume, window), size)`` to float32 rounding (1e-6: the same taps and
-    weights, summed in another order). The usual training input takes a fast path that never makes a float32 copy
-    at full size: integer HU (a NIfTI's stored values, also as the flipped and transposed view that reorienting
-    gives), a window with whole-number bounds (every preset) and in-plane sizes kept or exactly halved (CT-RATE's
-    512 × 512 → 256 × 256). There the clip is exact in integers, and trilinear interpolation with aligned voxel
-    centres at a factor of exactly two is the mean of two neighbours, so slab by slab the clipped values are
-    summed in pairs in integers (exact); only the quarter-size sums become float32, are interpolated along the
-    remaining axis and scaled to [0, 1] once. The work is done in the array's memory order and the (small) output
-    is reoriented at the end: flips and transposes commute with this resizing. About 3× faster than the two steps
-    on a CT-RATE volume (``bench/bench_data.py``). Other inputs take the two steps.
+    Equal to ``resize_volume(window_hu(volume, window), size)`` to float32 rounding (a few 1e-6 at most, as far as
+    torch's own float32 result lies from the exact one: the same taps and weights, summed in another order). The usual
+    training input takes a fast path that never makes a float32 copy at full size: integer HU (a NIfTI's stored values,
+    also as the flipped and transposed view that reorienting gives), a window with whole-number bounds (every preset)
+    and in-plane sizes kept or exactly halved (CT-RATE's 512 × 512 → 256 × 256). There the clip is exact in integers,
+    and trilinear interpolation with aligned voxel centres at a factor of exactly two is the mean of two neighbours, so
+    slab by slab the clipped values are summed in pairs in integers (exact); only the quarter-size sums become float32,
+    are interpolated along the remaining axis and scaled to [0, 1] once. The work is done in the array's memory order
+    and the (small) output is reoriented at the end: flips and transposes commute with this resizing. About 3× faster
+    than the two steps on a CT-RATE volume (31 vs 96 ms, ``bench/bench_data.py``). Other inputs take the two steps.
 
     Args:
         volume: (D, H, W) HU values, numpy or torch (any strides).
