@@ -98,6 +98,19 @@ def test_data_bench_runs_on_a_small_case(tmp_path):
     assert data["cached_max_abs_difference"] <= 1e-5 and data["online_over_floor"] > 0
 
 
+def test_monai_bench_runs_and_both_pipelines_agree(tmp_path):
+    """The side-by-side run checks before timing that MONAI's recipe and our processor give the same input."""
+    output = tmp_path / "monai.json"
+    script = REPO / "bench" / "bench_monai.py"
+    cmd = [sys.executable, str(script), "--small", "--repeats", "1", "--output", str(output)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| MONAI pipeline (+ DrawBoundaryPromptd) |" in result.stdout
+    data = json.loads(output.read_text())
+    assert data["max_abs_difference"] <= 1e-5 and data["speedup_wall"] > 0
+    assert all(value > 0 for value in data["median_s"].values())
+
+
 @pytest.mark.slow
 def test_evaluate_bench_runs_on_the_demo_recipes_tiny_model():
     cmd = [sys.executable, str(REPO / "bench" / "bench_evaluate.py"), "--samples", "4", "--batch_size", "2",
