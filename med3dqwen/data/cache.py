@@ -4,8 +4,9 @@ Reading a CT-RATE-size ``.nii.gz`` (240×512×512 int16) and bringing it to the 
 hundred milliseconds of one core, most of it decompression; a GPU step of a 1.5B model consumes about 8 samples a
 second. The cache does the volume-dependent work once, with ``datasets``:
 
-- per volume: the windowed, resized volume (what the image processor's :meth:`model_grid` returns) as ``uint16``
-  (``round(v * 65535)``: at most 0.5/65535 ≈ 7.6e-6 from the float32 value after ``/ 65535``);
+- per volume: the windowed, resized volume (what the image processor's :meth:`model_grid` returns, read with its
+  records' ``intensity`` and HU rescale, which the entry keeps) as ``uint16`` (``round(v * 65535)``: at most
+  0.5/65535 ≈ 7.6e-6 from the float32 value after ``/ 65535``);
 - per (volume, mask): the resized ROI mask, bit-packed (``np.packbits``: 1 MB at 128×256×256);
 - per entry that cannot be made (missing, corrupt or mismatched file): the error message, so the training collator
   reports (or skips) the row exactly as it would online.
@@ -53,8 +54,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
-"""Version of the cache layout; a cache of another version is refused (rebuild it)."""
+CACHE_FORMAT = 2
+"""Version of the cache layout; a cache of another version is refused (rebuild it). 2: volumes are made with each
+record's ``intensity`` and HU ``rescale`` (format 1 ignored them) and carry them."""
 INFO_FILE = "cache_info.json"
 _QUANT = 65535  # uint16 levels of [0, 1]
 _KEY_SEP = "\n"  # between the volume key and the mask key of a mask entry (never in a path we write)
@@ -140,25 +142,54 @@ def _stat(path: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    """A record's :func:`~med3dqwen.data.schema.volume_settings` as the text stored with its cached volume."""
+    rescale = settings["rescale"]
+    return json.dumps(
+        {"intensity": settings["intensity"], "rescale": None if rescale is None else [float(v) for v in rescale]},
+        sort_keys=True,
+    )
+
+
 def _plan(records: Iterable[Mapping[str, Any]], root: Path | None) -> list[dict[str, Any]]:
-    """One item per distinct volume (sorted by key) with its distinct masks."""
+    """One item per distinct volume (sorted by key) with its distinct masks and its intensity settings.
+
+    Raises:
+        ValueError: records of one volume that disagree on its intensity or rescale (or state invalid ones).
+    """
+    from .schema import volume_settings
+
     volumes: dict[str, set[str]] = {}
+    settings: dict[str, str] = {}
     for record in records:
         volume = media_key(record.get("volume_path"), root)
         if volume is None:
             continue  # a record without a volume is the collator's error to report, not the cache's
         masks = volumes.setdefault(volume, set())
+        try:
+            text = _settings_text(volume_settings(record))
+        except ValueError as err:
+            raise ValueError(f"volume {volume!r}: {err}") from err
+        if settings.setdefault(volume, text) != text:
+            raise ValueError(
+                f"volume {volume!r}: its records disagree on how to read it ({settings[volume]} vs {text}); one "
+                "cached volume serves every record of the file"
+            )
         mask = media_key(record.get("mask_path"), root)
         if mask is not None:
             masks.add(mask)
-    return [{"volume_key": key, "mask_keys": sorted(volumes[key])} for key in sorted(volumes)]
+    return [
+        {"volume_key": key, "mask_keys": sorted(volumes[key]), "settings": settings[key]} for key in sorted(volumes)
+    ]
 
 
 def _media_columns(dataset):
-    """Only the media columns of a ``datasets.Dataset``, not decoded (``Nifti`` columns give their paths)."""
+    """Only the media and intensity columns of a ``datasets.Dataset``, not decoded (``Nifti`` columns give their
+    paths)."""
     import datasets
 
-    columns = [c for c in ("volume_path", "mask_path") if c in dataset.column_names]
+    wanted = ("volume_path", "mask_path", "intensity", "rescale_slope", "rescale_intercept")
+    columns = [c for c in wanted if c in dataset.column_names]
     dataset = dataset.select_columns(columns)
     for column in columns:
         feature = dataset.features[column]
@@ -177,6 +208,7 @@ def _features():
             "data": datasets.Value("large_binary"),
             "shape": datasets.List(datasets.Value("int32")),
             "message": datasets.Value("string"),
+            "settings": datasets.Value("string"),  # a volume's intensity and rescale (JSON), "" for the others
             "source_size": datasets.Value("int64"),
             "source_mtime_ns": datasets.Value("int64"),
         }
@@ -197,24 +229,26 @@ def _encode(batch: dict[str, list], image_processor, root: str | None, parent: i
 
     out: dict[str, list] = {name: [] for name in _features()}
 
-    def add(kind: str, key: str, data: bytes, shape, message: str, source: str | None) -> None:
+    def add(kind: str, key: str, data: bytes, shape, message: str, source: str | None, settings: str = "") -> None:
         size, mtime = _stat(source) if source else (-1, -1)
-        for name, value in zip(out, (kind, key, data, list(shape), message, size, mtime), strict=True):
+        values = (kind, key, data, list(shape), message, settings, size, mtime)
+        for name, value in zip(out, values, strict=True):
             out[name].append(value)
 
     base = None if root is None else Path(root)
-    for volume_key, mask_keys in zip(batch["volume_key"], batch["mask_keys"], strict=True):
+    for volume_key, mask_keys, text in zip(batch["volume_key"], batch["mask_keys"], batch["settings"], strict=True):
         volume_file = _file(volume_key, base)
+        settings = json.loads(text)
         try:
             volume = load_volume(volume_file, stored_integers=True)
-            image, _ = image_processor.model_grid(volume)
+            image, _ = image_processor.model_grid(volume, intensity=settings["intensity"], rescale=settings["rescale"])
         except (OSError, ValueError, RuntimeError, TypeError) as err:
             add("error", volume_key, b"", [], str(err), volume_file)
             for mask_key in mask_keys:  # a mask without its volume cannot be checked against it
                 add("error", volume_key + _KEY_SEP + mask_key, b"", [], str(err), None)
             continue
         quantised = np.rint(image * np.float32(_QUANT)).astype(np.uint16)  # (D, H, W)
-        add("volume", volume_key, quantised.tobytes(), quantised.shape, "", volume_file)
+        add("volume", volume_key, quantised.tobytes(), quantised.shape, "", volume_file, text)
         for mask_key in mask_keys:
             mask_file = _file(mask_key, base)
             key = volume_key + _KEY_SEP + mask_key
@@ -308,7 +342,7 @@ def build_model_grid_cache(
             batched=True,
             batch_size=1,
             num_proc=min(num_proc, len(part)) if num_proc and num_proc > 1 else None,
-            remove_columns=["volume_key", "mask_keys"],
+            remove_columns=["volume_key", "mask_keys", "settings"],
             features=features,
             fn_kwargs={
                 "image_processor": image_processor,
@@ -441,18 +475,35 @@ class ModelGridCache:
         start, end = np.frombuffer(offsets, dtype=np.int64)[chunk.offset + index : chunk.offset + index + 2]
         return data.slice(int(start), int(end - start)), tuple(self._table.column("shape")[row].as_py())
 
-    def volume(self, key: str, source: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    def volume(
+        self,
+        key: str,
+        source: str | None = None,
+        out: np.ndarray | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> np.ndarray:
         """The cached volume of ``key`` as (D, H, W) float32 in [0, 1] (within 7.7e-6 of the image processor's).
 
         Args:
             key: the volume's :func:`media_key`.
             source: the volume file, when at hand: refused if it changed (size, modification time) since the build.
             out: a float32 (D, H, W) array to write it to (e.g. a row of a batch in shared memory); None: a new one.
+            settings: the reading record's :func:`~med3dqwen.data.schema.volume_settings`: refused unless the volume
+                was cached with the same intensity and rescale.
 
         Raises:
-            CacheMismatchError: no such entry, or the file changed. CachedSampleError: the build could not read it.
+            CacheMismatchError: no such entry, the file changed, or other intensity settings. CachedSampleError: the
+                build could not read it.
         """
-        data, shape = self._buffer(self._row(key, f"volume {key!r}", source))
+        row = self._row(key, f"volume {key!r}", source)
+        if settings is not None:
+            stored, wanted = self._table.column("settings")[row].as_py(), _settings_text(settings)
+            if stored != wanted:
+                raise CacheMismatchError(
+                    f"volume {key!r} is cached as {stored} but its record asks for {wanted}; rebuild the cache from "
+                    "these records"
+                )
+        data, shape = self._buffer(row)
         quantised = np.frombuffer(data, dtype=np.uint16).reshape(shape)
         if out is not None and out.shape != quantised.shape:
             raise ValueError(f"out has shape {out.shape}, the cached volume {key!r} has shape {quantised.shape}")

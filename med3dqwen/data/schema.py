@@ -63,6 +63,7 @@ __all__ = [
     "resolve_media",
     "to_format",
     "vision_content",
+    "volume_settings",
 ]
 
 YES_NO_NAMES = ("no", "yes")
@@ -244,6 +245,43 @@ def prompt_mask_path(record: Mapping[str, Any]) -> Any:
     if prompt is not None and prompt.strip().lower() == NO_PROMPT:
         return None
     return record.get("mask_path")
+
+
+def volume_settings(record: Mapping[str, Any]) -> dict[str, Any]:
+    """How a record's volume values become the model input: the image processor's ``intensity`` and ``rescale``.
+
+    Builders record them per row: ``intensity`` — ``"hu"`` (windowed) or ``"unit"`` (already in [0, 1]: M3D-VQA's
+    arrays, figures) — and ``rescale_slope`` / ``rescale_intercept`` (HU = value × slope + intercept, for files whose
+    header lacks them: CT-RATE's originals). Every reader of records (training collator, model-grid cache,
+    evaluation) applies them through this one rule; ignoring them windows M3D's [0, 1] images or CT-RATE's raw values
+    as if they were HU.
+
+    Returns:
+        ``{"intensity": "hu" | "unit" | None, "rescale": (slope, intercept) | None}``: None where the record says
+        nothing (the file decides: figures are ``"unit"``, the rest HU), and no rescale for (1, 0).
+
+    Raises:
+        ValueError: an unknown ``intensity``; only one of slope and intercept; a slope or intercept that is not a
+            finite number, or a zero slope.
+    """
+    import math
+
+    intensity = record.get("intensity")
+    if intensity is not None and intensity not in ("hu", "unit"):
+        raise ValueError(f"intensity must be 'hu' or 'unit', got {intensity!r}")
+    slope, intercept = record.get("rescale_slope"), record.get("rescale_intercept")
+    if slope is None and intercept is None:
+        return {"intensity": intensity, "rescale": None}
+    if slope is None or intercept is None:
+        raise ValueError(f"rescale_slope and rescale_intercept come together, got {slope!r} and {intercept!r}")
+    try:
+        slope, intercept = float(slope), float(intercept)
+    except (TypeError, ValueError):
+        raise ValueError(f"rescale_slope / rescale_intercept must be numbers, got {slope!r} / {intercept!r}") from None
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0.0:
+        raise ValueError(f"rescale_slope must be a non-zero finite number and rescale_intercept finite, got "
+                         f"{slope!r} / {intercept!r}")  # fmt: skip
+    return {"intensity": intensity, "rescale": None if (slope, intercept) == (1.0, 0.0) else (slope, intercept)}
 
 
 def to_format(record: Mapping[str, Any], format: str) -> dict[str, Any]:

@@ -361,23 +361,32 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
         kind = kind or ct.intensity
         if kind not in ("hu", "unit"):
             raise ValueError(f"intensity must be 'hu' or 'unit', got {kind!r}")
-        if scale is not None:
-            slope, intercept = (float(v) for v in scale)
-            values = values * np.float32(slope) + np.float32(intercept)
+        window = self.window if kind == "hu" else (0.0, 1.0)
+        low, high = WINDOW_PRESETS[window] if isinstance(window, str) else (float(v) for v in window)
+        slope, intercept = (1.0, 0.0) if scale is None else (float(v) for v in scale)
+        if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0.0:
+            raise InvalidVolumeError(
+                name, f"rescale {scale!r}: slope and intercept must be finite (not NaN or infinite), slope non-zero"
+            )
+        if slope < 0:  # rare; the window cannot be moved onto the stored values, so rescale them
+            values, slope, intercept = values * np.float32(slope) + np.float32(intercept), 1.0, 0.0
         if ct.shape[0] == 1 and self.volume_size[0] > 1:
             self._warn_once(
                 "one_slice",
                 f"{name}: a single slice (a 2D figure?) is repeated to the model depth of {self.volume_size[0]}",
             )
         in_memory = memory_order(values)[0]  # the same values; min/max at memory speed on a reoriented view
-        if kind == "hu" and float(in_memory.min()) >= 0.0 and float(in_memory.max()) <= 1.0:
-            self._warn_once(
-                "unit_as_hu",
-                f"{name}: values lie in [0, 1] but are windowed as HU, which maps them all to about one grey; "
-                "pass intensity='unit' if the volume is already normalised",
-            )
-        window = self.window if kind == "hu" else (0.0, 1.0)
-        # Refuses NaN/inf (integer HU has none); the result is finite, so the prompt skips its own check.
+        if kind == "hu" and float(in_memory.min()) * slope + intercept >= 0.0:
+            if float(in_memory.max()) * slope + intercept <= 1.0:
+                self._warn_once(
+                    "unit_as_hu",
+                    f"{name}: values lie in [0, 1] but are windowed as HU, which maps them all to about one grey; "
+                    "pass intensity='unit' if the volume is already normalised",
+                )
+        # value = stored * slope + intercept, so windowing it on [low, high] is windowing the stored values on
+        # [(low - intercept) / slope, (high - intercept) / slope]: the stored integers stay integers (CT-RATE's
+        # slope 1, intercept -1024 keeps whole-number bounds, the fused fast path).
+        window = ((low - intercept) / slope, (high - intercept) / slope)
         return window_and_resize(values, window, self.volume_size), roi
 
     def __call__(self, volumes, masks=None, **kwargs) -> BatchFeature:

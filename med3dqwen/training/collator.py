@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from ..data.cache import CachedSampleError, CacheMismatchError, ModelGridCache, media_key
-from ..data.schema import CLOSED_LABEL_NAMES, closed_targets, prompt_mask_path
+from ..data.schema import CLOSED_LABEL_NAMES, closed_targets, prompt_mask_path, volume_settings
 
 
 __all__ = ["IGNORE_INDEX", "Med3DQwenCollator", "PromptTooLongError", "SampleError", "count_skipped"]
@@ -282,18 +282,26 @@ class Med3DQwenCollator:
         """The record's prompted volume, written to ``out`` (C, D, H, W)."""
         if example.get("volume_path") is None:
             raise SampleError(row, name, "it has no volume_path")
+        try:
+            settings = volume_settings(example)  # intensity kind and HU rescale, as the builder recorded them
+        except ValueError as err:
+            raise SampleError(row, name, str(err)) from err
         if self.cache is not None:
-            return self._cached_pixels(row, name, example, out)
+            return self._cached_pixels(row, name, example, settings, out)
         volume = self._media(row, name, example["volume_path"], "volume_path")
         mask = self._prompt_mask(row, name, example)
         mask = None if mask is None else self._media(row, name, mask, "mask_path")
         try:
-            processed = self.processor.image_processor([volume], [mask], return_tensors="pt")
+            processed = self.processor.image_processor(
+                [volume], [mask], return_tensors="pt", intensity=settings["intensity"], rescale=settings["rescale"]
+            )
         except (OSError, ValueError, RuntimeError, TypeError) as err:  # unreadable, corrupt or mismatched files
             raise SampleError(row, name, f"cannot load its volume or mask: {err}") from err
         out.copy_(processed["pixel_values"][0])
 
-    def _cached_pixels(self, row: int, name: str, example: Mapping[str, Any], out: torch.Tensor) -> None:
+    def _cached_pixels(
+        self, row: int, name: str, example: Mapping[str, Any], settings: Mapping[str, Any], out: torch.Tensor
+    ) -> None:
         """The record's prompted volume from the model-grid cache: its volume and mask read, the contour drawn here,
         straight into ``out`` (C, D, H, W)."""
         root = self.cache.dataset_root if self.dataset_root is None else self.dataset_root
@@ -302,7 +310,8 @@ class Med3DQwenCollator:
             volume_key = media_key(example["volume_path"], root)
             mask_path = self._prompt_mask(row, name, example)
             mask_key = media_key(mask_path, root)
-            image = self.cache.volume(volume_key, _source(example["volume_path"], root), out=target[0])
+            source = _source(example["volume_path"], root)
+            image = self.cache.volume(volume_key, source, out=target[0], settings=settings)
             roi = None if mask_key is None else self.cache.mask(volume_key, mask_key, _source(mask_path, root))
         except CachedSampleError as err:  # the build could not read it: the error the online path gives
             raise SampleError(

@@ -22,6 +22,7 @@ from med3dqwen.data.schema import (
     record_media,
     resolve_media,
     to_format,
+    volume_settings,
 )
 from med3dqwen.io import save_nifti
 
@@ -268,3 +269,33 @@ def test_prompt_mask_path_draws_only_prompted_records():
     assert prompt_mask_path(roi) == "m.nii.gz"  # built before the field existed: drawn, as then
     with pytest.raises(ValueError, match="boundary_prompt"):
         prompt_mask_path({**roi, "boundary_prompt": ""})
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, {"intensity": None, "rescale": None}),  # older datasets: the file decides
+        ({"intensity": "hu"}, {"intensity": "hu", "rescale": None}),
+        ({"intensity": "unit"}, {"intensity": "unit", "rescale": None}),  # M3D-VQA's [0, 1] arrays
+        ({"rescale_slope": 1.0, "rescale_intercept": -1024.0}, {"intensity": None, "rescale": (1.0, -1024.0)}),
+        ({"rescale_slope": 1, "rescale_intercept": 0, "intensity": "hu"}, {"intensity": "hu", "rescale": None}),
+        ({"rescale_slope": None, "rescale_intercept": None}, {"intensity": None, "rescale": None}),
+    ],
+)
+def test_volume_settings_read_what_the_builders_record(fields, expected):
+    assert volume_settings({"volume_path": "v.nii.gz", **fields}) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"intensity": "HU"}, "intensity must be 'hu' or 'unit'"),
+        ({"rescale_slope": 1.0}, "come together"),
+        ({"rescale_slope": "one", "rescale_intercept": 0.0}, "must be numbers"),
+        ({"rescale_slope": float("nan"), "rescale_intercept": 0.0}, "non-zero finite"),
+        ({"rescale_slope": 0.0, "rescale_intercept": -1024.0}, "non-zero finite"),
+    ],
+)
+def test_volume_settings_refuse_malformed_fields(fields, match):
+    with pytest.raises(ValueError, match=match):
+        volume_settings({"volume_path": "v.nii.gz", **fields})

@@ -379,3 +379,65 @@ def test_no_prompt_rows_keep_their_mask_undrawn_online_and_cached(processor, rec
     bad = {**prompted, "boundary_prompt": ""}
     with pytest.raises(SampleError, match="boundary_prompt"):
         Med3DQwenCollator(processor, config.closed_label_names, dataset_root=folder)([bad])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The records' intensity and HU rescale reach the pixels, online and through the cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def intensity_rows(processor, records, folder, tmp_path_factory):
+    """One question on the same volume three ways: as built (HU), stored raw (+1024, CT-RATE's blank header, with
+    the recorded rescale) and as a [0, 1] array (M3D-VQA's kind, intensity "unit")."""
+    import numpy as np
+
+    from med3dqwen.io import save_nifti
+    from med3dqwen.processing.ct_io import load_volume
+    from med3dqwen.processing.ct_transforms import window_hu
+
+    out = tmp_path_factory.mktemp("intensity")
+    base = {**records["closed"][0]}
+    volume = load_volume(folder / base["volume_path"])
+    save_nifti(out / "raw.nii.gz", (volume.array + 1024).astype(np.int16), volume.affine)
+    np.save(out / "unit.npy", window_hu(volume.array, processor.image_processor.window))
+    shared = {**base, "mask_path": str(folder / base["mask_path"])}
+    return {
+        "hu": {**shared, "volume_path": str(folder / base["volume_path"])},
+        "raw": {**shared, "volume_path": str(out / "raw.nii.gz"), "rescale_slope": 1.0, "rescale_intercept": -1024.0},
+        "unit": {**shared, "volume_path": str(out / "unit.npy"), "mask_path": None, "intensity": "unit"},
+        "hu_whole": {**shared, "volume_path": str(folder / base["volume_path"]), "mask_path": None},
+    }
+
+
+def test_rescale_and_unit_intensity_fields_reach_the_pixels(processor, intensity_rows):
+    """They used to be ignored: CT-RATE's raw values and M3D's [0, 1] arrays were windowed as if they were HU."""
+    rows = intensity_rows
+    collate = Med3DQwenCollator(processor)
+    hu, raw = collate([rows["hu"]])["pixel_values"], collate([rows["raw"]])["pixel_values"]
+    torch.testing.assert_close(raw, hu, rtol=0, atol=1e-6)
+    ignored = collate([{k: v for k, v in rows["raw"].items() if not k.startswith("rescale_")}])["pixel_values"]
+    assert (ignored - hu).abs().max() > 0.5  # what ignoring the fields gave
+    unit, whole = collate([rows["unit"]])["pixel_values"], collate([rows["hu_whole"]])["pixel_values"]
+    torch.testing.assert_close(unit, whole, rtol=0, atol=1e-5)
+    with pytest.warns(UserWarning, match=r"values lie in \[0, 1\] but are windowed as HU"):
+        as_hu = Med3DQwenCollator(processor)([{**rows["unit"], "intensity": None}])["pixel_values"]
+    assert (as_hu - whole).abs().max() > 0.5
+    with pytest.raises(SampleError, match=r"training sample 0 .*intensity must be 'hu' or 'unit', got 'HU'"):
+        collate([{**rows["hu"], "intensity": "HU"}])
+
+
+def test_the_cache_makes_each_volume_with_its_records_settings(processor, intensity_rows, tmp_path):
+    rows = intensity_rows
+    cache = build_model_grid_cache([rows["hu"], rows["raw"], rows["unit"]], processor.image_processor, tmp_path / "c")
+    online, cached = Med3DQwenCollator(processor), Med3DQwenCollator(processor, cache=cache)
+    for name in ("hu", "raw", "unit"):
+        difference = (online([rows[name]])["pixel_values"] - cached([rows[name]])["pixel_values"]).abs().max()
+        assert difference <= 1e-5, name
+    # A record that reads a cached volume another way is refused, not served the other reading.
+    with pytest.raises(SampleError, match="is cached as .* but its record asks for"):
+        cached([{**rows["raw"], "rescale_slope": None, "rescale_intercept": None}])
+    # Records of one volume must agree on how to read it.
+    with pytest.raises(ValueError, match="its records disagree on how to read it"):
+        build_model_grid_cache([rows["raw"], {**rows["raw"], "rescale_intercept": 0.0}], processor.image_processor,
+                               tmp_path / "d")  # fmt: skip
