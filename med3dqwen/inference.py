@@ -41,7 +41,7 @@ import numpy as np
 
 from .anatomy.vocabulary import SOURCES, default_vocabulary
 from .data.rewrite import RewriteConfig, closed_label_names, rewrite_question, system_prompt
-from .data.schema import IMAGE_SUFFIXES, YES_NO_NAMES, chat_messages
+from .data.schema import IMAGE_SUFFIXES, YES_NO_NAMES, chat_messages, volume_settings
 from .io import atomic_output, prompt_png_stack, volume_montage_png
 from .processing.ct_io import CTInputError, CTVolume, MaskMismatchError, load_mask, load_volume
 from .processing.ct_transforms import binarize_mask, resize_mask
@@ -353,6 +353,29 @@ def _load_ct(volume) -> CTVolume:
         raise PredictError("volume", volume, err.problem) from err
 
 
+def _read_as(ct: CTVolume, intensity: str | None, rescale) -> CTVolume:
+    """``ct`` read as the caller says (:func:`~med3dqwen.data.schema.volume_settings`' rules, as for records): the
+    HU rescale applied to its values, the intensity kind recorded in its ``meta``."""
+    import dataclasses
+
+    fields = {"intensity": intensity}
+    if rescale is not None:
+        if isinstance(rescale, (str, bytes)) or len(rescale) != 2:
+            raise PredictError("rescale", rescale, "give (slope, intercept)")
+        fields.update(rescale_slope=rescale[0], rescale_intercept=rescale[1])
+    try:
+        settings = volume_settings(fields)
+    except ValueError as err:
+        what, value = ("intensity", intensity) if str(err).startswith("intensity") else ("rescale", rescale)
+        raise PredictError(what, value, str(err)) from err
+    if settings["rescale"] is not None:
+        slope, intercept = settings["rescale"]
+        ct = dataclasses.replace(ct, array=ct.array * np.float32(slope) + np.float32(intercept))
+    if settings["intensity"] is not None:
+        ct = dataclasses.replace(ct, meta={**ct.meta, "intensity": settings["intensity"]})
+    return ct
+
+
 def _mask_from_file(mask, label, ct: CTVolume) -> np.ndarray:
     """The (D, H, W) bool ROI of a mask file on ``ct``'s grid; ``label`` picks one label (id, or a name the file's
     table, TotalSegmentator's table or the anatomy vocabulary knows)."""
@@ -525,6 +548,8 @@ def predict(
     device: str | None = None,
     max_new_tokens: int = 64,
     processor=None,
+    intensity: str | None = None,
+    rescale: tuple[float, float] | None = None,
 ) -> Prediction:
     """Answer ``question`` about the CT ``volume``, with the boundary prompt around the ROI (see the module docstring).
 
@@ -554,6 +579,10 @@ def predict(
         device: torch device for a model loaded by name (default: cuda when available).
         max_new_tokens: the longest answer, in tokens.
         processor: the processor of an already loaded ``model`` (default: loaded from its ``name_or_path``).
+        intensity: ``"hu"`` or ``"unit"`` (values already in [0, 1], as M3D-VQA's ``.npy`` arrays; not windowed);
+            default: what the file says (HU).
+        rescale: ``(slope, intercept)`` for a file whose header lacks them (CT-RATE's originals: ``(1, -1024)``):
+            HU = value × slope + intercept, applied on loading, so segmenting by name sees HU too.
 
     Returns:
         A :class:`Prediction`.
@@ -578,7 +607,7 @@ def predict(
     kind, names = _closed_fields(question, answer_type, choices)
 
     step = time.perf_counter()
-    ct = _load_ct(volume)
+    ct = _read_as(_load_ct(volume), intensity, rescale)
     timings["load_volume"] = time.perf_counter() - step
 
     step = time.perf_counter()

@@ -14,6 +14,9 @@ Usage (see docs/inference.md):
     # the whole volume, no boundary prompt
     med3dqwen-predict --model runs/sft --volume ct.nii.gz --question "Describe the findings." --output_dir out/
 
+    # a CT-RATE original (blank header: raw values, HU = value - 1024)
+    med3dqwen-predict --model runs/sft --volume train_1_a_1.nii.gz --rescale 1 -1024 --question "Describe it."
+
 Bad input (a missing or unreadable file, a mask from another scan, an unknown region name, an offline Hub id, an
 adapter trained on another model) prints one line ``med3dqwen-predict: error: <input> '<value>': <problem>`` to
 stderr and exits with status 2.
@@ -70,6 +73,17 @@ class PredictArguments:
             "choices": ["auto", "closed", "open"],
         },
     )
+    intensity: str | None = field(
+        default=None,
+        metadata={
+            "help": "unit: values already in [0, 1] (M3D-VQA .npy), not windowed; default HU.",
+            "choices": ["hu", "unit"],
+        },
+    )
+    rescale: list[float] | None = field(
+        default=None,
+        metadata={"help": "SLOPE INTERCEPT: HU = value * slope + intercept (CT-RATE originals: 1 -1024).", "nargs": 2},
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "Longest answer, in tokens."})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)."})
 
@@ -111,6 +125,8 @@ def main(args: PredictArguments):
         output_dir=args.output_dir,
         device=args.device,
         max_new_tokens=args.max_new_tokens,
+        intensity=args.intensity,
+        rescale=None if args.rescale is None else tuple(args.rescale),
     )
     print(f"question: {prediction.rewritten_question}")
     print(f"answer: {prediction.answer}")

@@ -468,3 +468,36 @@ def test_real_dicom_folder_with_a_segmented_region(case, real_ct):
     folder = real_ct / "totalseg_example_ct_dicom" / "example_ct_dicom"
     result = predict(case["model"], folder, "Is there an abnormality in the body?", roi="body", max_new_tokens=2)
     assert result.mask_source == "threshold" and result.prompt == "red" and result.contour_slices
+
+
+def test_rescale_and_intensity_read_raw_and_unit_volumes_as_their_hu_originals(case, tmp_path, capsys):
+    """A CT-RATE original (raw values, HU = value - 1024) with --rescale, and M3D's [0, 1] arrays with intensity
+    "unit", give what the HU file gives; before, there was no way to say either."""
+    from med3dqwen.processing.ct_io import load_volume
+    from med3dqwen.processing.ct_transforms import window_hu
+
+    volume = load_volume(case["ct"])
+    from med3dqwen.io import save_nifti
+
+    raw = save_nifti(tmp_path / "raw.nii.gz", (volume.array + 1024).astype(np.int16), volume.affine)
+    question = "Describe the findings."
+    expected = predict(case["model"], case["ct"], question, max_new_tokens=4, output_dir=tmp_path / "hu")
+    image = np.asarray(Image.open(tmp_path / "hu" / "overlay_montage.png")).astype(int)
+    for name, kwargs in {
+        "raw": {"volume": raw, "rescale": (1, -1024)},
+        "unit": {"volume": tmp_path / "unit.npy", "intensity": "unit"},
+    }.items():
+        if name == "unit":
+            np.save(tmp_path / "unit.npy", window_hu(volume.array, "chest"))
+        got = predict(case["model"], question=question, max_new_tokens=4, output_dir=tmp_path / name, **kwargs)
+        assert got.answer == expected.answer, name
+        montage = np.asarray(Image.open(tmp_path / name / "overlay_montage.png")).astype(int)
+        assert np.abs(montage - image).max() <= 1, name  # 8-bit grey of the same values (rounding at most)
+    capsys.readouterr()
+    cli(["--model", str(case["model"]), "--volume", str(raw), "--rescale", "1", "-1024", "--question", question,
+         "--max_new_tokens", "4"])  # fmt: skip
+    assert f"answer: {expected.answer}" in capsys.readouterr().out
+    with pytest.raises(PredictError, match=r"^rescale '\(0, 5\)': .*non-zero finite"):
+        predict(case["model"], raw, question, rescale=(0, 5))
+    with pytest.raises(PredictError, match=r"^intensity 'HU': intensity must be 'hu' or 'unit'"):
+        predict(case["model"], raw, question, intensity="HU")
