@@ -10,6 +10,7 @@ Self-contained for Hub remote code: third-party imports and single-dot sibling i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -546,7 +547,8 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
 
         image_outputs = None
         fusion = None
-        prompt = self.prompt_mask(ids, attention_mask)
+        padding = _padding_mask(attention_mask, ids.shape[1])  # (B, L) for our masks; the decoder gets the original
+        prompt = self.prompt_mask(ids, padding)
         if pixel_values is not None:
             image_outputs = self.get_image_features(pixel_values, return_dict=True)
             image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -557,7 +559,7 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], visual.flatten(0, 1))
             if slices.shape[1]:
                 inputs_embeds = inputs_embeds.masked_scatter(slice_mask[..., None], slices.flatten(0, 1))
-            fusion = self.fusion_context(image_mask, slice_mask, attention_mask, input_ids=ids)
+            fusion = self.fusion_context(image_mask, slice_mask, padding, input_ids=ids)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -582,6 +584,29 @@ class Med3DQwenModel(Med3DQwenPreTrainedModel):
         """(B,) index of the last prompt token of each sample."""
         positions = torch.arange(prompt_mask.shape[1], device=prompt_mask.device)
         return (positions[None, :] * prompt_mask.long()).amax(dim=1)
+
+
+def _padding_mask(attention_mask, length: int) -> torch.Tensor | None:
+    """The (B, L) padding mask (True for real tokens) of whatever attention mask the decoder is given.
+
+    Usually that is the (B, L) mask itself. With a static (compilable) cache, generation builds the decoder's 4D
+    masks up front and passes them as a tensor (B, 1, Q, K) or a dict by attention type; a query then attends its
+    own key position exactly when it is a real token, so the diagonal gives the padding mask (as Qwen2.5-VL reads
+    it). In the prompt pass, the only one with an image block, queries and keys start at position 0.
+    """
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, Mapping):
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+        if attention_mask is None:
+            return None
+    if attention_mask.dim() == 2:
+        return attention_mask
+    if attention_mask.dim() != 4:
+        shape = tuple(attention_mask.shape)
+        raise ValueError(f"attention_mask must be (B, L) or a 4D decoder mask, got shape {shape}")
+    own = torch.diagonal(attention_mask[:, 0], dim1=1, dim2=2)[:, :length]  # (B, Q) -> (B, L)
+    return own if own.dtype == torch.bool else own == 0  # additive float masks: 0 attends, a large negative not
 
 
 class Med3DQwenForConditionalGeneration(Med3DQwenPreTrainedModel, GenerationMixin):

@@ -176,6 +176,45 @@ def test_left_padding(config_and_inputs):
         assert torch.equal(generated[row, -4:], alone[0, -4:])
 
 
+def test_static_cache_generates_what_the_dynamic_cache_does(config_and_inputs):
+    """With a static (compilable) cache, generation hands the model 4D masks (or a dict of them) instead of the
+    (B, L) padding mask; the prompt and fusion masks used to call ``.bool()`` on that dict and crash."""
+    config, inputs = config_and_inputs
+    model = build(Med3DQwenForConditionalGeneration, config)
+    short, long = sample_ids(config, [11, 12, 13], []), sample_ids(config, [11, 14, 15, 16, 13], [])
+    pad = len(long) - len(short)
+    input_ids = torch.tensor([[PAD] * pad + short, long])
+    attention_mask = torch.tensor([[0] * pad + [1] * len(short), [1] * len(long)])
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=inputs["pixel_values"],
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=PAD,
+    )
+    dynamic = model.generate(**kwargs)
+    static = model.generate(**kwargs, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+
+
+@pytest.mark.parametrize("mask_form", ["2d", "4d-bool", "4d-float", "dict"])
+def test_the_padding_mask_is_read_from_every_mask_form(mask_form):
+    from med3dqwen.modeling.modeling_med3d_qwen import _padding_mask
+
+    padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    causal = torch.ones(5, 8, dtype=torch.bool).tril()  # keys beyond the prompt: a static cache's empty slots
+    full = causal[None, None] & torch.nn.functional.pad(padding, (0, 3))[:, None, None, :]  # (B, 1, Q, K)
+    given = {
+        "2d": padding.long(),
+        "4d-bool": full,
+        "4d-float": torch.zeros(full.shape).masked_fill(~full, torch.finfo(torch.float32).min),
+        "dict": {"full_attention": full},
+    }[mask_form]
+    assert torch.equal(_padding_mask(given, 5).bool(), padding)
+    assert _padding_mask(None, 5) is None
+
+
 @pytest.mark.parametrize("checkpointing", [None, "non-reentrant", "reentrant"])
 @pytest.mark.parametrize("prompt_encoding", ["burn_in", "channel"])
 def test_every_trainable_parameter_gets_a_gradient(prompt_encoding, checkpointing):
@@ -203,3 +242,33 @@ def test_every_trainable_parameter_gets_a_gradient(prompt_encoding, checkpointin
     for name in trainable:
         grad = dict(model.named_parameters())[name].grad
         assert torch.isfinite(grad).all(), name
+
+
+def test_resize_token_embeddings_keeps_the_tie_and_the_config(config_and_inputs):
+    config, inputs = config_and_inputs
+    model = build(Med3DQwenForConditionalGeneration, config)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(old + 10)
+    assert model.config.text_config.vocab_size == old + 10
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied (0.5B ties them)
+    assert model(**inputs).logits.shape[-1] == old + 10
+
+
+def test_batched_rows_equal_each_row_alone(config_and_inputs):
+    config, inputs = config_and_inputs
+    model = build(Med3DQwenForConditionalGeneration, config)
+    batched = model(**inputs)
+    for row in range(inputs["input_ids"].shape[0]):
+        alone = model(**{key: value[row : row + 1] for key, value in inputs.items()})
+        torch.testing.assert_close(alone.logits, batched.logits[row : row + 1], rtol=1e-5, atol=ATOL)
+        torch.testing.assert_close(alone.closed_logits, batched.closed_logits[row : row + 1], rtol=1e-5, atol=ATOL)
+
+
+def test_device_map_auto_loads_and_gives_the_same_logits(config_and_inputs, tmp_path):
+    """``from_pretrained(..., device_map="auto")`` (accelerate's big-model loading, which respects
+    ``_no_split_modules``) on the CPU."""
+    config, inputs = config_and_inputs
+    model = build(Med3DQwenForConditionalGeneration, config)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="auto").eval()
+    torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=ATOL)
