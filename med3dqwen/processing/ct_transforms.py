@@ -315,19 +315,35 @@ def _linear_taps(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return i0, i1, np.clip(source - i0, 0, 1).astype(np.float32)
 
 
+def _integer_factor_taps(n: int, m: int) -> list[slice] | None:
+    """The taps of linear resizing from ``n`` to ``m`` samples (voxel centres aligned) when ``n`` is a whole multiple
+    ``k`` of ``m``, as slices; None otherwise.
+
+    Output ``i`` then sits exactly at input ``k·i + (k-1)/2``: one voxel for odd ``k`` (``k = 1`` keeps the axis),
+    the mean of two for even ``k`` — weights exactly 1 or 1/2 in torch's float arithmetic too.
+    """
+    if m < 1 or n < m or n % m:
+        return None
+    k = n // m
+    if k % 2:
+        return [slice((k - 1) // 2, None, k)]
+    return [slice(k // 2 - 1, None, k), slice(k // 2, None, k)]
+
+
 def _fused_plan(array: np.ndarray, window, size: Sequence[int]):
     """How :func:`window_and_resize` can take the fast path for ``array``, or None.
 
     Needs integer values (a file's stored HU), whole-number window bounds (the clip is then exact in integers) and,
-    in memory order, the two inner axes kept or exactly halved. Returns the memory-ordered positive-stride view,
-    its axis order, the flipped axes and the integer type the sums fit in.
+    in memory order, each of the two inner axes reduced by a whole factor (kept, halved: 512 → 256, quartered:
+    1024 → 256, ...). Returns the memory-ordered positive-stride view, its axis order, the flipped axes, the
+    in-plane taps and the integer type the sums fit in.
     """
     low, high = window
     if array.dtype.kind not in "iu" or low != int(low) or high != int(high):
         return None
     memory, axes, flips = memory_order(array)
-    inner = [(memory.shape[axis], int(size[axes[axis]])) for axis in (1, 2)]
-    if any(n not in (m, 2 * m) for n, m in inner):
+    taps = [_integer_factor_taps(memory.shape[axis], int(size[axes[axis]])) for axis in (1, 2)]
+    if None in taps:
         return None
     # The clip runs in the sums' type, so the input must cast to it safely; up to four clipped values are summed.
     bound = max(abs(low), abs(high)) * 4
@@ -337,7 +353,7 @@ def _fused_plan(array: np.ndarray, window, size: Sequence[int]):
         sums = np.int32
     else:
         return None
-    return memory, axes, flips, sums
+    return memory, axes, flips, taps, sums
 
 
 def _reoriented_copy(array: np.ndarray, axes: tuple[int, ...], flips: tuple[int, ...]) -> np.ndarray:
@@ -357,12 +373,13 @@ def window_and_resize(volume, window="chest", size: Sequence[int] = DEFAULT_SIZE
     torch's own float32 result lies from the exact one: the same taps and weights, summed in another order). The usual
     training input takes a fast path that never makes a float32 copy at full size: integer HU (a NIfTI's stored values,
     also as the flipped and transposed view that reorienting gives), a window with whole-number bounds (every preset)
-    and in-plane sizes kept or exactly halved (CT-RATE's 512 × 512 → 256 × 256). There the clip is exact in integers,
-    and trilinear interpolation with aligned voxel centres at a factor of exactly two is the mean of two neighbours, so
-    slab by slab the clipped values are summed in pairs in integers (exact); only the quarter-size sums become float32,
-    are interpolated along the remaining axis and scaled to [0, 1] once. The work is done in the array's memory order
-    and the (small) output is reoriented at the end: flips and transposes commute with this resizing. About 3× faster
-    than the two steps on a CT-RATE volume (31 vs 96 ms, ``bench/bench_data.py``). Other inputs take the two steps.
+    and in-plane sizes reduced by whole factors (CT-RATE's 512 × 512 or 1024 × 1024 → 256 × 256). There the clip is
+    exact in integers, and trilinear interpolation with aligned voxel centres at a whole factor ``k`` reads one voxel
+    (odd ``k``) or the mean of two (even ``k``) per axis, so slab by slab the clipped tap voxels are summed in
+    integers (exact); only the in-plane-size sums become float32, are interpolated along the remaining axis and
+    scaled to [0, 1] once. The work is done in the array's memory order and the (small) output is reoriented at the
+    end: flips and transposes commute with this resizing. About 3× faster than the two steps on a CT-RATE volume
+    (31 vs 96 ms, ``bench/bench_data.py``). Other inputs take the two steps.
 
     Args:
         volume: (D, H, W) HU values, numpy or torch (any strides).
@@ -380,31 +397,34 @@ def window_and_resize(volume, window="chest", size: Sequence[int] = DEFAULT_SIZE
     if plan is None:  # the two steps, on the float32 values (a bfloat16 tensor is not rounded in between)
         out = resize_volume(window_hu(array, (low, high), check_finite=check_finite), size, check_finite=False)
         return _like(out, reference)
-    memory, axes, flips, sums = plan
+    memory, axes, flips, (rows, columns), sums = plan
     depth = memory.shape[0]
     out_size = [int(size[axis]) for axis in axes]  # the output in memory order
-    pairs = [memory.shape[axis] == 2 * out_size[axis] for axis in (1, 2)]
     i0, i1, weight = _linear_taps(depth, out_size[0])
     needed = np.zeros(depth, dtype=bool)
     needed[i0] = True
     needed[i1[weight > 0]] = True
-    # Pass 1, slab by slab (cache-sized): clip in integers, sum the in-plane pairs in integers.
-    # (depth, H, W) -> (depth, H', W'), H' = H / 2 or H, W' likewise; only slices an output slice reads.
+    # Pass 1, slab by slab (cache-sized): clip in integers, sum the in-plane taps in integers.
+    # (depth, H, W) -> (depth, H', W'); only the slices an output slice reads.
     summed = np.empty((depth, out_size[1], out_size[2]), dtype=sums)
     step = max(1, _SLAB_VOXELS * 4 // (memory.shape[1] * memory.shape[2]))
     for start in range(0, depth, step):
         stop = min(start + step, depth)
         if not needed[start:stop].any():
             continue
-        part = np.clip(memory[start:stop], int(low), int(high), dtype=sums)
-        if pairs[0]:
-            part = part[:, 0::2] + part[:, 1::2]  # (k, H, W) -> (k, H/2, W)
-        if pairs[1]:
-            np.add(part[:, :, 0::2], part[:, :, 1::2], out=summed[start:stop])  # (k, H', W) -> (k, H', W/2)
+        part = memory[start:stop]
+        if memory.shape[1] <= 2 * out_size[1]:  # every row is a tap: clip the slab whole, then take the rows
+            part = np.clip(part, int(low), int(high), dtype=sums)
+            picked = [part[:, tap] for tap in rows]
+        else:  # most rows are never read: clip only the tap rows
+            picked = [np.clip(part[:, tap], int(low), int(high), dtype=sums) for tap in rows]
+        lines = picked[0] + picked[1] if len(picked) == 2 else picked[0]  # (k, H, W) -> (k, H', W)
+        if len(columns) == 2:
+            np.add(lines[:, :, columns[0]], lines[:, :, columns[1]], out=summed[start:stop])  # -> (k, H', W')
         else:
-            summed[start:stop] = part
+            summed[start:stop] = lines[:, :, columns[0]]
     # Pass 2: linear along the outer axis, then window scaling: value = (mean - low) / (high - low).
-    count = 2 ** sum(pairs)  # values in each sum
+    count = len(rows) * len(columns)  # values in each sum
     offset, scale = np.float32(low * count), np.float32(1.0 / ((high - low) * count))
     out = np.empty(out_size, dtype=np.float32)
     for k in range(out_size[0]):

@@ -431,12 +431,14 @@ def _stored(shape, dtype, seed=0):
 @pytest.mark.parametrize("window", ["chest", "bone", (-50.0, 60.0)])
 def test_window_and_resize_equals_the_two_steps_on_integer_views(view, dtype, window):
     """The fused path (pairs summed in integers) gives the two steps' values on every reorientation of the data."""
-    stored = _stored((18, 20, 26), dtype)
+    stored = _stored((18, 60, 48), dtype)  # in-plane sizes with many whole divisors
     volume = VIEWS[view](stored)
     size = tuple(n // 2 for n in volume.shape[:1]) + tuple(n // 2 for n in volume.shape[1:])
-    if view != "sagittal storage":  # memory's inner axes must be kept or halved for the fast path
+    if view != "sagittal storage":  # memory's inner axes must shrink by whole factors for the fast path
         assert ct_transforms._fused_plan(volume, ct_transforms._window_range(window), size) is not None
-    for target in (size, (7, volume.shape[1], volume.shape[2] // 2), (31, volume.shape[1] // 2, volume.shape[2])):
+    targets = [size, (7, volume.shape[1], volume.shape[2] // 2), (31, volume.shape[1] // 2, volume.shape[2])]
+    targets += [(5, volume.shape[1] // 4, volume.shape[2] // 3), (9, volume.shape[1] // 5, volume.shape[2] // 6)]
+    for target in targets:
         fused = window_and_resize(volume, window, target)
         expected = resize_volume(window_hu(volume, window), target)
         assert fused.shape == target and fused.dtype == np.float32 and fused.flags.c_contiguous
@@ -448,7 +450,8 @@ def test_window_and_resize_equals_the_two_steps_on_integer_views(view, dtype, wi
     ("volume", "window", "size", "fast"),
     [
         (_stored((12, 16, 16), np.int16), "chest", (6, 8, 8), True),
-        (_stored((12, 16, 16), np.int16), "chest", (6, 5, 8), False),  # 16 -> 5: not halved
+        (_stored((12, 16, 16), np.int16), "chest", (6, 5, 8), False),  # 16 -> 5: no whole factor
+        (_stored((12, 24, 24), np.int16), "chest", (6, 8, 6), True),  # factors 3 and 4 (768, 1024 -> 256)
         (_stored((12, 16, 16), np.int16), "chest", (6, 32, 32), False),  # upsampled in-plane
         (_stored((12, 16, 16), np.int16), (-1000.5, 200.0), (6, 8, 8), False),  # clip not exact in integers
         (_stored((12, 16, 16), np.int16).astype(np.float32), "chest", (6, 8, 8), False),  # float HU
