@@ -55,7 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_io, next to this file
 
-from bench_io import make_case  # noqa: E402
+from bench_io import make_case, timed  # noqa: E402
 
 from med3dqwen.data.cache import build_model_grid_cache  # noqa: E402
 from med3dqwen.data.schema import chat_messages  # noqa: E402
@@ -145,13 +145,6 @@ def loader_rate(collator, rows: list[dict], workers: int) -> tuple[float, float]
     rest = sum(batch["input_ids"].shape[0] for batch in iterator)
     end = time.perf_counter()
     return (count + rest) / (end - start), rest / (end - first)
-
-
-def timed(fn) -> tuple[float, float]:
-    """(wall, CPU) seconds of one call; CPU time of this process, which other load on the machine does not inflate."""
-    start, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main(argv: list[str] | None = None) -> dict:

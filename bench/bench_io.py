@@ -151,6 +151,13 @@ def timeit(fn: Callable[[], object], repeats: int) -> list[float]:
     return times
 
 
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call; CPU time of this process, which other load on the machine does not inflate."""
+    start, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
 def bench_case(case: Case, repeats: int) -> dict[str, list[float]]:
     """Run times in seconds per stage (each on the previous stage's output) and for the whole path."""
     volume: CTVolume = load_volume(case.volume_path)

@@ -37,7 +37,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -47,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_io, next to this file
 
-from bench_io import make_case  # noqa: E402
+from bench_io import make_case, timed  # noqa: E402
 
 from med3dqwen.processing.ct_transforms import WINDOW_PRESETS  # noqa: E402
 from med3dqwen.processing.image_processing_med3d_qwen import Med3DQwenImageProcessor  # noqa: E402
@@ -81,13 +80,6 @@ def monai_pipeline(model_size: tuple[int, int, int], window: str, thickness: int
             DrawBoundaryPromptd(keys="image", mask_key="roi", thickness=thickness, info_key_postfix=None),
         ]
     )
-
-
-def timed(fn) -> tuple[float, float]:
-    """(wall, CPU) seconds of one call."""
-    start, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def traced_peak(fn) -> float:
