@@ -133,7 +133,8 @@ class CTVolume:
 
     Attributes:
         array: (D, H, W) float32 Hounsfield units (rescale slope/intercept applied); from
-            ``load_volume(..., stored_integers=True)`` possibly the stored integer HU as a read-only view.
+            ``load_volume(..., stored_integers=True)`` possibly the stored integers as a read-only view (HU
+            themselves, or HU after ``meta["stored_scale"]``).
         affine: (4, 4) float64 map from a (d, h, w, 1) index to RAS+ world mm.
         path: the file or folder it was read from (``None`` for in-memory arrays).
         meta: reader-specific extras (e.g. DICOM series UID, source orientation).
@@ -296,7 +297,8 @@ def _read_nifti(
 ) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
     """Read NIfTI data (scaled by slope/intercept; stored dtype when ``dtype`` is None) and its affine.
 
-    ``keep_stored_integers``: unscaled integer data of a ``.nii.gz`` comes back as stored whatever ``dtype`` says.
+    ``keep_stored_integers``: integer data of a ``.nii.gz`` comes back as stored whatever ``dtype`` says, also when
+    the header scales it (the caller applies ``image.dataobj.slope`` / ``inter``).
 
     A ``.nii.gz`` is decompressed whole and in one shot by :func:`gunzip`, so that its CRC-32 and length trailer
     are checked: nibabel on its own reads only as many bytes as the header says and never reaches the trailer, so a
@@ -312,7 +314,8 @@ def _read_nifti(
         content = gunzip(path)
         image = image_class.from_bytes(content)
         proxy = image.dataobj  # nibabel's array proxy knows where and how the data is stored
-        if proxy.slope == 1.0 and proxy.inter == 0.0:  # unscaled: the stored values, viewed in place
+        unscaled = proxy.slope == 1.0 and proxy.inter == 0.0
+        if unscaled or (keep_stored_integers and np.dtype(proxy.dtype).kind in "iu"):  # the stored values, in place
             count = int(np.prod(proxy.shape, dtype=np.int64))
             data = np.frombuffer(content, proxy.dtype, count, int(proxy.offset)).reshape(
                 proxy.shape, order=proxy.order
@@ -554,10 +557,12 @@ def load_volume(
         series_uid: which series to read when a DICOM folder holds several.
         allow_non_ct: load DICOM whose ``Modality`` is not ``CT`` (MR, PET, ...). Their values are not Hounsfield
             units, so windowing them as HU is meaningless; refused by default. ``meta["modality"]`` says what it was.
-        stored_integers: a NIfTI whose header sets no slope/intercept keeps its stored integers (the HU values
-            themselves): ``array`` is then the read-only canonical *view* of the decompressed data (flips and a
-            transpose, no float32 copy, no contiguity), for a reader that windows it straight away (the image
-            processor). Other inputs load as float32 as usual.
+        stored_integers: a gzip NIfTI stored as integers keeps them: ``array`` is then the read-only canonical
+            *view* of the decompressed data (flips and a transpose, no float32 copy, no contiguity), for a reader
+            that windows it straight away (the image processor, which folds the scaling into its window). Without
+            header scaling they are the HU values themselves; with it (dcm2niix writes the scanner's raw values and
+            ``scl_slope`` / ``scl_inter``) ``meta["stored_scale"] = (slope, intercept)`` and HU = ``array`` × slope
+            + intercept. Other inputs load as float32 HU as usual.
 
     Returns:
         A :class:`CTVolume`.
@@ -582,8 +587,11 @@ def load_volume(
     if path.suffix.lower() in _IMAGE_SUFFIXES:
         return _read_image(path, spacing)
     if _is_nifti(path):
-        data, affine, _ = _read_nifti(path, np.float32, keep_stored_integers=stored_integers)
-        stored_integers = data.dtype.kind in "iu"  # float or scaled data: the float32 array as usual
+        data, affine, image = _read_nifti(path, np.float32, keep_stored_integers=stored_integers)
+        stored_integers = data.dtype.kind in "iu"  # float data: the float32 array as usual
+        scale = (float(image.dataobj.slope), float(image.dataobj.inter)) if stored_integers else (1.0, 0.0)
+        if scale != (1.0, 0.0):
+            meta["stored_scale"] = scale
     elif path.is_dir() or path.suffix.lower() in ("", ".dcm", ".ima") or _has_dicom_magic(path):
         data, affine, meta = _read_dicom(path, series_uid, allow_non_ct)
         stored_integers = False

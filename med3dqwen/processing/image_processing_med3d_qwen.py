@@ -368,6 +368,9 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
             raise InvalidVolumeError(
                 name, f"rescale {scale!r}: slope and intercept must be finite (not NaN or infinite), slope non-zero"
             )
+        if "stored_scale" in ct.meta:  # a file's raw integers and its header's scaling, then the given rescale
+            stored_slope, stored_intercept = ct.meta["stored_scale"]
+            slope, intercept = stored_slope * slope, stored_intercept * slope + intercept
         if slope < 0:  # rare; the window cannot be moved onto the stored values, so rescale them
             values, slope, intercept = values * np.float32(slope) + np.float32(intercept), 1.0, 0.0
         if ct.shape[0] == 1 and self.volume_size[0] > 1:

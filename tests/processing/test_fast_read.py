@@ -63,12 +63,15 @@ def test_synthetic_files_scaled_or_not_read_as_before(tmp_path, decompressor, sl
     assert np.array_equal(load_volume(path).array, array)
     stored = load_volume(path, stored_integers=True)
     assert np.array_equal(stored.affine, affine)
-    if slope is None:  # the stored int16, a read-only reoriented view: no float32 copy, no contiguous copy
-        assert stored.array.dtype == np.int16 and not stored.array.flags.writeable
-        assert not stored.array.flags.c_contiguous
-    else:  # scaled data: float32 exactly as before
-        assert stored.array.dtype == np.float32
-    assert np.array_equal(stored.array.astype(np.float32), array)
+    # the stored int16, a read-only reoriented view: no float32 copy, no contiguous copy
+    assert stored.array.dtype == np.int16 and not stored.array.flags.writeable
+    assert not stored.array.flags.c_contiguous
+    if slope is None:  # the HU themselves
+        assert "stored_scale" not in stored.meta
+        assert np.array_equal(stored.array.astype(np.float32), array)
+    else:  # the raw values; HU after the header's scaling, which the reader applies (the processor: in its window)
+        assert stored.meta["stored_scale"] == (slope, inter)
+        assert np.array_equal(stored.array * np.float32(slope) + np.float32(inter), array)
     big_endian = _ras_int16(tmp_path / "be.nii.gz", dtype=np.dtype(">i2"))
     assert np.array_equal(load_volume(big_endian, stored_integers=True).array, _old_read(big_endian)[0])
 

@@ -360,3 +360,32 @@ def test_a_multilabel_file_read_as_binary_is_refused_where_the_grid_never_sample
         save_nifti(tmp_path / "binary.nii.gz", (mask == 1) * np.uint8(value) if value is not True else mask == 1)
         _, binary = processor.model_grid(tmp_path / "ct.nii.gz", tmp_path / "binary.nii.gz")
         np.testing.assert_array_equal(binary, roi)
+
+
+@pytest.mark.parametrize("stored", ["uint16", "int16"])
+def test_header_scaled_files_are_windowed_from_their_raw_integers(tmp_path, stored):
+    """dcm2niix writes the scanner's raw values with scl_slope / scl_inter; they used to be expanded to float32 HU
+    first. Now the raw integers are read in place and the scaling is folded into the window: the same input."""
+    import nibabel as nib
+
+    from med3dqwen.processing.ct_io import load_volume
+    from med3dqwen.processing.ct_transforms import resize_volume, window_hu
+
+    rng = np.random.default_rng(2)
+    hu = rng.integers(-1024, 2500, size=(14, 24, 20)).astype(np.int16)
+    slope, intercept = (1.0, -1024.0) if stored == "uint16" else (2.0, -1000.0)
+    raw = ((hu.astype(np.float64) - intercept) / slope).round().astype(stored)
+    image = nib.Nifti1Image(np.ascontiguousarray(raw.transpose(2, 1, 0)[::-1, ::-1]), np.diag([0.8, 0.8, 2.0, 1.0]))
+    image.header.set_slope_inter(slope, intercept)
+    nib.save(image, tmp_path / "scaled.nii.gz")
+    as_hu = load_volume(tmp_path / "scaled.nii.gz")  # the default: float32 HU, as before
+    stored_view = load_volume(tmp_path / "scaled.nii.gz", stored_integers=True)
+    assert as_hu.array.dtype == np.float32 and stored_view.array.dtype == np.dtype(stored)
+    assert stored_view.meta["stored_scale"] == (slope, intercept)
+    np.testing.assert_array_equal(stored_view.array * np.float32(slope) + np.float32(intercept), as_hu.array)
+    processor = Med3DQwenImageProcessor(volume_size=(7, 12, 10))
+    for rescale in (None, (1.0, -24.0)):  # a record's rescale applies on top of the header's
+        image_grid, _ = processor.model_grid(tmp_path / "scaled.nii.gz", rescale=rescale)
+        values = as_hu.array if rescale is None else as_hu.array * np.float32(rescale[0]) + np.float32(rescale[1])
+        expected = resize_volume(window_hu(values, "chest"), (7, 12, 10))
+        np.testing.assert_allclose(image_grid, expected, rtol=0, atol=1e-5)
