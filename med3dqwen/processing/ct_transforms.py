@@ -347,9 +347,10 @@ def _fused_plan(array: np.ndarray, window, size: Sequence[int]):
         return None
     # The clip runs in the sums' type, so the input must cast to it safely; up to four clipped values are summed.
     bound = max(abs(low), abs(high)) * 4
-    if array.dtype in (np.int8, np.uint8, np.int16) and bound <= np.iinfo(np.int16).max:
+    stored = array.dtype.newbyteorder("=")  # a big-endian file's int16 is int16 too (the clip swaps the bytes)
+    if stored in (np.int8, np.uint8, np.int16) and bound <= np.iinfo(np.int16).max:
         sums = np.int16
-    elif array.dtype in (np.int8, np.uint8, np.int16, np.uint16, np.int32) and bound <= np.iinfo(np.int32).max:
+    elif stored in (np.int8, np.uint8, np.int16, np.uint16, np.int32) and bound <= np.iinfo(np.int32).max:
         sums = np.int32
     else:
         return None

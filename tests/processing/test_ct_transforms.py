@@ -457,6 +457,7 @@ def test_window_and_resize_equals_the_two_steps_on_integer_views(view, dtype, wi
         (_stored((12, 16, 16), np.int16).astype(np.float32), "chest", (6, 8, 8), False),  # float HU
         (_stored((12, 16, 16), np.int64), "chest", (6, 8, 8), False),  # no exact cast to int32
         (_stored((12, 16, 16), np.int16), (-9000.0, 200.0), (6, 8, 8), True),  # sums in int32
+        (_stored((12, 16, 16), np.int16).astype(">i2"), "chest", (6, 8, 8), True),  # a big-endian file
     ],
 )
 def test_window_and_resize_takes_the_fast_path_only_where_it_is_exact(volume, window, size, fast):
