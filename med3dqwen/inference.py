@@ -355,9 +355,14 @@ def _load_ct(volume) -> CTVolume:
 
 def _read_as(ct: CTVolume, intensity: str | None, rescale) -> CTVolume:
     """``ct`` read as the caller says (:func:`~med3dqwen.data.schema.volume_settings`' rules, as for records): the
-    HU rescale applied to its values, the intensity kind recorded in its ``meta``."""
+    HU rescale applied to its values (after a file's own header scaling), the intensity kind recorded in its
+    ``meta``. Segmenters and the processor then see HU."""
     import dataclasses
 
+    if "stored_scale" in ct.meta:  # raw integers of a header-scaled file (load_volume(stored_integers=True)): to HU
+        slope, intercept = ct.meta["stored_scale"]
+        meta = {key: value for key, value in ct.meta.items() if key != "stored_scale"}
+        ct = dataclasses.replace(ct, array=ct.array * np.float32(slope) + np.float32(intercept), meta=meta)
     fields = {"intensity": intensity}
     if rescale is not None:
         if isinstance(rescale, (str, bytes)) or len(rescale) != 2:

@@ -594,12 +594,11 @@ def _padding_mask(attention_mask, length: int) -> torch.Tensor | None:
     own key position exactly when it is a real token, so the diagonal gives the padding mask (as Qwen2.5-VL reads
     it). In the prompt pass, the only one with an image block, queries and keys start at position 0.
     """
-    if attention_mask is None:
-        return None
     if isinstance(attention_mask, Mapping):
-        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
-        if attention_mask is None:
-            return None
+        masks = [attention_mask.get("full_attention"), *attention_mask.values()]
+        attention_mask = next((mask for mask in masks if mask is not None), None)
+    if not isinstance(attention_mask, torch.Tensor):  # None, or a mask we cannot read (flex attention's BlockMask):
+        return None  # every token counts as real; the decoder still applies the mask it was given
     if attention_mask.dim() == 2:
         return attention_mask
     if attention_mask.dim() != 4:

@@ -739,7 +739,9 @@ def resolve_label(labels: LabelMap, label: int | str | None, label_map: Mapping[
     if label is None:
         # Binary means at most one non-zero value (0/1 and 0/255 masks both are); checked without np.unique's sort,
         # and without a full-size comparison when the values lie in {0, 1}.
-        if array.dtype == bool or (array.max() <= 1 and (array.dtype.kind == "u" or array.min() >= 0)):
+        if array.size == 0 or array.dtype == bool:
+            return None
+        if array.max() <= 1 and (array.dtype.kind == "u" or array.min() >= 0):
             return None
         nonzero = np.count_nonzero(array)
         if nonzero and nonzero != np.count_nonzero(array == array.max()):

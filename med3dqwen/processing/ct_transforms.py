@@ -217,6 +217,10 @@ def _window_range(window: str | tuple[float, float]) -> tuple[float, float]:
     low, high = (float(v) for v in window)
     if not high > low:
         raise ValueError(f"window needs low < high, got {window!r}")
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ValueError(
+            f"window bounds must be finite numbers (an infinite bound maps every value to NaN), got {window!r}"
+        )
     return low, high
 
 
@@ -338,7 +342,7 @@ def _fused_plan(array: np.ndarray, window, size: Sequence[int]):
     1024 → 256, ...). Returns the memory-ordered positive-stride view, its axis order, the flipped axes, the
     in-plane taps and the integer type the sums fit in.
     """
-    low, high = window
+    low, high = window  # finite: checked by _window_range
     if array.dtype.kind not in "iu" or low != int(low) or high != int(high):
         return None
     memory, axes, flips = memory_order(array)

@@ -501,3 +501,19 @@ def test_rescale_and_intensity_read_raw_and_unit_volumes_as_their_hu_originals(c
         predict(case["model"], raw, question, rescale=(0, 5))
     with pytest.raises(PredictError, match=r"^intensity 'HU': intensity must be 'hu' or 'unit'"):
         predict(case["model"], raw, question, intensity="HU")
+
+
+def test_a_ctvolume_of_raw_scaled_integers_is_turned_into_hu_before_the_rescale(tmp_path):
+    """A CTVolume from load_volume(stored_integers=True) holds a header-scaled file's raw integers; predict applies
+    the header scaling first, then the given rescale, so segmenters and the processor see HU (review finding)."""
+    from med3dqwen.processing.ct_io import load_volume
+
+    image = nib.Nifti1Image((np.arange(256).reshape(8, 8, 4) * 5).astype(np.int16), np.eye(4))
+    image.header.set_slope_inter(2.0, 0.0)
+    nib.save(image, tmp_path / "scaled.nii.gz")
+    raw = load_volume(tmp_path / "scaled.nii.gz", stored_integers=True)
+    assert raw.meta["stored_scale"] == (2.0, 0.0)
+    got = inference._read_as(raw, None, (1, -1024))
+    expected = inference._read_as(load_volume(tmp_path / "scaled.nii.gz"), None, (1, -1024))
+    assert "stored_scale" not in got.meta
+    np.testing.assert_array_equal(got.array, expected.array)

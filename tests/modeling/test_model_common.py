@@ -213,6 +213,8 @@ def test_the_padding_mask_is_read_from_every_mask_form(mask_form):
     }[mask_form]
     assert torch.equal(_padding_mask(given, 5).bool(), padding)
     assert _padding_mask(None, 5) is None
+    assert torch.equal(_padding_mask({"full_attention": None, "sliding_attention": full}, 5), padding)
+    assert _padding_mask(object(), 5) is None  # a mask it cannot read (flex attention's BlockMask): no padding info
 
 
 @pytest.mark.parametrize("checkpointing", [None, "non-reentrant", "reentrant"])

@@ -862,3 +862,10 @@ def test_label_map_view_equals_the_copy_and_is_read_only(tmp_path):
     np.testing.assert_array_equal(in_memory, stored.transpose(2, 1, 0))
     assert in_memory.flags.c_contiguous and axes == (0, 1, 2) and flips == (1, 2)
     assert resolve_label(view, None) is None and resolve_label(view, 3) == 3
+
+
+def test_a_zero_size_label_map_selects_an_empty_mask():
+    from med3dqwen.processing.ct_io import LabelMap, select_label
+
+    empty = select_label(LabelMap(np.zeros((0, 4, 4), np.uint8), None, {}, "x"), None)
+    assert empty.shape == (0, 4, 4) and empty.dtype == bool

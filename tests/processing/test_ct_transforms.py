@@ -467,6 +467,15 @@ def test_window_and_resize_takes_the_fast_path_only_where_it_is_exact(volume, wi
     np.testing.assert_allclose(window_and_resize(volume, window, size), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [(-np.inf, 200.0), (-1000.0, np.inf), (np.nan, 200.0)])
+def test_infinite_or_nan_window_bounds_are_refused(window):
+    """An infinite bound used to give NaN everywhere (window_hu) or an OverflowError (the integer fast path)."""
+    volume = _stored((4, 8, 8), np.int16)
+    for call in (lambda: window_hu(volume, window), lambda: window_and_resize(volume, window, (2, 4, 4))):
+        with pytest.raises(ValueError, match="window"):
+            call()
+
+
 def test_window_and_resize_skips_slices_no_output_reads():
     """Downsampled by more than two in depth, some slices are never read: values there cannot matter."""
     volume = _stored((40, 8, 8), np.int16)
