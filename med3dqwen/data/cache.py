@@ -142,12 +142,17 @@ def _stat(path: str) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _settings_text(settings: Mapping[str, Any]) -> str:
-    """A record's :func:`~med3dqwen.data.schema.volume_settings` as the text stored with its cached volume."""
-    rescale = settings["rescale"]
+def _settings_text(settings: Mapping[str, Any], volume_key: str) -> str:
+    """A record's :func:`~med3dqwen.data.schema.volume_settings` for volume ``volume_key``, as the text stored with
+    its cached volume. An unstated intensity is what the image processor takes from the file (figures are
+    ``"unit"``, the rest HU), so records that state it and records that do not agree."""
+    from .schema import IMAGE_SUFFIXES
+
+    intensity, rescale = settings["intensity"], settings["rescale"]
+    if intensity is None:
+        intensity = "unit" if Path(volume_key).suffix.lower() in IMAGE_SUFFIXES else "hu"
     return json.dumps(
-        {"intensity": settings["intensity"], "rescale": None if rescale is None else [float(v) for v in rescale]},
-        sort_keys=True,
+        {"intensity": intensity, "rescale": None if rescale is None else [float(v) for v in rescale]}, sort_keys=True
     )
 
 
@@ -167,7 +172,7 @@ def _plan(records: Iterable[Mapping[str, Any]], root: Path | None) -> list[dict[
             continue  # a record without a volume is the collator's error to report, not the cache's
         masks = volumes.setdefault(volume, set())
         try:
-            text = _settings_text(volume_settings(record))
+            text = _settings_text(volume_settings(record), volume)
         except ValueError as err:
             raise ValueError(f"volume {volume!r}: {err}") from err
         if settings.setdefault(volume, text) != text:
@@ -497,7 +502,7 @@ class ModelGridCache:
         """
         row = self._row(key, f"volume {key!r}", source)
         if settings is not None:
-            stored, wanted = self._table.column("settings")[row].as_py(), _settings_text(settings)
+            stored, wanted = self._table.column("settings")[row].as_py(), _settings_text(settings, key)
             if stored != wanted:
                 raise CacheMismatchError(
                     f"volume {key!r} is cached as {stored} but its record asks for {wanted}; rebuild the cache from "

@@ -437,6 +437,11 @@ def test_the_cache_makes_each_volume_with_its_records_settings(processor, intens
     # A record that reads a cached volume another way is refused, not served the other reading.
     with pytest.raises(SampleError, match="is cached as .* but its record asks for"):
         cached([{**rows["raw"], "rescale_slope": None, "rescale_intercept": None}])
+    # A record that says "hu" and one that says nothing read a NIfTI the same way: one entry serves both.
+    stated = build_model_grid_cache([rows["hu"], {**rows["hu"], "intensity": "hu"}], processor.image_processor,
+                                    tmp_path / "e")  # fmt: skip
+    for record in (rows["hu"], {**rows["hu"], "intensity": "hu"}):
+        Med3DQwenCollator(processor, cache=stated)([record])
     # Records of one volume must agree on how to read it.
     with pytest.raises(ValueError, match="its records disagree on how to read it"):
         build_model_grid_cache([rows["raw"], {**rows["raw"], "rescale_intercept": 0.0}], processor.image_processor,
