@@ -34,6 +34,7 @@ from .ct_io import (
 from .ct_transforms import (
     WINDOW_PRESETS,
     PromptResult,
+    _window_range,
     binarize_mask,
     parse_color,
     render_prompt,
@@ -154,6 +155,8 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
             raise ValueError(f"prompt_encoding must be one of {sorted(_ENCODING_CHANNELS)}, got {prompt_encoding!r}")
         if isinstance(window, str) and window not in WINDOW_PRESETS:
             raise ValueError(f"unknown window preset {window!r}; choose from {sorted(WINDOW_PRESETS)}")
+        if not isinstance(window, str):
+            _window_range(window)  # two finite numbers, low < high: refused here, not at the first volume
         if len(volume_size) != 3:
             raise ValueError(f"volume_size must be (D, H, W), got {volume_size!r}")
         parse_color(prompt_color)
@@ -362,7 +365,7 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
         if kind not in ("hu", "unit"):
             raise ValueError(f"intensity must be 'hu' or 'unit', got {kind!r}")
         window = self.window if kind == "hu" else (0.0, 1.0)
-        low, high = WINDOW_PRESETS[window] if isinstance(window, str) else (float(v) for v in window)
+        low, high = _window_range(window)
         slope, intercept = (1.0, 0.0) if scale is None else (float(v) for v in scale)
         if not (np.isfinite(slope) and np.isfinite(intercept)) or slope == 0.0:
             raise InvalidVolumeError(

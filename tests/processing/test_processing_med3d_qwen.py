@@ -114,6 +114,9 @@ def test_image_processor_bad_input(case, tmp_path):
         processor(tmp_path / "missing.nii.gz")
     with pytest.raises(ValueError, match="prompt_encoding"):
         Med3DQwenImageProcessor(prompt_encoding="overlay")
+    for window, match in (([200, -1000], "low < high"), ([float("-inf"), 200], "finite")):
+        with pytest.raises(ValueError, match=match):
+            Med3DQwenImageProcessor(window=window)
 
 
 # ---------------------------------------------------------------------------------------------------------------
