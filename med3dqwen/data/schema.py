@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..processing import ct_io
+
 
 __all__ = [
     "CHOICE_LETTER_NAMES",
@@ -118,8 +120,8 @@ PAPER_ROLES = ("system", "user", "vision", "assistant")
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 """Path suffixes :func:`resolve_media` casts to ``datasets.Nifti``."""
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-"""Path suffixes :func:`resolve_media` casts to ``datasets.Image``."""
+IMAGE_SUFFIXES = ct_io.IMAGE_SUFFIXES
+"""Path suffixes :func:`resolve_media` casts to ``datasets.Image``: the figures ``ct_io.load_volume`` reads."""
 
 _VISION_SEPARATOR = "; prompt_png:["
 _PNG_SEPARATOR = ", "

@@ -39,6 +39,7 @@ __all__ = [
     "CTInputError",
     "CTVolume",
     "CorruptFileError",
+    "IMAGE_SUFFIXES",
     "InvalidVolumeError",
     "LabelMap",
     "MaskMismatchError",
@@ -260,7 +261,8 @@ _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib
 )
 
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""File suffixes read as 2D figures (one-slice volumes of grey levels in [0, 1], intensity ``"unit"``)."""
 
 
 def _read_image(path: Path, spacing: tuple[float, float, float] | None) -> CTVolume:
@@ -584,7 +586,7 @@ def load_volume(
         array = _validate_volume(array, path)
         affine = standard_affine(spacing or (1.0, 1.0, 1.0))
         return CTVolume(array=array, affine=affine, path=str(path), meta={"source_axcodes": AXCODES_DHW})
-    if path.suffix.lower() in _IMAGE_SUFFIXES:
+    if path.suffix.lower() in IMAGE_SUFFIXES:
         return _read_image(path, spacing)
     if _is_nifti(path):
         data, affine, image = _read_nifti(path, np.float32, keep_stored_integers=stored_integers)
