@@ -109,6 +109,28 @@ def _oriented(value, name: str) -> tuple[np.ndarray, np.ndarray]:
     return data, affine
 
 
+def _file_of(value) -> str | None:
+    """The file a nibabel image was loaded from, when its data still is that file's: an unmodified array proxy, with
+    the file's own affine and shape. Such an image (what ``datasets``' ``Nifti`` feature decodes to) is then read from
+    the file the fast way — one-shot decompression with its CRC checked, stored integers windowed in place — instead
+    of through nibabel's gzip stream, which stops before the CRC trailer and expands the data to float first."""
+    if not isinstance(value, nib.spatialimages.SpatialImage) or not nib.is_proxy(value.dataobj):
+        return None
+    filename = value.get_filename()
+    if not filename or not os.path.isfile(filename):
+        return None
+    try:
+        on_disk = nib.load(filename)  # the header only
+    except Exception:  # noqa: BLE001 - an unreadable file: let nibabel's own read report it, as before
+        return None
+    if on_disk.shape != value.shape or not np.allclose(on_disk.affine, value.affine, rtol=0, atol=1e-6):
+        return None
+    header, given = on_disk.header, value.header
+    if header.get_data_dtype() != given.get_data_dtype() or header.get_slope_inter() != given.get_slope_inter():
+        return None
+    return filename
+
+
 def _label_map(data: np.ndarray, affine: np.ndarray | None, name: str) -> LabelMap:
     """An integer :class:`LabelMap` of mask data already in the canonical layout (integral floats → int32)."""
     if data.dtype.kind not in "iub":
@@ -174,6 +196,7 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
 
     def _volume(self, volume: VolumeInput, layout: str | None, name: str) -> CTVolume:
         """The volume in the canonical (D, H, W) layout, oriented from its affine or from the stated ``layout``."""
+        volume = _file_of(volume) or volume  # a file-backed nibabel image (datasets' Nifti feature): its file
         if isinstance(volume, (str, os.PathLike)):
             # A NIfTI's stored integers, reoriented as a view and windowed straight from there (no float32 copy of
             # the whole volume); the window's clip and scaling give the same float32 values as from float32 HU.
@@ -202,6 +225,7 @@ class Med3DQwenImageProcessor(BaseImageProcessor):
         ``volume``'s grid; nearest-neighbour resizing as :func:`resize_mask`."""
         if mask is None:
             return None
+        mask = _file_of(mask) or mask
         if isinstance(mask, (str, os.PathLike)):
             # A file's labels stay the reoriented view of its stored values: the whole map is checked (grid, label,
             # binary), then only the model grid's voxels are picked and compared, never a full-size bool copy.

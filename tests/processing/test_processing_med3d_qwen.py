@@ -392,3 +392,28 @@ def test_header_scaled_files_are_windowed_from_their_raw_integers(tmp_path, stor
         values = as_hu.array if rescale is None else as_hu.array * np.float32(rescale[0]) + np.float32(rescale[1])
         expected = resize_volume(window_hu(values, "chest"), (7, 12, 10))
         np.testing.assert_allclose(image_grid, expected, rtol=0, atol=1e-5)
+
+
+def test_file_backed_nibabel_images_are_read_from_their_file(tmp_path):
+    """datasets' Nifti feature decodes to nibabel images loaded from files; they are now read from the file the fast
+    way, so a damaged gzip trailer is caught (nibabel's stream stops before it) and the input equals the path's."""
+    import nibabel as nib
+
+    from med3dqwen.processing.ct_io import CorruptFileError
+
+    hu = np.random.default_rng(6).integers(-1200, 800, size=(8, 16, 16)).astype(np.int16)
+    mask = np.zeros(hu.shape, dtype=np.uint8)
+    mask[2:6, 4:12, 4:12] = 1
+    save_nifti(tmp_path / "ct.nii.gz", hu)
+    save_nifti(tmp_path / "roi.nii.gz", mask)
+    processor = Med3DQwenImageProcessor(volume_size=(4, 8, 8))
+    from_paths = processor(tmp_path / "ct.nii.gz", tmp_path / "roi.nii.gz", return_tensors="np")["pixel_values"]
+    images = nib.load(tmp_path / "ct.nii.gz"), nib.load(tmp_path / "roi.nii.gz")
+    np.testing.assert_array_equal(processor(*images, return_tensors="np")["pixel_values"], from_paths)
+    in_memory = nib.Nifti1Image(np.asarray(images[0].dataobj), images[0].affine)  # no file behind it: as given
+    np.testing.assert_array_equal(processor(in_memory, images[1], return_tensors="np")["pixel_values"], from_paths)
+    raw = (tmp_path / "ct.nii.gz").read_bytes()
+    (tmp_path / "ct.nii.gz").write_bytes(raw[:-6] + bytes([raw[-6] ^ 1]) + raw[-5:])  # flip a bit of the CRC-32
+    damaged = nib.load(tmp_path / "ct.nii.gz")  # nibabel reads the header happily
+    with pytest.raises(CorruptFileError, match="CRC check failed"):
+        processor(damaged, images[1])
