@@ -359,10 +359,7 @@ def _read_as(ct: CTVolume, intensity: str | None, rescale) -> CTVolume:
     ``meta``. Segmenters and the processor then see HU."""
     import dataclasses
 
-    if "stored_scale" in ct.meta:  # raw integers of a header-scaled file (load_volume(stored_integers=True)): to HU
-        slope, intercept = ct.meta["stored_scale"]
-        meta = {key: value for key, value in ct.meta.items() if key != "stored_scale"}
-        ct = dataclasses.replace(ct, array=ct.array * np.float32(slope) + np.float32(intercept), meta=meta)
+    ct = ct.to_hu()  # raw integers of a header-scaled file (load_volume(stored_integers=True)): HU first
     fields = {"intensity": intensity}
     if rescale is not None:
         if isinstance(rescale, (str, bytes)) or len(rescale) != 2:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_output
+from .schema import IMAGE_SUFFIXES, volume_settings
 
 
 __all__ = [
@@ -146,8 +147,6 @@ def _settings_text(settings: Mapping[str, Any], volume_key: str) -> str:
     """A record's :func:`~med3dqwen.data.schema.volume_settings` for volume ``volume_key``, as the text stored with
     its cached volume. An unstated intensity is what the image processor takes from the file (figures are
     ``"unit"``, the rest HU), so records that state it and records that do not agree."""
-    from .schema import IMAGE_SUFFIXES
-
     intensity, rescale = settings["intensity"], settings["rescale"]
     if intensity is None:
         intensity = "unit" if Path(volume_key).suffix.lower() in IMAGE_SUFFIXES else "hu"
@@ -162,8 +161,6 @@ def _plan(records: Iterable[Mapping[str, Any]], root: Path | None) -> list[dict[
     Raises:
         ValueError: records of one volume that disagree on its intensity or rescale (or state invalid ones).
     """
-    from .schema import volume_settings
-
     volumes: dict[str, set[str]] = {}
     settings: dict[str, str] = {}
     for record in records:

@@ -160,6 +160,17 @@ class CTVolume:
         """Voxel size in mm along (D, H, W)."""
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
+    def to_hu(self) -> CTVolume:
+        """This volume with ``array`` in HU: the raw integers of ``load_volume(..., stored_integers=True)`` from a
+        header-scaled file become float32 HU (``meta["stored_scale"]`` applied and dropped); any other volume is
+        returned as it is (no copy). For readers that need HU values rather than a window (segmenters)."""
+        if "stored_scale" not in self.meta:
+            return self
+        slope, intercept = self.meta["stored_scale"]
+        meta = {key: value for key, value in self.meta.items() if key != "stored_scale"}
+        array = self.array * np.float32(slope) + np.float32(intercept)
+        return CTVolume(array=array.astype(np.float32, copy=False), affine=self.affine, path=self.path, meta=meta)
+
     @classmethod
     def from_array(
         cls,

@@ -273,13 +273,13 @@ def window_hu(volume, window: str | tuple[float, float] = "chest", dtype=np.floa
 DEFAULT_SIZE = (128, 256, 256)  # Med3DVLM's input (D, H, W); the projector's token counts depend on it
 
 
-def _interpolate(array: np.ndarray, size: Sequence[int], mode: str) -> np.ndarray:
+def _trilinear(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
     tensor = torch.from_numpy(np.ascontiguousarray(array))[None, None]
-    kwargs = {"align_corners": False} if mode == "trilinear" else {}
-    return F.interpolate(tensor, size=tuple(int(s) for s in size), mode=mode, **kwargs)[0, 0].numpy()
+    size = tuple(int(s) for s in size)
+    return F.interpolate(tensor, size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
 def resize_volume(volume, size: Sequence[int] = DEFAULT_SIZE, dtype=np.float32, check_finite: bool = True):
@@ -304,7 +304,7 @@ def resize_volume(volume, size: Sequence[int] = DEFAULT_SIZE, dtype=np.float32, 
     if tuple(array.shape) == tuple(size):
         out = array.astype(dtype, copy=True)
     else:
-        out = _interpolate(array.astype(np.float32, copy=False), size, "trilinear").astype(dtype, copy=False)
+        out = _trilinear(array.astype(np.float32, copy=False), size).astype(dtype, copy=False)
     return _like(out, reference)
 
 

@@ -124,7 +124,7 @@ class HUThresholdSource(MaskSource):
         if not wanted <= set(THRESHOLD_STRUCTURES):
             unknown = sorted(wanted - set(THRESHOLD_STRUCTURES))
             raise ValueError(f"segment() computes {list(THRESHOLD_STRUCTURES)}, not {unknown}")
-        hu = volume.array
+        hu = volume.to_hu().array
         spacing = volume.spacing
         out: dict[str, np.ndarray] = {}
         body = self._body(hu)

@@ -250,6 +250,7 @@ class Vista3DSource(MaskSource):
 
         if not prompts:
             raise ValueError("VISTA-3D needs at least one class prompt")
+        volume = volume.to_hu()
         s = self.settings
         a_min, a_max = (float(v) for v in s["intensity_range"])
         transforms = [Spacingd("image", pixdim=tuple(float(v) for v in s["resample_spacing"]), mode="bilinear")]

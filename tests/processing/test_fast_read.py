@@ -72,6 +72,9 @@ def test_synthetic_files_scaled_or_not_read_as_before(tmp_path, decompressor, sl
     else:  # the raw values; HU after the header's scaling, which the reader applies (the processor: in its window)
         assert stored.meta["stored_scale"] == (slope, inter)
         assert np.array_equal(stored.array * np.float32(slope) + np.float32(inter), array)
+    as_hu = stored.to_hu()  # HU for readers that need values, not a window (segmenters)
+    assert np.array_equal(as_hu.array, array) and "stored_scale" not in as_hu.meta
+    assert (as_hu is stored) is (slope is None)  # nothing to apply: the same volume, no copy
     big_endian = _ras_int16(tmp_path / "be.nii.gz", dtype=np.dtype(">i2"))
     assert np.array_equal(load_volume(big_endian, stored_integers=True).array, _old_read(big_endian)[0])
 

@@ -143,3 +143,20 @@ def test_air_only_volume_gives_empty_masks(source):
     volume = CTVolume.from_array(np.full((8, 16, 16), -1000.0, np.float32))
     for name, result in source.get_masks(volume, ["body", "lung_left", "airway", "bone"]).items():
         assert result.empty and result.mask.shape == (8, 16, 16), name
+
+
+def test_raw_integers_of_a_header_scaled_file_are_segmented_in_hu(source, tmp_path):
+    """A volume from ``load_volume(..., stored_integers=True)`` of a scaled file holds raw values; the thresholds
+    apply to its HU (``CTVolume.to_hu``), so it segments exactly like the HU volume."""
+    import nibabel as nib
+
+    _, volume = phantom_volume(0)
+    raw = (np.rint(volume.array) + 1024).astype(np.uint16)  # what a scanner stores, HU = raw - 1024
+    image = nib.Nifti1Image(raw, volume.affine)  # the file is read back through its own affine either way
+    image.header.set_slope_inter(1.0, -1024.0)
+    nib.save(image, tmp_path / "scaled.nii.gz")
+    stored = load_volume(tmp_path / "scaled.nii.gz", stored_integers=True)
+    assert stored.meta["stored_scale"] == (1.0, -1024.0)
+    hu = load_volume(tmp_path / "scaled.nii.gz")
+    for name in ("body", "left lung"):
+        np.testing.assert_array_equal(source.get_mask(stored, name).mask, source.get_mask(hu, name).mask)
