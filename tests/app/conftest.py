@@ -54,19 +54,9 @@ def page(browser):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The shared tiny end-to-end model (tests/tiny_models.py) with its processor, saved as a user would."""
-    import torch
-    from tiny_models import tiny_config
+    from tiny_models import save_tiny_model
 
-    from med3dqwen.modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
-    from med3dqwen.processing.processing_med3d_qwen import Med3DQwenProcessor
-    from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-model")
-    config = tiny_config()
-    torch.manual_seed(0)
-    Med3DQwenForConditionalGeneration(config).save_pretrained(folder)
-    Med3DQwenProcessor.from_config(config, tokenizer=load_qwen2_5_tokenizer()).save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_config
+from tiny_models import save_tiny_model
 
 from med3dqwen.builders.engine import BuildArguments
 from med3dqwen.builders.phantom.dataset import PhantomBuildConfig, build_phantom_dataset
@@ -28,22 +28,12 @@ from med3dqwen.evaluation.runner import (
     run_comparison,
 )
 from med3dqwen.modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
-from med3dqwen.processing.processing_med3d_qwen import Med3DQwenProcessor
-from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
 from med3dqwen.training.collator import Med3DQwenCollator
 
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_NLTK = ROOT.parent / "shared" / "nltk_data"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def save_tiny_model(folder: Path, **kwargs) -> Path:
-    config = tiny_config(**kwargs)
-    torch.manual_seed(0)
-    Med3DQwenForConditionalGeneration(config).save_pretrained(folder)
-    Med3DQwenProcessor.from_config(config, tokenizer=load_qwen2_5_tokenizer()).save_pretrained(folder)
-    return folder
 
 
 def free_port() -> int:

@@ -16,28 +16,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_config
+from tiny_models import save_tiny_model, tiny_config
 
 import med3dqwen.inference as inference
 from med3dqwen.builders.phantom import PhantomConfig, generate_phantom
 from med3dqwen.inference import PredictError, Prediction, predict
 from med3dqwen.modeling.modeling_med3d_qwen import Med3DQwenForConditionalGeneration
-from med3dqwen.processing.processing_med3d_qwen import Med3DQwenProcessor
-from med3dqwen.processing.tokenization_med3d_qwen import load_qwen2_5_tokenizer
 from med3dqwen.scripts.predict import cli
 
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RED, BLUE = (255, 0, 0), (0, 0, 255)
-
-
-def save_model(folder: Path, **kwargs) -> Path:
-    config = tiny_config(**kwargs)
-    torch.manual_seed(0)
-    Med3DQwenForConditionalGeneration(config).save_pretrained(folder)
-    Med3DQwenProcessor.from_config(config, tokenizer=load_qwen2_5_tokenizer()).save_pretrained(folder)
-    return folder
 
 
 def save_image(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
@@ -55,7 +45,7 @@ def case(tmp_path_factory):
     labels[phantom.masks["liver"]] = 5  # TotalSegmentator's id of the liver
     labels[phantom.masks["spleen"]] = 1
     files = {
-        "model": save_model(base / "model"),
+        "model": save_tiny_model(base / "model"),
         "ct": save_image(base / "ct.nii.gz", phantom.volume, affine),
         "liver": save_image(base / "liver.nii.gz", phantom.masks["liver"].astype(np.uint8), affine),
         "empty": save_image(base / "empty.nii.gz", np.zeros(phantom.volume.shape, np.uint8), affine),
@@ -178,7 +168,7 @@ def test_rgb_encoding_gets_the_prompts_colour(case, tmp_path, monkeypatch):
     """With the rgb encoding the colour reaches the model: a blue prompt is drawn blue into its input."""
     from med3dqwen.evaluation import generation
 
-    save_model(tmp_path / "rgb", prompt_encoding="rgb")
+    save_tiny_model(tmp_path / "rgb", prompt_encoding="rgb")
     seen = []
     generate_batch = generation.generate_batch
 
